@@ -1,0 +1,1 @@
+"""Shared pieces of splitmesh: wire contracts, spans, model store, crypto, codecs."""

@@ -1,0 +1,104 @@
+"""Tensors on the wire: raw bytes + allow-listed dtype + shape, chunked, never pickle.
+
+Decoding checks everything a hostile or broken peer could get wrong: dtype, shape, byte length,
+chunk order, expected hidden size and finiteness, and raises :class:`TensorError` with a reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.proto import splitmesh_pb2 as pb
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DEFAULT_CHUNK_BYTES = 1 << 20  # activations above 1 MiB travel in several messages
+MAX_TENSOR_BYTES = 512 << 20
+
+
+class TensorError(ValueError):
+    """A tensor message is malformed; the message says how."""
+
+
+def encode_tensor(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[pb.TensorChunk]:
+    """Split a tensor into chunks of at most ``chunk_bytes`` payload bytes."""
+    if tensor.dtype not in DTYPE_NAMES:
+        raise TensorError(f"dtype {tensor.dtype} is not allowed on the wire")
+    flat = tensor.detach().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    count = max(1, math.ceil(len(raw) / chunk_bytes))
+    name = DTYPE_NAMES[tensor.dtype]
+    shape = list(tensor.shape)
+    return [
+        pb.TensorChunk(dtype=name, shape=shape, data=raw[i * chunk_bytes : (i + 1) * chunk_bytes],
+                       chunk_index=i, chunk_count=count)
+        for i in range(count)
+    ]
+
+
+def _expected_bytes(chunk: pb.TensorChunk) -> int:
+    if chunk.dtype not in DTYPES:
+        raise TensorError(f"dtype {chunk.dtype!r} not allowed (allowed: {', '.join(DTYPES)})")
+    if not chunk.shape or any(d < 0 for d in chunk.shape) or len(chunk.shape) > 8:
+        raise TensorError(f"bad shape {list(chunk.shape)}")
+    elements = math.prod(chunk.shape)
+    size = elements * torch.empty((), dtype=DTYPES[chunk.dtype]).element_size()
+    if size > MAX_TENSOR_BYTES:
+        raise TensorError(f"tensor of {size} bytes exceeds the {MAX_TENSOR_BYTES}-byte limit")
+    return size
+
+
+class TensorAssembler:
+    """Collects the chunks of one tensor in order and yields it when complete."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._first: pb.TensorChunk | None = None
+        self._size = 0
+
+    @property
+    def in_progress(self) -> bool:
+        return self._first is not None
+
+    def add(self, chunk: pb.TensorChunk) -> torch.Tensor | None:
+        if self._first is None:
+            self._size = _expected_bytes(chunk)
+            if chunk.chunk_count < 1 or chunk.chunk_index != 0:
+                raise TensorError(f"first chunk must have index 0 of >= 1, got {chunk.chunk_index}/{chunk.chunk_count}")
+            self._first = chunk
+        else:
+            first = self._first
+            if (chunk.dtype, list(chunk.shape), chunk.chunk_count) != (first.dtype, list(first.shape), first.chunk_count):
+                raise TensorError("chunk header differs from the first chunk of its tensor")
+            if chunk.chunk_index != len(self._parts):
+                raise TensorError(f"chunk {chunk.chunk_index} arrived, expected {len(self._parts)}")
+        self._parts.append(chunk.data)
+        if sum(len(p) for p in self._parts) > self._size:
+            raise TensorError("chunks carry more bytes than the shape allows")
+        if len(self._parts) < self._first.chunk_count:
+            return None
+        first, parts = self._first, self._parts
+        self.__init__()  # type: ignore[misc]  # ready for the next tensor
+        return decode_bytes(first.dtype, list(first.shape), b"".join(parts))
+
+
+def decode_bytes(dtype: str, shape: list[int], raw: bytes) -> torch.Tensor:
+    probe = pb.TensorChunk(dtype=dtype, shape=shape)
+    size = _expected_bytes(probe)
+    if len(raw) != size:
+        raise TensorError(f"tensor carries {len(raw)} bytes, shape {shape} of {dtype} needs {size}")
+    if size == 0:
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    return torch.frombuffer(bytearray(raw), dtype=DTYPES[dtype]).reshape(shape)
+
+
+def check_activation(tensor: torch.Tensor, hidden_size: int, max_rows: int) -> None:
+    """An activation must be ``[1, n, hidden]`` with 1 <= n <= max_rows and finite values."""
+    if tensor.dim() != 3 or tensor.shape[0] != 1 or tensor.shape[2] != hidden_size:
+        raise TensorError(f"activation shape {list(tensor.shape)} is not [1, n, {hidden_size}]")
+    if not 1 <= tensor.shape[1] <= max_rows:
+        raise TensorError(f"activation has {tensor.shape[1]} rows, allowed 1..{max_rows}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise TensorError("activation holds non-finite values")

@@ -1,0 +1,172 @@
+"""The head's side of a generation: check the request, tokenize on the trusted head, drive the ring.
+
+Raw text lives only here; downstream nodes see activations, and only a token id comes back.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from common.plan_view import PlanView
+from common.proto import splitmesh_pb2 as pb
+from node_agent.runtime import NodeRuntime
+from node_agent.sampler import SamplingConfig
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+class RequestError(ValueError):
+    """The request itself is invalid (INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop: tuple[str, ...]
+    eos_ids: frozenset[int]
+
+
+def _sampling_of(request: pb.GenerateRequest) -> SamplingConfig:
+    params = request.sampling
+    config = SamplingConfig(temperature=params.temperature, top_p=params.top_p if params.top_p > 0 else 1.0,
+                            top_k=params.top_k, seed=params.seed)
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise RequestError(str(exc)) from exc
+    return config
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase | None, config_eos: object) -> frozenset[int]:
+    ids: set[int] = set()
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif isinstance(config_eos, list):
+        ids.update(int(i) for i in config_eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def prepare_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase | None, *, vocab_size: int,
+                    max_positions: int, max_prompt_tokens: int, max_new_tokens_limit: int,
+                    config_eos: object) -> PreparedRequest:
+    """Validate everything up front so a bad request fails before any node does work."""
+    which = request.WhichOneof("input")
+    if which is None:
+        raise RequestError("request has no input: set prompt, messages or token_ids")
+    if which in ("prompt", "messages") and tokenizer is None:
+        raise RequestError("this model was imported without a tokenizer: send token_ids")
+    if which == "prompt":
+        if not request.prompt.strip():
+            raise RequestError("prompt is empty")
+        ids = list(tokenizer(request.prompt, add_special_tokens=True)["input_ids"])  # type: ignore[misc]
+    elif which == "messages":
+        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+        if not messages:
+            raise RequestError("messages is empty")
+        bad_roles = {m["role"] for m in messages} - {"system", "user", "assistant"}
+        if bad_roles:
+            raise RequestError(f"unknown message roles: {sorted(bad_roles)}")
+        if tokenizer.chat_template is None:  # type: ignore[union-attr]
+            raise RequestError("this model has no chat template: send a prompt")
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)  # type: ignore[union-attr]
+        ids = list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+    else:
+        ids = list(request.token_ids.ids)
+        if not ids:
+            raise RequestError("token_ids is empty")
+        bad = [i for i in ids if i >= vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary of {vocab_size}")
+    if not ids:
+        raise RequestError("input encodes to no tokens")
+    if len(ids) > max_prompt_tokens:
+        raise RequestError(f"prompt has {len(ids)} tokens, the limit is {max_prompt_tokens}")
+    if not 1 <= request.max_new_tokens <= max_new_tokens_limit:
+        raise RequestError(f"max_new_tokens must be in 1..{max_new_tokens_limit}, got {request.max_new_tokens}")
+    if len(ids) + request.max_new_tokens > max_positions:
+        raise RequestError(f"prompt ({len(ids)}) + max_new_tokens ({request.max_new_tokens}) exceeds the model's "
+                           f"{max_positions} positions")
+    if len(request.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in request.stop):
+        raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_LENGTH} chars")
+    if request.stop and tokenizer is None:
+        raise RequestError("stop strings need a tokenizer")
+    eos = frozenset() if request.ignore_eos else _eos_ids(tokenizer, config_eos)
+    return PreparedRequest(ids, request.max_new_tokens, _sampling_of(request), tuple(request.stop), eos)
+
+
+class Detokenizer:
+    """Turns a growing list of ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        if self._tokenizer is None:
+            return ""
+        self._ids.append(token_id)
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+
+async def generate(runtime: NodeRuntime, view: PlanView, request: PreparedRequest,
+                   tokenizer: PreTrainedTokenizerBase | None) -> AsyncIterator[pb.GenerateEvent]:
+    """Run the ring for one request, yielding one event per token; the last carries finish and usage."""
+    session_id = uuid.uuid4().hex
+    pipeline = await runtime.open_session(session_id, view, 0, request.sampling)
+    detok = Detokenizer(tokenizer)
+    try:
+        inputs = torch.tensor([request.prompt_ids], dtype=torch.long)
+        position = 0
+        for index in range(request.max_new_tokens):
+            started = time.perf_counter()
+            token = await pipeline.step(index, position, inputs)
+            if index > 0:
+                runtime.stats.record_token((time.perf_counter() - started) * 1000.0)
+            position += inputs.shape[1]
+            inputs = torch.tensor([[token]], dtype=torch.long)
+            delta = detok.add(token)
+            finish = ""
+            if token in request.eos_ids:
+                finish = "eos"
+            else:
+                hit = _first_stop(detok.text, request.stop, len(detok.text) - len(delta))
+                if hit is not None:
+                    delta = delta[: max(0, hit - (len(detok.text) - len(delta)))]
+                    finish = "stop"
+                elif index + 1 == request.max_new_tokens:
+                    finish = "length"
+            event = pb.GenerateEvent(session_id=session_id, index=index, token_id=token, text=delta,
+                                     finish_reason=finish, epoch=view.epoch)
+            if finish:
+                event.usage.CopyFrom(pb.Usage(prompt_tokens=len(request.prompt_ids), completion_tokens=index + 1))
+            yield event
+            if finish:
+                return
+    finally:
+        runtime.close_session(session_id, 0)
+
+
+def _first_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
+    """Index where the earliest stop string that ends in the new text begins, if any."""
+    hits = []
+    for stop in stops:
+        at = text.find(stop, max(0, new_from - len(stop) + 1))
+        if at != -1:
+            hits.append(at)
+    return min(hits) if hits else None

@@ -1,0 +1,66 @@
+"""Entry point of a node agent process: ``python -m node_agent`` or ``splitmesh-node``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.config import parse
+from common.grpc_options import SERVER_OPTIONS
+from common.proto import splitmesh_pb2_grpc as pb_grpc
+from node_agent.config import NodeConfig
+from node_agent.reporter import Reporter
+from node_agent.runtime import NodeRuntime
+from node_agent.servicer import NodeServicer
+
+log = logging.getLogger("node_agent")
+
+
+async def serve(config: NodeConfig) -> None:
+    runtime = NodeRuntime(config)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_NodeServicer_to_server(NodeServicer(runtime), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {config.listen}")
+    if not config.listen.startswith(("127.", "localhost", "[::1]")):
+        log.warning("serving plaintext gRPC on %s: use only on a trusted network", config.listen)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("splitmesh.v1.Node", health_pb2.HealthCheckResponse.SERVING)
+    log.info("node %s serving on %s (pid %d)", config.node_id, config.listen, os.getpid())
+    reporter = asyncio.create_task(Reporter(runtime).run())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("node %s stopping", config.node_id)
+    await health_servicer.enter_graceful_shutdown()
+    reporter.cancel()
+    await server.stop(grace=2.0)
+    await runtime.channels.close()
+    runtime.compute.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse(NodeConfig, argv, "splitmesh node agent: hosts model segments", section="node")
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s [{config.node_id}] %(name)s: %(message)s")
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""One session's path from a given segment to the tail: local segments in-process, then the next node.
+
+The path ends where the last segment samples; the token id comes back up the same streams, so
+logits never leave the tail and a cancelled stream frees every cache downstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+import torch
+
+from common.grpc_options import CHANNEL_OPTIONS
+from common.plan_view import PlanView
+from common.proto import splitmesh_pb2 as pb
+from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.tensor_codec import encode_tensor
+from node_agent.compute import ComputeThread
+from node_agent.sampler import SamplingConfig, sample
+from node_agent.segment import SegmentRunner
+
+log = logging.getLogger(__name__)
+
+
+class HopError(Exception):
+    """The next node failed or broke the protocol; carries the status to pass upstream."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class ChannelPool:
+    """One long-lived channel per peer address, shared by every session."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+class RemoteHop:
+    """The Forward stream to the node running the next segment of one session."""
+
+    def __init__(self, channel: grpc.aio.Channel, peer: str, opening: pb.ForwardOpen, chunk_bytes: int,
+                 timeout_s: float) -> None:
+        self._stub = pb_grpc.NodeStub(channel)
+        self._peer = peer
+        self._opening = opening
+        self._chunk_bytes = chunk_bytes
+        self._timeout_s = timeout_s
+        self._call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply] | None = None
+        self._seq = 0
+
+    async def _open(self) -> grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]:
+        call = self._stub.Forward()
+        await call.write(pb.ForwardRequest(open=self._opening))
+        self._call = call
+        return call
+
+    async def step(self, step: int, position: int, hidden: torch.Tensor) -> int:
+        try:
+            call = self._call or await self._open()
+            for chunk in encode_tensor(hidden, self._chunk_bytes):
+                frame = pb.ActivationFrame(step=step, seq=self._seq, position=position, tensor=chunk)
+                self._seq += 1
+                await call.write(pb.ForwardRequest(frame=frame))
+            reply = await asyncio.wait_for(call.read(), self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise HopError(exc.code(), f"{self._peer}: {exc.details()}") from exc
+        except TimeoutError:
+            raise HopError(grpc.StatusCode.UNAVAILABLE, f"{self._peer}: no reply within {self._timeout_s}s") from None
+        if reply is grpc.aio.EOF:
+            code = await call.code()
+            raise HopError(code if code != grpc.StatusCode.OK else grpc.StatusCode.UNAVAILABLE,
+                           f"{self._peer} closed the stream: {await call.details()}")
+        if reply.step != step:
+            raise HopError(grpc.StatusCode.INTERNAL, f"{self._peer} answered step {reply.step}, expected {step}")
+        return int(reply.token_id)
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+class SessionPipeline:
+    """Runs one session from segment ``first`` of ``view`` onward and returns each sampled token."""
+
+    def __init__(self, *, node_id: str, session_id: str, view: PlanView, first: int, runners: list[SegmentRunner],
+                 sampling: SamplingConfig, compute: ComputeThread, channels: ChannelPool, chunk_bytes: int,
+                 timeout_s: float, on_compute: Callable[[int, float], None] | None = None) -> None:
+        self.runners = runners
+        self._caches = [r.new_cache() for r in runners]
+        self._sampling = sampling
+        self._compute = compute
+        self._on_compute = on_compute
+        self._layers = sum(len(r.span) for r in runners)
+        nxt = first + len(runners)
+        self.remote: RemoteHop | None = None
+        if nxt < len(view.segments):
+            peer = view.segments[nxt].node_id
+            opening = pb.ForwardOpen(session_id=session_id, epoch=view.epoch, segment_index=nxt,
+                                     sampling=pb.SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                                                top_k=sampling.top_k, seed=sampling.seed))
+            self.remote = RemoteHop(channels.get(view.addresses[peer]), peer, opening, chunk_bytes, timeout_s)
+        elif not runners[-1].is_last:
+            raise ValueError(f"segments from {first} on {node_id} end before the model does")
+
+    def _run_local(self, inputs: torch.Tensor, position: int) -> torch.Tensor:
+        started = time.perf_counter()
+        hidden = inputs
+        for runner, cache in zip(self.runners, self._caches, strict=True):
+            hidden = runner.run(cache, hidden, position)
+        if self._on_compute is not None:
+            self._on_compute(self._layers * hidden.shape[1], time.perf_counter() - started)
+        return hidden
+
+    def _run_and_sample(self, inputs: torch.Tensor, position: int, step: int) -> int:
+        hidden = self._run_local(inputs, position)
+        return sample(self.runners[-1].last_logits(hidden), self._sampling, step)
+
+    async def step(self, step: int, position: int, inputs: torch.Tensor) -> int:
+        if self.remote is None:
+            return await self._compute.run(self._run_and_sample, inputs, position, step)
+        hidden = await self._compute.run(self._run_local, inputs, position)
+        return await self.remote.step(step, position, hidden)
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+        self._caches.clear()

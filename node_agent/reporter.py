@@ -1,0 +1,70 @@
+"""Registers with the orchestrator and streams capacity reports; re-registers when the stream breaks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from common.grpc_options import CHANNEL_OPTIONS
+from common.plan_signing import key_id
+from common.proto import splitmesh_pb2 as pb
+from common.proto import splitmesh_pb2_grpc as pb_grpc
+from node_agent.capacity import CapacityProbe
+from node_agent.runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.rt = runtime
+        self.probe = CapacityProbe()
+        self.interval_s = runtime.config.report_interval_ms / 1000.0
+        self.registered = asyncio.Event()
+
+    def _pinned_key(self) -> Ed25519PublicKey | None:
+        raw = self.rt.config.plan_public_key.strip()
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(raw)) if raw else None
+
+    async def _register(self, stub: pb_grpc.OrchestratorStub) -> None:
+        reply = await stub.Register(pb.RegisterRequest(
+            node_id=self.rt.node_id, address=self.rt.config.advertised_address,
+            capacity=self.probe.read(), model_digests=self.rt.store.digests(),
+            plan_epoch=self.rt.plans.committed.epoch if self.rt.plans.committed else 0), timeout=10)
+        pinned = self._pinned_key()
+        offered = Ed25519PublicKey.from_public_bytes(reply.plan_public_key)
+        if pinned is not None and key_id(pinned) != key_id(offered):
+            raise PermissionError("orchestrator offered a plan key that differs from the pinned one")
+        self.rt.plans.trust_key(key_id(offered), pinned or offered)
+        if reply.report_interval_ms:
+            self.interval_s = reply.report_interval_ms / 1000.0
+        log.info("registered with orchestrator (trusted=%s, cluster=%s)", reply.trusted, reply.cluster_id)
+        self.registered.set()
+
+    async def _reports(self) -> AsyncIterator[pb.NodeReport]:
+        while True:
+            latency, tokens = self.rt.stats.take_token_latency()
+            committed = self.rt.plans.committed
+            yield pb.NodeReport(node_id=self.rt.node_id, capacity=self.probe.read(self.rt.stats.layer_ms),
+                                token_latency_ms=latency, tokens=tokens, active_sessions=len(self.rt.sessions),
+                                plan_epoch=committed.epoch if committed else 0)
+            await asyncio.sleep(self.interval_s)
+
+    async def run(self) -> None:
+        backoff = 0.2
+        async with grpc.aio.insecure_channel(self.rt.config.orchestrator, options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.OrchestratorStub(channel)
+            while True:
+                try:
+                    await self._register(stub)
+                    backoff = 0.2
+                    await stub.Report(self._reports())
+                except grpc.aio.AioRpcError as exc:
+                    log.log(logging.DEBUG if exc.code() == grpc.StatusCode.UNAVAILABLE else logging.WARNING,
+                            "orchestrator link: %s %s", exc.code().name, exc.details())
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,135 @@
+"""Everything one node agent holds: store, loaded segments, plans, sessions, peers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from common.model_store import ModelStore
+from common.plan_view import PlanView
+from node_agent.compute import ComputeThread
+from node_agent.config import NodeConfig
+from node_agent.pipeline import ChannelPool, SessionPipeline
+from node_agent.plan_state import PlanState
+from node_agent.sampler import SamplingConfig
+from node_agent.segment import SegmentRunner
+from node_agent.segment_pool import SegmentPool
+
+log = logging.getLogger(__name__)
+
+
+class SessionLimitError(Exception):
+    """This node already serves its maximum number of sessions."""
+
+
+class NotHostedError(Exception):
+    """The requested segment is not placed on this node by the named plan."""
+
+
+@dataclass
+class LiveStats:
+    """Running figures the capacity reporter sends: compute per layer-token and head latency."""
+
+    layer_ms: float = 0.0  # EWMA of compute milliseconds per layer per token row
+    token_latency_sum_ms: float = 0.0
+    tokens: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record_compute(self, layer_rows: int, seconds: float) -> None:
+        if layer_rows <= 0:
+            return
+        per = seconds * 1000.0 / layer_rows
+        with self.lock:
+            self.layer_ms = per if self.layer_ms == 0.0 else 0.9 * self.layer_ms + 0.1 * per
+
+    def record_token(self, latency_ms: float) -> None:
+        with self.lock:
+            self.token_latency_sum_ms += latency_ms
+            self.tokens += 1
+
+    def take_token_latency(self) -> tuple[float, int]:
+        with self.lock:
+            mean = self.token_latency_sum_ms / self.tokens if self.tokens else 0.0
+            count = self.tokens
+            self.token_latency_sum_ms, self.tokens = 0.0, 0
+            return mean, count
+
+
+class NodeRuntime:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.state_dir = Path(config.state_dir).expanduser() / config.node_id
+        self.store = ModelStore(Path(config.store).expanduser())
+        self.pool = SegmentPool(self.store)
+        self.plans = PlanState(config.node_id, self.state_dir, self.store, self.pool)
+        self.compute = ComputeThread()
+        self.channels = ChannelPool()
+        self.stats = LiveStats()
+        # (session id, first segment index) -> pipeline: the head may host a session's first and last segment
+        self.sessions: dict[tuple[str, int], SessionPipeline] = {}
+        self._session_models: dict[tuple[str, int], str] = {}
+        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id
+
+    def tokenizer(self, model_digest: str) -> PreTrainedTokenizerBase | None:
+        """The model's tokenizer (exported once from the store), or None for token-id-only models."""
+        if model_digest not in self._tokenizers:
+            stored = self.store.open(model_digest)
+            if not stored.manifest.has_tokenizer:
+                return None
+            folder = stored.export_tokenizer(self.state_dir / "tokenizers" / model_digest)
+            self._tokenizers[model_digest] = AutoTokenizer.from_pretrained(str(folder))
+        return self._tokenizers[model_digest]
+
+    def _acquire_runners(self, view: PlanView, first: int) -> list[SegmentRunner]:
+        runners = []
+        for segment in view.segments[first:]:
+            if segment.node_id != self.node_id:
+                break
+            runners.append(self.pool.acquire(view.model_digest, segment.span))
+        return runners
+
+    async def open_session(self, session_id: str, view: PlanView, first: int,
+                           sampling: SamplingConfig) -> SessionPipeline:
+        """Reserve a session slot and build its pipeline from segment ``first``."""
+        if view.segments[first].node_id != self.node_id:
+            raise NotHostedError(f"epoch {view.epoch} places segment {first} on {view.segments[first].node_id}")
+        if len(self.sessions) >= self.config.max_sessions:
+            raise SessionLimitError(f"node {self.node_id} already serves {self.config.max_sessions} sessions")
+        key = (session_id, first)
+        if key in self.sessions:
+            raise ValueError(f"session {session_id} segment {first} is already open on this node")
+        runners = await self.compute.run(self._acquire_runners, view, first)
+        try:
+            pipeline = SessionPipeline(node_id=self.node_id, session_id=session_id, view=view, first=first,
+                                       runners=runners, sampling=sampling, compute=self.compute,
+                                       channels=self.channels, chunk_bytes=self.config.chunk_bytes,
+                                       timeout_s=self.config.hop_timeout_s, on_compute=self.stats.record_compute)
+        except BaseException:
+            self._release_runners(view.model_digest, runners)
+            raise
+        self.sessions[key] = pipeline
+        self._session_models[key] = view.model_digest
+        return pipeline
+
+    def session_ids(self) -> set[str]:
+        return {session_id for session_id, _ in self.sessions}
+
+    def close_session(self, session_id: str, first: int | None = None) -> None:
+        """Free one pipeline of a session (``first`` given) or all of them on this node."""
+        keys = [k for k in self.sessions if k[0] == session_id and (first is None or k[1] == first)]
+        for key in keys:
+            pipeline = self.sessions.pop(key)
+            pipeline.close()
+            self._release_runners(self._session_models.pop(key), pipeline.runners)
+
+    def _release_runners(self, model_digest: str, runners: list[SegmentRunner]) -> None:
+        for runner in runners:
+            self.pool.release(model_digest, runner.span)

@@ -1,0 +1,119 @@
+"""A span of decoder layers built from transformers' own modules, loaded from only its store files.
+
+The first span also owns the embedding; the last also owns the final norm and lm_head. Modules are
+created on the meta device and materialised with ``load_state_dict(assign=True)``, so memory holds
+nothing but this span's weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from common.model_config import config_from_manifest, torch_dtype_name
+from common.model_store import EMBED_ROLE, HEAD_ROLE, StoredModel, layer_role
+from common.spans import Span
+
+
+class SegmentRunner:
+    """Runs ``span`` for any number of sessions; each session owns a cache from :meth:`new_cache`."""
+
+    def __init__(self, model: StoredModel, span: Span) -> None:
+        if span.end > model.num_layers:
+            raise ValueError(f"span {span} exceeds the model's {model.num_layers} layers")
+        self.span = span
+        self.model_digest = model.digest
+        self.is_first = span.start == 0
+        self.is_last = span.end == model.num_layers
+        self.config: PretrainedConfig = config_from_manifest(model.manifest.config)
+        self.dtype: torch.dtype = getattr(torch, torch_dtype_name(model.manifest.config))
+        self.hidden_size = int(self.config.hidden_size)
+        self.vocab_size = int(self.config.vocab_size)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        self.loaded_roles: list[str] = []
+        self.layers = nn.ModuleList()
+        for local, index in enumerate(span.layers()):
+            layer = skeleton.model.layers[index]
+            self._load(layer, model, layer_role(index))
+            layer.self_attn.layer_idx = local  # caches are per segment, indexed from 0
+            self.layers.append(layer)
+        self.rotary = type(skeleton.model.rotary_emb)(config=self.config)
+        self.embed: nn.Embedding | None = None
+        self.norm: nn.Module | None = None
+        self.lm_head: nn.Linear | None = None
+        if self.is_first:
+            self.embed = skeleton.model.embed_tokens
+            self._load(self.embed, model, EMBED_ROLE, rename={"weight": "weight"})
+        if self.is_last:
+            head = model.load_tensors(HEAD_ROLE)
+            self.loaded_roles.append(HEAD_ROLE)
+            self.norm = skeleton.model.norm
+            self.norm.load_state_dict({"weight": head["norm.weight"]}, assign=True, strict=True)
+            if model.manifest.tied_embeddings:
+                weight = self.embed.weight if self.embed is not None else self._tied_weight(model)
+            else:
+                weight = nn.Parameter(head["lm_head.weight"], requires_grad=False)
+            self.lm_head = skeleton.lm_head
+            self.lm_head.weight = weight
+        del skeleton
+        self.eval()
+
+    def _load(self, module: nn.Module, model: StoredModel, role: str, rename: dict[str, str] | None = None) -> None:
+        tensors = model.load_tensors(role)
+        if rename:
+            tensors = {rename.get(k, k): v for k, v in tensors.items()}
+        module.load_state_dict(tensors, assign=True, strict=True)
+        self.loaded_roles.append(role)
+
+    def _tied_weight(self, model: StoredModel) -> nn.Parameter:
+        self.loaded_roles.append(EMBED_ROLE)
+        return nn.Parameter(model.load_tensors(EMBED_ROLE)["weight"], requires_grad=False)
+
+    def eval(self) -> None:
+        for module in (*self.layers, self.embed, self.norm, self.lm_head):
+            if module is not None:
+                module.eval()
+                module.requires_grad_(False)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache()
+
+    def parameter_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for module in (*self.layers, self.embed, self.norm, self.lm_head):
+            if module is None:
+                continue
+            for p in module.parameters():
+                if p.data_ptr() not in seen:
+                    seen.add(p.data_ptr())
+                    total += p.numel() * p.element_size()
+        return total
+
+    @torch.inference_mode()
+    def run(self, cache: DynamicCache, inputs: torch.Tensor, position: int) -> torch.Tensor:
+        """Token ids ``[1, n]`` (first span) or hidden states ``[1, n, H]`` -> hidden states ``[1, n, H]``."""
+        if self.embed is not None:
+            hidden = self.embed(inputs)
+        else:
+            hidden = inputs.to(self.dtype)
+        n = hidden.shape[1]
+        position_ids = torch.arange(position, position + n).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                  past_key_values=cache, position_ids=position_ids)
+        rope = self.rotary(hidden, position_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                           use_cache=True, position_embeddings=rope)
+        return hidden
+
+    @torch.inference_mode()
+    def last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head on the last row only: logits ``[vocab]`` in float32."""
+        if self.norm is None or self.lm_head is None:
+            raise RuntimeError(f"span {self.span} is not the last span: it has no head")
+        return self.lm_head(self.norm(hidden[:, -1:, :]))[0, -1].float()

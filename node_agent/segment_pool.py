@@ -1,0 +1,57 @@
+"""Loaded segments, shared by plans and sessions, released when nothing uses them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from common.model_store import ModelStore
+from common.spans import Span
+from node_agent.segment import SegmentRunner
+
+log = logging.getLogger(__name__)
+
+
+class SegmentPool:
+    """Holds one :class:`SegmentRunner` per (model, span); each holder counts as one reference."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self._store = store
+        self._runners: dict[tuple[str, Span], SegmentRunner] = {}
+        self._refs: dict[tuple[str, Span], int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, model_digest: str, span: Span) -> SegmentRunner:
+        """Load (blocking; call from the compute thread) or reuse the runner, adding a reference."""
+        key = (model_digest, span)
+        with self._lock:
+            runner = self._runners.get(key)
+            if runner is not None:
+                self._refs[key] += 1
+                return runner
+        runner = SegmentRunner(self._store.open(model_digest), span)
+        log.info("loaded segment %s of %s (%.1f MB)", span, model_digest[:12], runner.parameter_bytes() / 1e6)
+        with self._lock:
+            existing = self._runners.get(key)
+            if existing is not None:
+                self._refs[key] += 1
+                return existing
+            self._runners[key] = runner
+            self._refs[key] = 1
+            return runner
+
+    def release(self, model_digest: str, span: Span) -> None:
+        key = (model_digest, span)
+        with self._lock:
+            self._refs[key] -= 1
+            if self._refs[key] == 0:
+                del self._refs[key], self._runners[key]
+                log.info("released segment %s", span)
+
+    def loaded_roles(self) -> list[str]:
+        with self._lock:
+            return sorted({role for r in self._runners.values() for role in r.loaded_roles})
+
+    def spans(self) -> list[Span]:
+        with self._lock:
+            return sorted(span for _, span in self._runners)

@@ -1,0 +1,126 @@
+"""Builds, signs and installs plans with a two-phase switch: PREPARE on every node, COMMIT only if all ACK."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from common.grpc_options import CHANNEL_OPTIONS
+from common.model_store import ModelStore, StoredModel
+from common.plan_signing import load_or_create_signing_key, public_bytes, sign_plan
+from common.plan_view import PLAN_KIND, PlanView
+from common.proto import splitmesh_pb2 as pb
+from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.spans import Span
+from orchestrator.config import OrchestratorConfig
+from orchestrator.registry import Registry
+from orchestrator.state_store import StateStore
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(self, config: OrchestratorConfig) -> None:
+        self.config = config
+        state_dir = Path(config.state_dir).expanduser()
+        self.state = StateStore(state_dir / "state.sqlite")
+        self.signing_key = load_or_create_signing_key(state_dir / "plan_signing_key.pem")
+        self.public_key = public_bytes(self.signing_key.public_key())
+        self.model: StoredModel = ModelStore(Path(config.store).expanduser()).open(config.model)
+        self.registry = Registry(set(config.trusted_nodes),
+                                 dead_after_s=config.dead_after_reports * config.report_interval_ms / 1000.0)
+        self.signed: pb.SignedPlan | None = self.state.committed_plan()
+        self.view: PlanView | None = None
+        if self.signed is not None:
+            plan = pb.Plan()
+            plan.ParseFromString(self.signed.plan_bytes)
+            self.view = PlanView.parse(plan)
+            log.info("reloaded committed plan epoch %d: %s", self.view.epoch, self.view.describe())
+        self._lock = asyncio.Lock()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.ewma_latency_ms = 0.0
+
+    def observe_latency(self, latency_ms: float) -> None:
+        alpha = self.config.ewma_alpha
+        self.ewma_latency_ms = latency_ms if self.ewma_latency_ms == 0.0 else (
+            alpha * latency_ms + (1 - alpha) * self.ewma_latency_ms)
+
+    def _stub(self, address: str) -> pb_grpc.NodeStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return pb_grpc.NodeStub(self._channels[address])
+
+    def build_plan(self, segments: Sequence[tuple[Span, str]], epoch: int) -> pb.Plan:
+        now_ms = int(time.time() * 1000)
+        last = len(segments) - 1
+        used = {node_id for _, node_id in segments}
+        nodes = [pb.PlanNode(node_id=r.node_id, address=r.address, trusted=r.trusted)
+                 for r in sorted(self.registry.nodes.values(), key=lambda r: r.node_id) if r.node_id in used]
+        return pb.Plan(kind=PLAN_KIND, cluster_id=self.config.cluster_id, epoch=epoch, model_digest=self.model.digest,
+                       num_layers=self.model.num_layers, issued_at_ms=now_ms,
+                       expires_at_ms=now_ms + self.config.plan_ttl_s * 1000, nodes=nodes,
+                       segments=[pb.PlanSegment(start=s.start, end=s.end, node_id=n, privacy_critical=i in (0, last))
+                                 for i, (s, n) in enumerate(segments)])
+
+    async def install(self, segments: Sequence[tuple[Span, str]]) -> tuple[bool, str, pb.Plan | None]:
+        """Two-phase switch to a plan with these segments; the old plan stays if any node NACKs."""
+        async with self._lock:
+            missing = [n for _, n in segments if n not in self.registry.nodes]
+            if missing:
+                return False, f"unknown nodes {missing}", None
+            epoch = self.state.next_epoch()
+            plan = self.build_plan(segments, epoch)
+            view = PlanView.parse(plan)
+            signed = sign_plan(plan, self.signing_key)
+            self.state.record_plan(signed, epoch)
+            participants = view.node_ids()
+            log.info("PREPARE epoch %d: %s", epoch, view.describe())
+            results = await asyncio.gather(*(self._prepare(n, signed) for n in participants))
+            failures = [reason for ok, reason in results if not ok]
+            if failures:
+                log.warning("ABORT epoch %d: %s", epoch, "; ".join(failures))
+                await asyncio.gather(*(self._call(n, "Abort", pb.CommitRequest(epoch=epoch)) for n in participants),
+                                     return_exceptions=True)
+                return False, "; ".join(failures), plan
+            committed = await asyncio.gather(*(self._call(n, "Commit", pb.CommitRequest(epoch=epoch))
+                                               for n in participants), return_exceptions=True)
+            errors = [f"{n}: {c}" for n, c in zip(participants, committed, strict=True) if isinstance(c, Exception)]
+            if errors:
+                log.error("COMMIT epoch %d incomplete: %s", epoch, errors)
+            self.state.mark_committed(epoch)
+            self.signed, self.view = signed, view
+            log.info("COMMIT epoch %d", epoch)
+            return True, "committed", plan
+
+    async def _prepare(self, node_id: str, signed: pb.SignedPlan) -> tuple[bool, str]:
+        address = self.registry.nodes[node_id].address
+        try:
+            reply = await self._stub(address).Prepare(signed, timeout=self.config.prepare_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            return False, f"{node_id}: {exc.code().name} {exc.details()}"
+        return reply.ok, reply.reason
+
+    async def _call(self, node_id: str, method: str, request: pb.CommitRequest) -> None:
+        stub = self._stub(self.registry.nodes[node_id].address)
+        await getattr(stub, method)(request, timeout=10)
+
+    def serving(self) -> tuple[bool, str]:
+        if self.view is None:
+            return False, "no committed plan yet"
+        dead = [n for n in self.view.node_ids() if not self.registry.alive(n)]
+        if dead:
+            return False, f"plan nodes not reporting: {', '.join(dead)}"
+        behind = [n for n in self.view.node_ids() if self.registry.nodes[n].plan_epoch != self.view.epoch]
+        if behind:
+            return False, f"nodes not yet on epoch {self.view.epoch}: {', '.join(behind)}"
+        return True, ""
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self.state.close()

@@ -1,0 +1,167 @@
+"""Plain, frozen descriptions of the cluster, the model and the workload: the solver's only inputs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    """What the orchestrator knows about one box, as measured by its capacity reporter."""
+
+    node_id: str  # unique id, bound to the node's certificate
+    trusted: bool  # set by the orchestrator's configuration, never by the node itself
+    memory_bytes: int  # bytes available for weights plus KV cache
+    decode_s_per_layer: float  # seconds for one decoder layer on one token (decode step), idle node
+    prefill_s_per_layer_token: float  # seconds per layer per prompt token during prefill, idle node
+    utilisation: float = 0.0  # current busy fraction 0..1 from other work; inflates compute time
+    gpu: bool = False  # informational: the node runs layers on an accelerator
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes < 0:
+            raise ValueError(f"node {self.node_id}: negative memory")
+        if not (self.decode_s_per_layer > 0 and self.prefill_s_per_layer_token > 0):
+            raise ValueError(f"node {self.node_id}: per-layer costs must be positive")
+        if not 0.0 <= self.utilisation <= 1.0:
+            raise ValueError(f"node {self.node_id}: utilisation {self.utilisation} outside [0, 1]")
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """One directed node-to-node path as measured by probes."""
+
+    bandwidth_bps: float  # usable bandwidth in bit/s
+    rtt_s: float  # round-trip time in seconds; a one-way message is charged one full rtt (conservative)
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_bps <= 0 or self.rtt_s < 0 or math.isnan(self.rtt_s):
+            raise ValueError(f"bad link: {self.bandwidth_bps} bit/s, rtt {self.rtt_s} s")
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """A snapshot of the nodes and the directed links between them; a missing link is unusable."""
+
+    nodes: tuple[NodeProfile, ...]  # the nodes currently reachable
+    links: Mapping[tuple[str, str], LinkProfile] = field(default_factory=dict)  # (src, dst) -> link
+
+    def __post_init__(self) -> None:
+        ids = [n.node_id for n in self.nodes]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate node ids in {ids}")
+
+    def node(self, node_id: str) -> NodeProfile:
+        for n in self.nodes:
+            if n.node_id == node_id:
+                return n
+        raise KeyError(node_id)
+
+    def has_node(self, node_id: str) -> bool:
+        return any(n.node_id == node_id for n in self.nodes)
+
+    def link(self, src: str, dst: str) -> LinkProfile | None:
+        return self.links.get((src, dst))
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Sizes of a decoder-only model that drive memory and transfer costs."""
+
+    num_layers: int  # decoder layers L
+    hidden_size: int  # width of the activation sent across a boundary, per token
+    layer_bytes: int  # weight bytes of one decoder layer
+    embed_bytes: int  # token embedding table, held by the first segment's node
+    head_bytes: int  # final norm + lm_head, held by the last segment's node (= embed size when tied)
+    kv_bytes_per_token_layer: int  # K and V cache bytes for one token in one layer
+    act_bytes: int  # bytes per activation element on the wire (2 for fp16/bf16)
+    token_msg_bytes: int = 64  # size of the tail->head message carrying one sampled token id plus framing
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1 or self.hidden_size < 1:
+            raise ValueError("model needs at least one layer and a positive hidden size")
+
+    @property
+    def head_layer_equiv(self) -> float:
+        """lm_head cost in decoder-layer units: decode is memory bound, so cost scales with bytes read."""
+        return self.head_bytes / self.layer_bytes if self.layer_bytes else 0.0
+
+    @classmethod
+    def from_config_dict(cls, config: Mapping[str, Any], dtype_bytes: int) -> ModelProfile:
+        """Shapes of a Llama-family HF ``config.json`` (GQA, SwiGLU MLP, RMSNorm; ties recorded by the store)."""
+        hidden = int(config["hidden_size"])
+        layers = int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        inter = int(config["intermediate_size"])
+        vocab = int(config["vocab_size"])
+        bias = bool(config.get("attention_bias", False))
+        q_o = 2 * hidden * heads * head_dim
+        k_v = 2 * hidden * kv_heads * head_dim
+        attn_bias = (heads * head_dim + 2 * kv_heads * head_dim) if bias else 0
+        mlp = 3 * hidden * inter
+        norms = 2 * hidden
+        layer_params = q_o + k_v + attn_bias + mlp + norms
+        embed_params = vocab * hidden
+        # The head is a separate store file even when tied: a tail on another box needs its own copy.
+        head_params = vocab * hidden + hidden
+        return cls(
+            num_layers=layers,
+            hidden_size=hidden,
+            layer_bytes=layer_params * dtype_bytes,
+            embed_bytes=embed_params * dtype_bytes,
+            head_bytes=head_params * dtype_bytes,
+            kv_bytes_per_token_layer=2 * kv_heads * head_dim * dtype_bytes,
+            act_bytes=dtype_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The request shape the plan is optimised for."""
+
+    prompt_tokens: int  # tokens in a typical prompt (prefill length)
+    decode_tokens: int  # tokens generated per request; the first comes out of the prefill pass
+    kv_budget_tokens: int  # KV-cache tokens every hosting node must reserve per layer it hosts
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.decode_tokens < 1 or self.kv_budget_tokens < 0:
+            raise ValueError(f"bad workload {self}")
+
+
+@dataclass(frozen=True)
+class CostWeights:
+    """Weights of the objective Phi = alpha*L + beta*U + gamma*P."""
+
+    alpha: float = 1.0  # per second of predicted per-request latency
+    beta: float = 0.1  # per second of imbalance U (sum of squared stage times over the reference time)
+    gamma: float = 10.0  # per privacy-critical layer on an untrusted node (only when privacy_hard is False)
+    privacy_hard: bool = True  # True: critical layers may only sit on trusted nodes; False: penalise with gamma
+
+    def __post_init__(self) -> None:
+        if min(self.alpha, self.beta, self.gamma) < 0:
+            raise ValueError("cost weights must be non-negative")
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """Which layers see raw tokens or produce them; the first and the last layer always do."""
+
+    extra_critical_layers: frozenset[int] = frozenset()  # further layer indices that must stay trusted
+
+    def critical_layers(self, num_layers: int) -> frozenset[int]:
+        return frozenset({0, num_layers - 1} | {i for i in self.extra_critical_layers if 0 <= i < num_layers})
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything one solve needs, bundled so callers pass one object."""
+
+    cluster: ClusterState  # nodes and links now
+    model: ModelProfile  # model sizes
+    workload: Workload  # request shape
+    weights: CostWeights = CostWeights()  # objective weights and privacy mode
+    privacy: PrivacyPolicy = PrivacyPolicy()  # privacy-critical layers

@@ -1,0 +1,95 @@
+"""The Orchestrator (nodes) and Admin (CLI, SDK) gRPC services."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from common.plan_signing import key_id
+from common.proto import splitmesh_pb2 as pb
+from common.proto import splitmesh_pb2_grpc as pb_grpc
+from orchestrator.coordinator import Coordinator
+from orchestrator.static_placement import PlacementError, place
+
+log = logging.getLogger(__name__)
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.co = coordinator
+        self.stale_nodes: set[str] = set()  # plan nodes that came back without the committed plan
+
+    async def Register(self, request: pb.RegisterRequest,  # noqa: N802 - gRPC method name
+                       context: grpc.aio.ServicerContext[pb.RegisterRequest, pb.RegisterReply]) -> pb.RegisterReply:
+        if not request.node_id or not request.address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
+        if self.co.model.digest not in request.model_digests:
+            log.warning("node %s lacks model %s in its store", request.node_id, self.co.model.digest[:12])
+        record = self.co.registry.register(request)
+        self.co.state.remember_node(request.node_id, request.address)
+        view = self.co.view
+        if view is not None and request.node_id in view.node_ids() and request.plan_epoch != view.epoch:
+            self.stale_nodes.add(request.node_id)
+        log.info("node %s registered at %s (trusted=%s, epoch %d)", request.node_id, request.address,
+                 record.trusted, request.plan_epoch)
+        return pb.RegisterReply(trusted=record.trusted, cluster_id=self.co.config.cluster_id,
+                                plan_public_key=self.co.public_key, key_id=key_id(self.co.signing_key.public_key()),
+                                report_interval_ms=self.co.config.report_interval_ms)
+
+    async def Report(self, request_iterator: AsyncIterator[pb.NodeReport],  # noqa: N802
+                     context: grpc.aio.ServicerContext[pb.NodeReport, pb.ReportAck]) -> pb.ReportAck:
+        async for report in request_iterator:
+            if self.co.registry.report(report) is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {report.node_id!r} must register")
+            if report.tokens:
+                self.co.observe_latency(report.token_latency_ms)
+        return pb.ReportAck()
+
+    async def GetPlan(self, request: pb.GetPlanRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext[pb.GetPlanRequest, pb.SignedPlan]) -> pb.SignedPlan:
+        if self.co.signed is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no plan yet: waiting for nodes to register")
+        assert self.co.signed is not None
+        return self.co.signed
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.co = coordinator
+
+    async def Status(self, request: pb.StatusRequest,  # noqa: N802
+                     context: grpc.aio.ServicerContext[pb.StatusRequest, pb.StatusReply]) -> pb.StatusReply:
+        serving, reason = self.co.serving()
+        now = time.monotonic()
+        nodes = [pb.NodeState(node_id=r.node_id, address=r.address, trusted=r.trusted,
+                              alive=self.co.registry.alive(r.node_id), last_seen_s=now - r.last_seen,
+                              capacity=r.capacity, links=r.links, active_sessions=r.active_sessions,
+                              plan_epoch=r.plan_epoch)
+                 for r in sorted(self.co.registry.nodes.values(), key=lambda r: r.node_id)]
+        reply = pb.StatusReply(serving=serving, reason=reason, nodes=nodes, ewma_latency_ms=self.co.ewma_latency_ms,
+                               model_name=self.co.model.manifest.name)
+        if self.co.signed is not None:
+            reply.plan.ParseFromString(self.co.signed.plan_bytes)
+        return reply
+
+    async def Resplit(self, request: pb.ResplitRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext[pb.ResplitRequest, pb.ResplitReply]) -> pb.ResplitReply:
+        try:
+            segments = place(self.co.registry.alive_nodes(), self.co.model.num_layers,
+                             list(request.boundaries), list(request.placement))
+        except PlacementError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from exc
+        if request.dry_run:
+            plan = self.co.build_plan(segments, 0)
+            return pb.ResplitReply(committed=False, plan=plan, reason="dry run")
+        committed, reason, plan = await self.co.install(segments)
+        if not committed:
+            await context.abort(grpc.StatusCode.ABORTED, f"plan aborted, previous plan stays: {reason}")
+        reply = pb.ResplitReply(committed=True, reason=reason)
+        if plan is not None:
+            reply.plan.CopyFrom(plan)
+        return reply

@@ -1,0 +1,7 @@
+"""``python -m splitmesh``."""
+
+import sys
+
+from splitmesh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,176 @@
+"""Client SDK: ask the orchestrator for the route, then stream a generation from the head node.
+
+The orchestrator is never on the per-token path: tokens flow from the head straight to the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from common.grpc_options import CHANNEL_OPTIONS
+from common.proto import splitmesh_pb2 as pb
+from common.proto import splitmesh_pb2_grpc as pb_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+Messages = Sequence[dict[str, str]]
+
+
+class SplitmeshError(Exception):
+    """A call failed; ``code`` is the gRPC status name (e.g. INVALID_ARGUMENT)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int  # position of the token among the generated ones
+    token_id: int
+    text: str  # text this token completed (may be empty)
+    finish_reason: str  # "", or on the last event "eos", "stop", "length"
+    prompt_tokens: int  # set on the last event
+    completion_tokens: int  # set on the last event
+    epoch: int  # plan epoch the token was produced under
+    session_id: str
+
+
+def build_request(prompt: str | Messages | Sequence[int], max_new_tokens: int, temperature: float, top_p: float,
+                  top_k: int, seed: int, stop: Sequence[str], ignore_eos: bool) -> pb.GenerateRequest:
+    """A prompt string, chat messages (list of {role, content}) or token ids (list of int)."""
+    request = pb.GenerateRequest(max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos,
+                                 sampling=pb.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                                            seed=seed))
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        request.token_ids.ids.extend(int(p) for p in prompt)  # type: ignore[arg-type]
+    else:
+        for message in prompt:
+            if not isinstance(message, dict):
+                raise TypeError("prompt must be a string, a list of {role, content} dicts, or a list of token ids")
+            request.messages.messages.add(role=message["role"], content=message["content"])
+        if not request.HasField("messages"):
+            request.messages.SetInParent()
+    return request
+
+
+def _event(event: pb.GenerateEvent) -> TokenEvent:
+    return TokenEvent(index=event.index, token_id=event.token_id, text=event.text, finish_reason=event.finish_reason,
+                      prompt_tokens=event.usage.prompt_tokens, completion_tokens=event.usage.completion_tokens,
+                      epoch=event.epoch, session_id=event.session_id)
+
+
+def _head_address(signed: pb.SignedPlan) -> str:
+    plan = pb.Plan()
+    plan.ParseFromString(signed.plan_bytes)
+    head = plan.segments[0].node_id
+    return next(n.address for n in plan.nodes if n.node_id == head)
+
+
+class Client:
+    """Synchronous client. ``generate`` yields :class:`TokenEvent` objects as tokens arrive."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.admin = pb_grpc.AdminStub(self._channel)
+        self._orchestrator = pb_grpc.OrchestratorStub(self._channel)
+        self._heads: dict[str, grpc.Channel] = {}
+
+    def close(self) -> None:
+        for channel in self._heads.values():
+            channel.close()
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def plan(self) -> pb.Plan:
+        plan = pb.Plan()
+        plan.ParseFromString(self._call(self._orchestrator.GetPlan, pb.GetPlanRequest()).plan_bytes)
+        return plan
+
+    def status(self) -> pb.StatusReply:
+        reply: pb.StatusReply = self._call(self.admin.Status, pb.StatusRequest())
+        return reply
+
+    def resplit(self, boundaries: Sequence[int] = (), placement: Sequence[str] = (),
+                dry_run: bool = False) -> pb.ResplitReply:
+        reply: pb.ResplitReply = self._call(self.admin.Resplit, pb.ResplitRequest(
+            boundaries=list(boundaries), placement=list(placement), dry_run=dry_run))
+        return reply
+
+    def _call(self, method: grpc.UnaryUnaryMultiCallable, request: object) -> object:  # type: ignore[type-arg]
+        try:
+            return method(request, timeout=min(self.timeout_s, 120.0))
+        except grpc.RpcError as exc:
+            raise SplitmeshError(exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
+
+    def _head(self) -> pb_grpc.NodeStub:
+        address = _head_address(self._call(self._orchestrator.GetPlan, pb.GetPlanRequest()))  # type: ignore[arg-type]
+        if address not in self._heads:
+            self._heads[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return pb_grpc.NodeStub(self._heads[address])
+
+    def generate(self, prompt: str | Messages | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
+                 ignore_eos: bool = False) -> Iterator[TokenEvent]:
+        request = build_request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        stream = self._head().Generate(request, timeout=self.timeout_s)
+        try:
+            for event in stream:
+                yield _event(event)
+        except grpc.RpcError as exc:
+            raise SplitmeshError(exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
+        finally:
+            stream.cancel()
+
+    def generate_text(self, prompt: str | Messages | Sequence[int], **kwargs: object) -> str:
+        return "".join(e.text for e in self.generate(prompt, **kwargs))  # type: ignore[arg-type]
+
+
+class AsyncClient:
+    """The asyncio twin of :class:`Client`."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._orchestrator = pb_grpc.OrchestratorStub(self._channel)
+        self.admin = pb_grpc.AdminStub(self._channel)
+        self._heads: dict[str, grpc.aio.Channel] = {}
+
+    async def close(self) -> None:
+        for channel in self._heads.values():
+            await channel.close()
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def generate(self, prompt: str | Messages | Sequence[int], max_new_tokens: int = 128,
+                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                       stop: Sequence[str] = (), ignore_eos: bool = False) -> AsyncIterator[TokenEvent]:
+        request = build_request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        try:
+            signed = await self._orchestrator.GetPlan(pb.GetPlanRequest(), timeout=30)
+            address = _head_address(signed)
+            if address not in self._heads:
+                self._heads[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            call = pb_grpc.NodeStub(self._heads[address]).Generate(request, timeout=self.timeout_s)
+            async for event in call:
+                yield _event(event)
+        except grpc.aio.AioRpcError as exc:
+            raise SplitmeshError(exc.code().name, exc.details() or "") from exc

@@ -1,0 +1,144 @@
+"""Start a whole local mesh (orchestrator + N node agents) as separate processes on loopback.
+
+Used by ``splitmesh up``/``demo`` and by the test fixtures, so tests run exactly what users run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+
+from common.grpc_options import CHANNEL_OPTIONS
+from common.proto import splitmesh_pb2 as pb
+from common.proto import splitmesh_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class MeshSpec:
+    nodes: int = 3  # node agents to start
+    store: Path = Path("~/.cache/splitmesh/store")  # model store shared by every local process
+    workdir: Path = Path("~/.cache/splitmesh/local")  # state and logs of this mesh
+    model: str = "smollm2-135m-instruct"  # model name in the store
+    orchestrator_port: int = 50051  # 0 picks a free port
+    trusted: Sequence[str] = ("node-0",)  # nodes allowed to host privacy-critical segments
+    boundaries: Sequence[int] = ()  # initial boundaries; empty = even split
+    placement: Sequence[str] = ()  # initial node per segment; empty = automatic
+    threads: int = 0  # torch threads per node; 0 = all cores
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class LocalMesh:
+    def __init__(self, spec: MeshSpec) -> None:
+        self.spec = spec
+        self.store = spec.store.expanduser()
+        self.workdir = spec.workdir.expanduser()
+        port = spec.orchestrator_port or free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.node_ids = [f"node-{i}" for i in range(spec.nodes)]
+        self.node_addresses = {n: f"127.0.0.1:{free_port()}" for n in self.node_ids}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    def _spawn(self, name: str, module: str, args: list[str]) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log_file)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
+        self.processes[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log_file,
+                                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def start_orchestrator(self) -> None:
+        s = self.spec
+        args = ["--listen", self.address, "--state-dir", str(self.workdir / "orchestrator"), "--store", str(self.store),
+                "--model", s.model, "--min-nodes", str(s.nodes), "--trusted-nodes", ",".join(s.trusted)]
+        if s.boundaries:
+            args += ["--boundaries", ",".join(map(str, s.boundaries))]
+        if s.placement:
+            args += ["--placement", ",".join(s.placement)]
+        self._spawn("orchestrator", "orchestrator", args)
+
+    def start_node(self, node_id: str) -> None:
+        args = ["--node-id", node_id, "--listen", self.node_addresses[node_id], "--orchestrator", self.address,
+                "--store", str(self.store), "--state-dir", str(self.workdir / "nodes"),
+                "--threads", str(self.spec.threads)]
+        self._spawn(node_id, "node_agent", args)
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        self.start_orchestrator()
+        for node_id in self.node_ids:
+            self.start_node(node_id)
+        self.wait_serving(timeout_s)
+
+    def status(self) -> pb.StatusReply | None:
+        with grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+            try:
+                reply: pb.StatusReply = pb_grpc.AdminStub(channel).Status(pb.StatusRequest(), timeout=2)
+                return reply
+            except grpc.RpcError:
+                return None
+
+    def wait_serving(self, timeout_s: float = 180.0, epoch_above: int = 0) -> pb.StatusReply:
+        deadline = time.monotonic() + timeout_s
+        last_reason = "orchestrator not answering"
+        while time.monotonic() < deadline:
+            for name, proc in self.processes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.workdir / (name + '.log')}")
+            reply = self.status()
+            if reply is not None:
+                last_reason = reply.reason
+                if reply.serving and reply.plan.epoch > epoch_above:
+                    return reply
+            time.sleep(0.2)
+        raise TimeoutError(f"mesh not serving after {timeout_s:.0f}s: {last_reason} (logs in {self.workdir})")
+
+    def signal(self, name: str, sig: int) -> None:
+        self.processes[name].send_signal(sig)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name, proc in self.processes.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", name, grace_s)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for fh in self._logs:
+            fh.close()
+        self._logs.clear()
+
+    def __enter__(self) -> LocalMesh:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
