@@ -19,7 +19,7 @@ T = TypeVar("T")
 ENV_PREFIX = "SPLITMESH_"
 
 
-def field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+def field(default: Any, help: str) -> Any:
     """A config field with a default and a one-line description."""
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})

@@ -103,7 +103,8 @@ class _ManifestBuilder:
 
     def finish(self, name: str, config: dict[str, Any], dtype: str, tied: bool) -> str:
         num_layers = int(config["num_hidden_layers"])
-        missing = [r for r in [EMBED_ROLE, HEAD_ROLE, *(layer_role(i) for i in range(num_layers))] if r not in self.files]
+        needed = [EMBED_ROLE, HEAD_ROLE, *(layer_role(i) for i in range(num_layers))]
+        missing = [r for r in needed if r not in self.files]
         if missing:
             raise StoreError(f"import of {name} is incomplete, missing {missing[:5]}")
         manifest = Manifest(name=name, architecture=str(config.get("model_type", "llama")), num_layers=num_layers,
@@ -220,7 +221,8 @@ def import_random(store: ModelStore, preset: str, name: str, *, seed: int = 0, n
         layer_shapes = [(k, v.shape) for k, v in LlamaDecoderLayer(config, layer_idx=0).state_dict().items()]
     embed_shape = torch.Size([config.vocab_size, config.hidden_size])
     with progress() as bar:
-        task = bar.add_task(f"generating {preset} ({config.num_hidden_layers} layers)", total=config.num_hidden_layers + 2)
+        layers = config.num_hidden_layers
+        task = bar.add_task(f"generating {preset} ({layers} layers)", total=layers + 2)
         builder.add_tensors(EMBED_ROLE, fill([("weight", embed_shape)], seed * 1_000_003))
         bar.advance(task)
         for i in range(config.num_hidden_layers):

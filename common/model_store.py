@@ -160,7 +160,8 @@ class ModelStore:
             if len(hits) == 1:
                 return hits[0]
         known = ", ".join(self.names()) or "none"
-        raise StoreError(f"model {name_or_digest!r} not in store {self.root} (known: {known}); run `splitmesh model import`")
+        raise StoreError(f"model {name_or_digest!r} not in store {self.root} (known: {known}); "
+                         "run `splitmesh model import`")
 
     def names(self) -> list[str]:
         refs = self.root / "refs"

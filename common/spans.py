@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ def spans_from_boundaries(boundaries: Sequence[int]) -> list[Span]:
     """``[0, 10, 20, 30]`` -> ``[0,10) [10,20) [20,30)``."""
     if len(boundaries) < 2:
         raise ValueError("need at least two boundaries (0 and the layer count)")
-    return [Span(a, b) for a, b in zip(boundaries, boundaries[1:], strict=False)]
+    return [Span(a, b) for a, b in itertools.pairwise(boundaries)]
 
 
 def check_cover(spans: Iterable[Span], num_layers: int) -> None:

@@ -70,7 +70,8 @@ class TensorAssembler:
             self._first = chunk
         else:
             first = self._first
-            if (chunk.dtype, list(chunk.shape), chunk.chunk_count) != (first.dtype, list(first.shape), first.chunk_count):
+            header = (chunk.dtype, list(chunk.shape), chunk.chunk_count)
+            if header != (first.dtype, list(first.shape), first.chunk_count):
                 raise TensorError("chunk header differs from the first chunk of its tensor")
             if chunk.chunk_index != len(self._parts):
                 raise TensorError(f"chunk {chunk.chunk_index} arrived, expected {len(self._parts)}")

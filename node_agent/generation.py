@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from common.chat import chat_token_ids, decode, text_token_ids
 from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
 from node_agent.runtime import NodeRuntime
@@ -66,21 +67,23 @@ def prepare_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerB
         raise RequestError("request has no input: set prompt, messages or token_ids")
     if which in ("prompt", "messages") and tokenizer is None:
         raise RequestError("this model was imported without a tokenizer: send token_ids")
+    ids: list[int]
     if which == "prompt":
+        assert tokenizer is not None
         if not request.prompt.strip():
             raise RequestError("prompt is empty")
-        ids = list(tokenizer(request.prompt, add_special_tokens=True)["input_ids"])  # type: ignore[misc]
+        ids = text_token_ids(tokenizer, request.prompt)
     elif which == "messages":
         messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
         if not messages:
             raise RequestError("messages is empty")
+        assert tokenizer is not None
         bad_roles = {m["role"] for m in messages} - {"system", "user", "assistant"}
         if bad_roles:
             raise RequestError(f"unknown message roles: {sorted(bad_roles)}")
-        if tokenizer.chat_template is None:  # type: ignore[union-attr]
+        if tokenizer.chat_template is None:
             raise RequestError("this model has no chat template: send a prompt")
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)  # type: ignore[union-attr]
-        ids = list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+        ids = chat_token_ids(tokenizer, messages)
     else:
         ids = list(request.token_ids.ids)
         if not ids:
@@ -117,7 +120,7 @@ class Detokenizer:
         if self._tokenizer is None:
             return ""
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        text = decode(self._tokenizer, self._ids)
         if text.endswith("\ufffd"):
             return ""
         delta, self.text = text[len(self.text):], text

@@ -33,7 +33,7 @@ class SegmentRunner:
         self.hidden_size = int(self.config.hidden_size)
         self.vocab_size = int(self.config.vocab_size)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+            skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)  # type: ignore[no-untyped-call]
         self.loaded_roles: list[str] = []
         self.layers = nn.ModuleList()
         for local, index in enumerate(span.layers()):
@@ -97,10 +97,7 @@ class SegmentRunner:
     @torch.inference_mode()
     def run(self, cache: DynamicCache, inputs: torch.Tensor, position: int) -> torch.Tensor:
         """Token ids ``[1, n]`` (first span) or hidden states ``[1, n, H]`` -> hidden states ``[1, n, H]``."""
-        if self.embed is not None:
-            hidden = self.embed(inputs)
-        else:
-            hidden = inputs.to(self.dtype)
+        hidden = self.embed(inputs) if self.embed is not None else inputs.to(self.dtype)
         n = hidden.shape[1]
         position_ids = torch.arange(position, position + n).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
@@ -116,4 +113,5 @@ class SegmentRunner:
         """Final norm and lm_head on the last row only: logits ``[vocab]`` in float32."""
         if self.norm is None or self.lm_head is None:
             raise RuntimeError(f"span {self.span} is not the last span: it has no head")
-        return self.lm_head(self.norm(hidden[:, -1:, :]))[0, -1].float()
+        logits: torch.Tensor = self.lm_head(self.norm(hidden[:, -1:, :]))
+        return logits[0, -1].float()

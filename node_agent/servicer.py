@@ -116,7 +116,8 @@ class NodeServicer(pb_grpc.NodeServicer):
                     return
                 expected_seq += 1
                 if frame.step != expected_step:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {frame.step}, expected {expected_step}")
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"step {frame.step}, expected {expected_step}")
                     return
                 try:
                     tensor = assembler.add(frame.tensor)

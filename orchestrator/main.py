@@ -32,12 +32,12 @@ async def control_loop(co: Coordinator, servicer: OrchestratorServicer) -> None:
             if co.view is None and len(alive) >= co.config.min_nodes:
                 segments = place(alive, co.model.num_layers, co.config.boundaries, co.config.placement)
                 await co.install(segments)
-            elif co.view is not None and servicer.stale_nodes:
-                if all(co.registry.alive(n) for n in co.view.node_ids()):
-                    servicer.stale_nodes.clear()
-                    segments = [(s.span, s.node_id) for s in co.view.segments]
-                    log.info("re-issuing the plan to nodes that restarted")
-                    await co.install(segments)
+            elif (co.view is not None and servicer.stale_nodes
+                  and all(co.registry.alive(n) for n in co.view.node_ids())):
+                servicer.stale_nodes.clear()
+                segments = [(s.span, s.node_id) for s in co.view.segments]
+                log.info("re-issuing the plan to nodes that restarted")
+                await co.install(segments)
         except PlacementError as exc:
             log.warning("cannot plan yet: %s", exc)
 

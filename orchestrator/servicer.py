@@ -86,10 +86,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         if request.dry_run:
             plan = self.co.build_plan(segments, 0)
             return pb.ResplitReply(committed=False, plan=plan, reason="dry run")
-        committed, reason, plan = await self.co.install(segments)
+        committed, reason, installed = await self.co.install(segments)
         if not committed:
             await context.abort(grpc.StatusCode.ABORTED, f"plan aborted, previous plan stays: {reason}")
         reply = pb.ResplitReply(committed=True, reason=reason)
-        if plan is not None:
-            reply.plan.CopyFrom(plan)
+        if installed is not None:
+            reply.plan.CopyFrom(installed)
         return reply

@@ -58,7 +58,8 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        stale = [p.name for p in fresh if not (OUT_DIR / p.name).exists() or not filecmp.cmp(p, OUT_DIR / p.name, False)]
+        stale = [p.name for p in fresh
+                 if not (OUT_DIR / p.name).exists() or not filecmp.cmp(p, OUT_DIR / p.name, shallow=False)]
         extra = {p.name for p in OUT_DIR.glob("*.py*")} - {p.name for p in fresh}
         if stale or extra:
             print(f"stale generated stubs: {sorted(stale + list(extra))}; run scripts/gen_proto.py", file=sys.stderr)

@@ -202,7 +202,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if last is not None and first_at is not None:
         total = time.perf_counter() - started
         decode = (time.perf_counter() - first_at) / max(1, count - 1)
-        err.print(f"[dim]{count} tokens, finish={last.finish_reason}, first token {1000 * (first_at - started):.0f} ms, "
+        err.print(f"[dim]{count} tokens, finish={last.finish_reason}, "
+                  f"first token {1000 * (first_at - started):.0f} ms, "
                   f"{1000 * decode:.1f} ms/token after ({1 / decode if decode else 0:.1f} tok/s), total {total:.2f}s, "
                   f"epoch {last.epoch}[/dim]")
     return 0
@@ -219,6 +220,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         console.print(plan_table(status.plan))
     console.print(nodes_table(status))
     return 0 if status.serving else 1
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Standard gRPC health check of any splitmesh server (for container and cluster probes)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        except grpc.RpcError as exc:
+            err.print(f"error: {args.address}: {exc.code().name}")
+            return 1
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    console.print(f"{args.address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    return 0 if serving else 1
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
@@ -285,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("status", cmd_status, "mesh health, plan and nodes (exit 0 only when serving)"),
                              ("nodes", cmd_nodes, "registered nodes and their capacity"),
-                             ("plan", cmd_plan, "the committed plan")):
+                             ("plan", cmd_plan, "the committed plan"),
+                             ("health", cmd_health, "gRPC health check of a server (exit 0 if SERVING)")):
         with_address(sub.add_parser(name, help=text)).set_defaults(func=func)
 
     resplit = with_address(sub.add_parser("resplit", help="install new boundaries/placement (two-phase)"))

@@ -5,8 +5,9 @@ The orchestrator is never on the per-token path: tokens flow from the head strai
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -16,6 +17,7 @@ from common.proto import splitmesh_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 Messages = Sequence[dict[str, str]]
+R = TypeVar("R")
 
 
 class SplitmeshError(Exception):
@@ -94,9 +96,13 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def signed_plan(self) -> pb.SignedPlan:
+        signed: pb.SignedPlan = self._call(self._orchestrator.GetPlan, pb.GetPlanRequest())
+        return signed
+
     def plan(self) -> pb.Plan:
         plan = pb.Plan()
-        plan.ParseFromString(self._call(self._orchestrator.GetPlan, pb.GetPlanRequest()).plan_bytes)
+        plan.ParseFromString(self.signed_plan().plan_bytes)
         return plan
 
     def status(self) -> pb.StatusReply:
@@ -109,28 +115,28 @@ class Client:
             boundaries=list(boundaries), placement=list(placement), dry_run=dry_run))
         return reply
 
-    def _call(self, method: grpc.UnaryUnaryMultiCallable, request: object) -> object:  # type: ignore[type-arg]
+    def _call(self, method: Callable[..., R], request: object) -> R:
         try:
             return method(request, timeout=min(self.timeout_s, 120.0))
         except grpc.RpcError as exc:
-            raise SplitmeshError(exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
+            raise SplitmeshError(exc.code().name, exc.details() or "") from exc
 
     def _head(self) -> pb_grpc.NodeStub:
-        address = _head_address(self._call(self._orchestrator.GetPlan, pb.GetPlanRequest()))  # type: ignore[arg-type]
+        address = _head_address(self.signed_plan())
         if address not in self._heads:
             self._heads[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         return pb_grpc.NodeStub(self._heads[address])
 
     def generate(self, prompt: str | Messages | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
-                 ignore_eos: bool = False) -> Iterator[TokenEvent]:
+                 ignore_eos: bool = False) -> Generator[TokenEvent, None, None]:
         request = build_request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
         stream = self._head().Generate(request, timeout=self.timeout_s)
         try:
             for event in stream:
                 yield _event(event)
         except grpc.RpcError as exc:
-            raise SplitmeshError(exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
+            raise SplitmeshError(exc.code().name, exc.details() or "") from exc
         finally:
             stream.cancel()
 

@@ -14,6 +14,7 @@ layers placed on untrusted nodes (forbidden outright when privacy is hard).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -97,7 +98,7 @@ def evaluate_plan(problem: Problem, plan: Plan) -> CostBreakdown:
     pre = sum(s.prefill_s for s in stages)
     dec = sum(s.decode_s for s in stages)
     ids = plan.node_ids
-    for a, b in zip(ids, ids[1:], strict=False):
+    for a, b in itertools.pairwise(ids):
         link = cluster.link(a, b)
         if link is None:
             return CostBreakdown(inf, inf, inf, inf, 0, inf, ())

@@ -1,13 +1,16 @@
-"""The relaxed chain DP: exact minimum of Phi over chains whose consecutive segments differ in node.
+"""The chain DP: exact minimum of Phi over chains in which the head node appears only at the ends.
 
-State f[h, b, v]: cheapest chain that starts on head h, covers [0, b), and whose last segment, ending at b,
-is on v. g[h, b, v]: the same chain plus the boundary hop into v at b (g[h, 0, h] = 0 starts the chain).
-  f[h, b, v] = min_{i < b} g[h, i, v] + seg[i, b, v]
-  g[h, b, v] = min_{u} f[h, b, u] + link[u, v]            (link[u, u] = inf)
-  answer     = min_{h, t} f[h, L, t] + ring[t, h]
-The head is kept in the state only because the ring return depends on the (tail, head) pair.
-This DP does not forbid a node from reappearing later in the chain, and it checks memory per segment; the
-branch and bound in ``solver`` restores those two rules exactly.
+A row r of the state is a head h = head[r] in one of two modes:
+  mode 0  the tail is another node (or the whole model sits on h); the ring return ring[t, h] is paid
+  mode 1  the tail is h itself, on the fixed tail span (the last breakpoint interval); h must hold both
+          ends, so its first segment is checked against memory minus the tail's share
+State f[r, k, v]: cheapest chain of row r covering [0, pts[k]) whose last segment, ending at pts[k], is on v.
+  f[r, k, v] = min( first[r, k] if v == h,  min_{0 < i < k} g[r, i, v] + seg[pts[i], pts[k], v] if v != h )
+  g[r, k, v] = min_u f[r, k, u] + link[u, v]            (link[u, u] = inf: consecutive nodes differ)
+  mode 0 answer: min_t f[r, K, t] + ring[t, h];  mode 1 answer: min_w f[r, K-1, w] + link[w, h] + seg(tail on h)
+The head is in the state because the ring and the tail-on-head memory depend on it; that also makes
+"no middle segment on the head" exact. Other nodes may still reappear, and memory is checked per segment for
+them: the branch and bound in ``solver`` restores that rule exactly.
 """
 
 from __future__ import annotations
@@ -16,60 +19,82 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tables import FloatArr, IntArr
+from .tables import FloatArr, IntArr, Tables
 
 
 @dataclass(frozen=True)
 class Relaxed:
-    """Optimum of the relaxed DP: Phi and segments as (start, end, node index)."""
+    """Optimum of the DP: Phi and segments as (start, end, node index)."""
 
     phi: float  # exact Phi of the returned chain
     segments: tuple[tuple[int, int, int], ...]  # (start, end, node index) in layer order
 
 
-def solve_chain(seg: FloatArr, link: FloatArr, ring: FloatArr, breakpoints: IntArr, free: bool) -> Relaxed | None:
-    """Best chain whose boundaries lie in ``breakpoints`` (all of them when ``free`` is False).
+def _rows(tables: Tables, seg: FloatArr, pts: IntArr) -> tuple[IntArr, IntArr, FloatArr]:
+    """Rows (head node, mode) and the first-segment cost of each row at every breakpoint."""
+    ends = pts[1:]
+    first0 = seg[0, ends, :].T  # (N, K)
+    heads0 = np.flatnonzero(np.isfinite(first0).any(axis=1))
+    t0, t1 = int(pts[-2]), int(pts[-1])
+    tail_ok = np.isfinite(seg[t0, t1, :]) if len(pts) >= 4 else np.zeros(seg.shape[2], dtype=bool)
+    room = tables.capacity - tables.mem[t0, t1]
+    first1 = np.where(tables.mem[0, ends][None, :] <= room[:, None], first0, np.inf)
+    first1[:, -2:] = np.inf  # the first segment must leave room for a middle segment and the tail
+    heads1 = np.flatnonzero(tail_ok & np.isfinite(first1).any(axis=1))
+    head = np.concatenate([heads0, heads1]).astype(np.int64)
+    mode = np.concatenate([np.zeros(heads0.size), np.ones(heads1.size)]).astype(np.int64)
+    first = np.concatenate([first0[heads0], first1[heads1]], axis=0)
+    return head, mode, np.concatenate([np.full((head.size, 1), np.inf), first], axis=1)
 
-    ``free=True``: a segment may span several breakpoints (re-split). ``free=False``: every breakpoint is a
-    boundary (migration keeps the current spans).
-    """
-    n_nodes = link.shape[0]
-    pts = breakpoints
-    k_max = len(pts) - 1
-    heads = np.flatnonzero(np.isfinite(seg[0, pts[1:], :]).any(axis=0))
-    if k_max < 1 or heads.size == 0:
+
+def solve_chain(tables: Tables, seg: FloatArr, pts: IntArr, free: bool) -> Relaxed | None:
+    """Best chain with boundaries in ``pts``; ``free`` lets a segment span several breakpoints (re-split)."""
+    link, ring = tables.link, tables.ring
+    n_nodes, k_max = link.shape[0], len(pts) - 1
+    head, mode, first = _rows(tables, seg, pts)
+    if not free:
+        first[:, 2:] = np.inf  # migration: the first segment is the first span
+    if head.size == 0:
         return None
-    n_heads = heads.size
-    inf = np.inf
-    f = np.full((n_heads, k_max + 1, n_nodes), inf)
-    g = np.full((n_heads, k_max + 1, n_nodes), inf)
-    g[np.arange(n_heads), 0, heads] = 0.0
-    arg_i = np.zeros((n_heads, k_max + 1, n_nodes), dtype=np.int64)
-    arg_u = np.zeros((n_heads, k_max + 1, n_nodes), dtype=np.int64)
+    rows = np.arange(head.size)
+    f = np.full((head.size, k_max + 1, n_nodes), np.inf)
+    g = np.full_like(f, np.inf)
+    arg_i = np.zeros(f.shape, dtype=np.int64)
+    arg_u = np.zeros(f.shape, dtype=np.int64)
     for k in range(1, k_max + 1):
-        lo = 0 if free else k - 1
-        cand = g[:, lo:k, :] + seg[pts[lo:k], pts[k], :][None, :, :]
-        best = cand.argmin(axis=1)
-        f[:, k, :] = np.take_along_axis(cand, best[:, None, :], axis=1)[:, 0, :]
-        arg_i[:, k, :] = best + lo
+        lo = 1 if free else k - 1
+        if lo >= 1 and lo < k:
+            cand = g[:, lo:k, :] + seg[pts[lo:k], pts[k], :][None, :, :]
+            best = cand.argmin(axis=1)
+            f[:, k, :] = np.take_along_axis(cand, best[:, None, :], axis=1)[:, 0, :]
+            arg_i[:, k, :] = best + lo
+        f[rows, k, head] = first[:, k]  # the head hosts only the first segment here
+        arg_i[rows, k, head] = 0
         if k < k_max:
             hop = f[:, k, :, None] + link[None, :, :]
             src = hop.argmin(axis=1)
             g[:, k, :] = np.take_along_axis(hop, src[:, None, :], axis=1)[:, 0, :]
             arg_u[:, k, :] = src
-    total = f[:, k_max, :] + ring[:, heads].T
+    end0 = f[:, k_max, :] + ring[:, head].T
+    tail_cost = seg[pts[-2], pts[-1], head]
+    end1 = f[:, k_max - 1, :] + link[:, head].T + tail_cost[:, None]
+    total = np.where((mode == 0)[:, None], end0, end1)
     flat = int(np.argmin(total))
-    hi, tail = divmod(flat, n_nodes)
-    phi = float(total[hi, tail])
+    r, last = divmod(flat, n_nodes)
+    phi = float(total[r, last])
     if not np.isfinite(phi):
         return None
     out: list[tuple[int, int, int]] = []
-    k, v = k_max, tail
+    k = k_max
+    if mode[r] == 1:
+        out.append((int(pts[-2]), int(pts[-1]), int(head[r])))
+        k = k_max - 1
+    v = last
     while k > 0:
-        i = int(arg_i[hi, k, v])
+        i = int(arg_i[r, k, v])
         out.append((int(pts[i]), int(pts[k]), v))
         if i > 0:
-            v = int(arg_u[hi, i, v])
+            v = int(arg_u[r, i, v])
         k = i
     out.reverse()
     return Relaxed(phi=phi, segments=tuple(out))

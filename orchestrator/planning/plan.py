@@ -8,6 +8,7 @@ segment, which closes the token ring locally.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ class Plan:
     def hops(self) -> list[tuple[str, str]]:
         """Directed links a token crosses: each boundary, then the ring return when tail != head."""
         ids = self.node_ids
-        out = list(zip(ids, ids[1:], strict=False))
+        out = list(itertools.pairwise(ids))
         if self.tail != self.head:
             out.append((self.tail, self.head))
         return out
@@ -84,7 +85,7 @@ def shape_violations(plan: Plan, num_layers: int) -> list[str]:
     except ValueError as exc:
         out.append(str(exc))
     ids = plan.node_ids
-    for a, b in zip(ids, ids[1:], strict=False):
+    for a, b in itertools.pairwise(ids):
         if a == b:
             out.append(f"consecutive segments on the same node {a}")
     for i, node in enumerate(ids):

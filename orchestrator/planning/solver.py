@@ -53,7 +53,7 @@ def _search(tables: Tables, breakpoints: IntArr, free: bool) -> tuple[Relaxed | 
     """Best-first branch and bound; returns (optimum, proved, dp solves)."""
 
     def relax(mask: BoolArr) -> Relaxed | None:
-        return solve_chain(masked_segments(tables, mask), tables.link, tables.ring, breakpoints, free)
+        return solve_chain(tables, masked_segments(tables, mask), breakpoints, free)
 
     counter = itertools.count()
     solves = 1
@@ -63,13 +63,13 @@ def _search(tables: Tables, breakpoints: IntArr, free: bool) -> tuple[Relaxed | 
     heap: list[tuple[float, int, Relaxed, BoolArr]] = [(root.phi, next(counter), root, tables.allowed)]
     while heap:
         _, _, relaxed, mask = heapq.heappop(heap)
-        conflict = find_conflict(tables, relaxed)
+        conflict = find_conflict(relaxed)
         if conflict is None:
             return relaxed, True, solves
         if solves >= MAX_NODES:
             log.warning("branch and bound stopped after %d DP solves without a proof", solves)
             return None, False, solves
-        for kid in children(mask, conflict):
+        for kid in children(mask, conflict, int(breakpoints[-2]) if len(breakpoints) > 1 else 0):
             solves += 1
             sub = relax(kid)
             if sub is not None:

@@ -1,0 +1,128 @@
+"""What splitting costs: single-process decode vs the mesh with 1 and 3 segments on loopback.
+
+All three run in one session, interleaved round by round so machine noise hits them alike.
+Prints a table, the ratios and the per-hop overhead, then one JSON line with every figure.
+
+    .venv/bin/python bench/overhead.py --tokens 64 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from transformers.cache_utils import DynamicCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import itertools
+
+from common.chat import chat_token_ids
+from common.model_import import EMBEDDED_MODEL_NAME, embedded_gguf_path, import_gguf
+from common.model_store import ModelStore
+from common.reference_model import load_reference_model
+from splitmesh import Client
+from splitmesh.launcher import LocalMesh, MeshSpec
+
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+
+
+def single_process_step_times(model: torch.nn.Module, prompt_ids: list[int], tokens: int) -> list[float]:
+    """Greedy decode with transformers' own model and cache; seconds per decode step (prefill excluded)."""
+    times = []
+    with torch.inference_mode():
+        cache = DynamicCache()
+        ids = torch.tensor([prompt_ids])
+        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        for _ in range(tokens - 1):
+            nxt = logits[:, -1:].argmax(-1)
+            started = time.perf_counter()
+            logits = model(nxt, past_key_values=cache, use_cache=True).logits
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def mesh_step_times(client: Client, tokens: int) -> list[float]:
+    """Inter-arrival time of streamed tokens after the first (the decode steps)."""
+    arrivals = [time.perf_counter() for _ in client.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True)]
+    return [b - a for a, b in itertools.pairwise(arrivals)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per run")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of each configuration")
+    parser.add_argument("--store", default="~/.cache/splitmesh/store")
+    args = parser.parse_args()
+    console = Console()
+    store = ModelStore(Path(args.store).expanduser())
+    if EMBEDDED_MODEL_NAME not in store.names():
+        import_gguf(store, embedded_gguf_path(), EMBEDDED_MODEL_NAME)
+    model = store.open(EMBEDDED_MODEL_NAME)
+    reference = load_reference_model(model)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model.export_tokenizer(Path(tempfile.mkdtemp()))))
+    prompt_ids = chat_token_ids(tokenizer, PROMPT)
+
+    work = Path(tempfile.mkdtemp(prefix="splitmesh-bench-"))
+    one = LocalMesh(MeshSpec(nodes=1, store=store.root, workdir=work / "one", orchestrator_port=0))
+    three = LocalMesh(MeshSpec(nodes=3, store=store.root, workdir=work / "three", orchestrator_port=0,
+                               trusted=("node-0", "node-2"), boundaries=(0, 10, 20, 30),
+                               placement=("node-0", "node-1", "node-2")))
+    samples: dict[str, list[float]] = {"single": [], "mesh1": [], "mesh3": []}
+    try:
+        with console.status("starting two local meshes (1 and 3 segments)"):
+            one.start()
+            three.start()
+        with Client(one.address) as c1, Client(three.address) as c3, Progress(console=console) as progress:
+            mesh_step_times(c1, 4)
+            mesh_step_times(c3, 4)  # warm-up: first calls load tokenizers and open channels
+            task = progress.add_task("interleaved rounds", total=args.rounds)
+            for _ in range(args.rounds):
+                samples["single"] += single_process_step_times(reference, prompt_ids, args.tokens)
+                samples["mesh1"] += mesh_step_times(c1, args.tokens)
+                samples["mesh3"] += mesh_step_times(c3, args.tokens)
+                progress.advance(task)
+    finally:
+        one.stop()
+        three.stop()
+
+    median_ms = {k: statistics.median(v) * 1000 for k, v in samples.items()}
+    tps = {k: 1000.0 / v for k, v in median_ms.items()}
+    boundaries = 2  # the 3-segment chain crosses two node boundaries per token (activation out, token id back)
+    per_hop_ms = (median_ms["mesh3"] - median_ms["mesh1"]) / boundaries
+    figures = {
+        "tokens_per_run": args.tokens, "rounds": args.rounds,
+        "single_ms_per_token": round(median_ms["single"], 3), "mesh1_ms_per_token": round(median_ms["mesh1"], 3),
+        "mesh3_ms_per_token": round(median_ms["mesh3"], 3),
+        "single_tokens_per_s": round(tps["single"], 2), "mesh1_tokens_per_s": round(tps["mesh1"], 2),
+        "mesh3_tokens_per_s": round(tps["mesh3"], 2),
+        "mesh1_vs_single": round(tps["mesh1"] / tps["single"], 3),
+        "mesh3_vs_single": round(tps["mesh3"] / tps["single"], 3),
+        "per_hop_overhead_ms_median": round(per_hop_ms, 3),
+    }
+    table = Table(title=f"decode speed, median of {args.rounds} x {args.tokens - 1} steps, SmolLM2-135M fp32 on CPU")
+    for column in ("configuration", "ms/token", "tokens/s", "vs single-process"):
+        table.add_column(column, justify="right")
+    for key, label in (("single", "single process (transformers)"), ("mesh1", "mesh, 1 segment"),
+                       ("mesh3", "mesh, 3 segments on 3 nodes")):
+        table.add_row(label, f"{median_ms[key]:.2f}", f"{tps[key]:.2f}", f"{tps[key] / tps['single']:.3f}x")
+    console.print(table)
+    console.print(f"per-hop overhead (node boundary, activation + token back): {per_hop_ms:.3f} ms median "
+                  f"(target <= 0.5 ms); 3-segment / single = {figures['mesh3_vs_single']:.3f} (target >= 0.95)")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
