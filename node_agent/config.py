@@ -21,6 +21,7 @@ class NodeConfig:
     max_new_tokens: int = field(2048, "largest max_new_tokens a request may ask for")
     chunk_bytes: int = field(1 << 20, "activation bytes per wire message")
     hop_timeout_s: float = field(30.0, "deadline for one step's reply from the next node")
+    recovery_timeout_s: float = field(20.0, "how long a session waits for a replacement plan after a failure")
     report_interval_ms: int = field(1000, "capacity report period (overridden by the orchestrator)")
     plan_public_key: str = field("", "pinned orchestrator Ed25519 public key (hex); empty = learn at registration")
     log_level: str = field("INFO", "logging level")

@@ -10,12 +10,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from common.chat import chat_token_ids, decode, text_token_ids
 from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
+from node_agent.ring_session import RingSession
 from node_agent.runtime import NodeRuntime
 from node_agent.sampler import SamplingConfig
 
@@ -130,19 +130,17 @@ class Detokenizer:
 async def generate(runtime: NodeRuntime, view: PlanView, request: PreparedRequest,
                    tokenizer: PreTrainedTokenizerBase | None) -> AsyncIterator[pb.GenerateEvent]:
     """Run the ring for one request, yielding one event per token; the last carries finish and usage."""
-    session_id = uuid.uuid4().hex
-    pipeline = await runtime.open_session(session_id, view, 0, request.sampling)
+    session = RingSession(runtime, uuid.uuid4().hex, request.sampling, request.prompt_ids,
+                          runtime.config.recovery_timeout_s)
+    await session.open(view)
+    session_id = session.session_id
     detok = Detokenizer(tokenizer)
     try:
-        inputs = torch.tensor([request.prompt_ids], dtype=torch.long)
-        position = 0
         for index in range(request.max_new_tokens):
             started = time.perf_counter()
-            token = await pipeline.step(index, position, inputs)
+            token = await session.next_token(index)
             if index > 0:
                 runtime.stats.record_token((time.perf_counter() - started) * 1000.0)
-            position += inputs.shape[1]
-            inputs = torch.tensor([[token]], dtype=torch.long)
             delta = detok.add(token)
             finish = ""
             if token in request.eos_ids:
@@ -154,15 +152,16 @@ async def generate(runtime: NodeRuntime, view: PlanView, request: PreparedReques
                     finish = "stop"
                 elif index + 1 == request.max_new_tokens:
                     finish = "length"
+            assert session.view is not None
             event = pb.GenerateEvent(session_id=session_id, index=index, token_id=token, text=delta,
-                                     finish_reason=finish, epoch=view.epoch)
+                                     finish_reason=finish, epoch=session.view.epoch)
             if finish:
                 event.usage.CopyFrom(pb.Usage(prompt_tokens=len(request.prompt_ids), completion_tokens=index + 1))
             yield event
             if finish:
                 return
     finally:
-        runtime.close_session(session_id, 0)
+        session.close()
 
 
 def _first_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:

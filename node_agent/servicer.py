@@ -101,10 +101,10 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         hidden_size = pipeline.runners[0].hidden_size
-        max_rows = self.rt.config.max_prompt_tokens
+        max_rows = self.rt.config.max_prompt_tokens + self.rt.config.max_new_tokens  # a replayed history
         assembler = TensorAssembler()
         expected_seq = 0
-        expected_step = 0
+        expected_step: int | None = None  # a stream opened by a replay starts at the step it resumes
         try:
             async for message in request_iterator:
                 if message.WhichOneof("msg") != "frame":
@@ -115,7 +115,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                     await context.abort(grpc.StatusCode.ABORTED, f"frame seq {frame.seq}, expected {expected_seq}")
                     return
                 expected_seq += 1
-                if frame.step != expected_step:
+                if expected_step is not None and frame.step != expected_step:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"step {frame.step}, expected {expected_step}")
                     return
@@ -128,7 +128,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                     return
                 token = await pipeline.step(frame.step, frame.position, tensor.to(pipeline.runners[0].dtype))
-                expected_step += 1
+                expected_step = frame.step + 1
                 yield pb.ForwardReply(step=frame.step, token_id=token)
         except HopError as exc:
             await context.abort(exc.code, exc.details)

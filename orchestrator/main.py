@@ -23,7 +23,8 @@ log = logging.getLogger("orchestrator")
 
 
 async def control_loop(co: Coordinator, servicer: OrchestratorServicer) -> None:
-    """Make the first plan once enough nodes are up; re-issue it to plan nodes that restarted."""
+    """Make the first plan once enough nodes are up, replace a plan that lost a node, and re-issue the
+    plan to plan nodes that restarted."""
     interval = co.config.report_interval_ms / 1000.0
     while True:
         await asyncio.sleep(interval / 2)
@@ -32,6 +33,9 @@ async def control_loop(co: Coordinator, servicer: OrchestratorServicer) -> None:
             if co.view is None and len(alive) >= co.config.min_nodes:
                 segments = place(alive, co.model.num_layers, co.config.boundaries, co.config.placement)
                 await co.install(segments)
+            elif co.view is not None and (lost := [n for n in co.view.node_ids() if not co.registry.alive(n)]):
+                log.warning("plan epoch %d lost %s; re-planning on %d live nodes", co.view.epoch, lost, len(alive))
+                await co.install(place(alive, co.model.num_layers))
             elif (co.view is not None and servicer.stale_nodes
                   and all(co.registry.alive(n) for n in co.view.node_ids())):
                 servicer.stale_nodes.clear()

@@ -1,0 +1,94 @@
+"""One generation's path through the mesh, which moves to a newer plan at a token boundary by replay.
+
+The head keeps the session's token history. When a new plan is committed, or a downstream node
+fails, it opens a pipeline on the newest plan and re-sends the whole history in one prefill to
+rebuild every KV cache; sampling depends only on (seed, step), so the tokens continue unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import torch
+
+from common.plan_view import PlanView
+from node_agent.pipeline import HopError, SessionPipeline
+from node_agent.runtime import NodeRuntime
+from node_agent.sampler import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+RECOVERABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+                         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED})
+
+
+class RingSession:
+    def __init__(self, runtime: NodeRuntime, session_id: str, sampling: SamplingConfig, prompt_ids: list[int],
+                 recovery_timeout_s: float) -> None:
+        self.rt = runtime
+        self.session_id = session_id
+        self.sampling = sampling
+        self.tokens = list(prompt_ids)  # prompt + generated so far: the replay history
+        self.cached = 0  # tokens whose keys/values the current pipeline already holds
+        self.recovery_timeout_s = recovery_timeout_s
+        self.view: PlanView | None = None
+        self.pipeline: SessionPipeline | None = None
+        self.replays = 0
+
+    async def open(self, view: PlanView) -> None:
+        self.close()
+        self.pipeline = await self.rt.open_session(self.session_id, view, 0, self.sampling)
+        self.view = view
+        self.cached = 0
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            self.rt.close_session(self.session_id, 0)
+            self.pipeline = None
+
+    def _newer_plan(self) -> PlanView | None:
+        """The committed plan if it is newer than ours and this node heads it."""
+        committed = self.rt.plans.committed
+        if committed is None or self.view is None or committed.epoch <= self.view.epoch:
+            return None
+        if committed.head.node_id != self.rt.node_id:
+            return None  # another head: this session finishes on the plan it started with
+        return committed
+
+    async def _await_newer_plan(self, error: HopError) -> PlanView:
+        deadline = time.monotonic() + self.recovery_timeout_s
+        while time.monotonic() < deadline:
+            newer = self._newer_plan()
+            if newer is not None:
+                return newer
+            await asyncio.sleep(0.05)
+        raise HopError(grpc.StatusCode.UNAVAILABLE,
+                       f"{error.details}; no replacement plan within {self.recovery_timeout_s:.0f}s")
+
+    async def next_token(self, step: int) -> int:
+        """The token for ``step``; switches plans first if a newer one is committed."""
+        newer = self._newer_plan()
+        if newer is not None:
+            log.info("session %s moves to epoch %d at step %d by replay", self.session_id[:8], newer.epoch, step)
+            await self.open(newer)
+        while True:
+            assert self.pipeline is not None
+            inputs = torch.tensor([self.tokens[self.cached:]], dtype=torch.long)
+            if self.cached == 0 and step > 0:
+                self.replays += 1
+            try:
+                token = await self.pipeline.step(step, self.cached, inputs)
+            except HopError as exc:
+                if exc.code not in RECOVERABLE:
+                    raise
+                log.warning("session %s step %d failed (%s: %s); waiting for a new plan", self.session_id[:8], step,
+                            exc.code.name, exc.details)
+                self.close()
+                await self.open(await self._await_newer_plan(exc))
+                continue
+            self.cached = len(self.tokens)
+            self.tokens.append(token)
+            return token
