@@ -83,15 +83,21 @@ class RemoteHop:
             reply = await asyncio.wait_for(call.read(), self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise HopError(exc.code(), f"{self._peer}: {exc.details()}") from exc
+        except asyncio.InvalidStateError:  # the stream ended before we could write: the peer is gone
+            raise await self._ended(call) from None
         except TimeoutError:
             raise HopError(grpc.StatusCode.UNAVAILABLE, f"{self._peer}: no reply within {self._timeout_s}s") from None
         if reply is grpc.aio.EOF:
-            code = await call.code()
-            raise HopError(code if code != grpc.StatusCode.OK else grpc.StatusCode.UNAVAILABLE,
-                           f"{self._peer} closed the stream: {await call.details()}")
+            raise await self._ended(call)
         if reply.step != step:
             raise HopError(grpc.StatusCode.INTERNAL, f"{self._peer} answered step {reply.step}, expected {step}")
         return int(reply.token_id)
+
+    async def _ended(self, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]) -> HopError:
+        code = await call.code()
+        if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
+            code = grpc.StatusCode.UNAVAILABLE
+        return HopError(code, f"{self._peer} closed the stream: {await call.details()}")
 
     def close(self) -> None:
         if self._call is not None:

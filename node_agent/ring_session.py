@@ -79,8 +79,13 @@ class RingSession:
             inputs = torch.tensor([self.tokens[self.cached:]], dtype=torch.long)
             if self.cached == 0 and step > 0:
                 self.replays += 1
+            started = time.perf_counter()
             try:
                 token = await self.pipeline.step(step, self.cached, inputs)
+                if self.cached == 0 and step > 0:
+                    log.info("session %s replayed %d tokens on epoch %d in %.0f ms", self.session_id[:8],
+                             len(self.tokens), self.view.epoch if self.view else 0,
+                             (time.perf_counter() - started) * 1000)
             except HopError as exc:
                 if exc.code not in RECOVERABLE:
                     raise

@@ -108,6 +108,16 @@ class SegmentRunner:
                            use_cache=True, position_embeddings=rope)
         return hidden
 
+    def warm_up(self) -> None:
+        """One prefill and one decode step on a throwaway cache, so the first real token pays no set-up."""
+        cache = self.new_cache()
+        for position, rows in ((0, 8), (8, 1)):
+            inputs = (torch.zeros(1, rows, dtype=torch.long) if self.is_first
+                      else torch.zeros(1, rows, self.hidden_size, dtype=self.dtype))
+            hidden = self.run(cache, inputs, position)
+        if self.is_last:
+            self.last_logits(hidden)
+
     @torch.inference_mode()
     def last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head on the last row only: logits ``[vocab]`` in float32."""

@@ -30,6 +30,7 @@ class SegmentPool:
                 self._refs[key] += 1
                 return runner
         runner = SegmentRunner(self._store.open(model_digest), span)
+        runner.warm_up()
         log.info("loaded segment %s of %s (%.1f MB)", span, model_digest[:12], runner.parameter_bytes() / 1e6)
         with self._lock:
             existing = self._runners.get(key)

@@ -16,6 +16,7 @@ class NodeRecord:
     model_digests: set[str]
     capacity: pb.Capacity
     last_seen: float = field(default_factory=time.monotonic)
+    registered_at: float = field(default_factory=time.monotonic)
     links: list[pb.LinkStatus] = field(default_factory=list)
     active_sessions: int = 0
     plan_epoch: int = 0
@@ -44,6 +45,12 @@ class Registry:
         record.active_sessions = report.active_sessions
         record.plan_epoch = report.plan_epoch
         return record
+
+    def lost_stream(self, node_id: str, registered_at: float) -> None:
+        """The report stream of one registration ended: that registration is dead."""
+        record = self.nodes.get(node_id)
+        if record is not None and record.registered_at == registered_at:
+            record.last_seen = float("-inf")
 
     def alive(self, node_id: str) -> bool:
         record = self.nodes.get(node_id)

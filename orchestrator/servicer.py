@@ -41,11 +41,22 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def Report(self, request_iterator: AsyncIterator[pb.NodeReport],  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.NodeReport, pb.ReportAck]) -> pb.ReportAck:
-        async for report in request_iterator:
-            if self.co.registry.report(report) is None:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {report.node_id!r} must register")
-            if report.tokens:
-                self.co.observe_latency(report.token_latency_ms)
+        node_id = ""
+        registration = 0.0
+        try:
+            async for report in request_iterator:
+                record = self.co.registry.report(report)
+                if record is None:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {report.node_id!r} must register")
+                    raise AssertionError("unreachable")
+                node_id, registration = record.node_id, record.registered_at
+                if report.tokens:
+                    self.co.observe_latency(report.token_latency_ms)
+        finally:
+            # A report stream only ends when the node process or its link is gone: treat it as dead now
+            # rather than after the missed-report timeout (a node that comes back registers again).
+            if node_id:
+                self.co.registry.lost_stream(node_id, registration)
         return pb.ReportAck()
 
     async def GetPlan(self, request: pb.GetPlanRequest,  # noqa: N802

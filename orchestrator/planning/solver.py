@@ -1,14 +1,11 @@
 """Exact solvers: ``solve_resplit`` (new boundaries and nodes) and ``solve_migration`` (same spans, new nodes).
 
-Both minimise Phi over the search space documented in ``plan``. A best-first branch and bound over the
-relaxed DP (``dp``, ``branch``) makes the answer exact: the relaxed Phi of a mask is a lower bound for all
-plans it allows, so the first relaxed optimum that is inside the search space is the optimum.
+Both minimise Phi over the search space documented in ``plan`` with one pass of the DP in ``dp``; the DP's
+optimum is then re-costed with ``evaluate_plan`` so callers see the same numbers as for any other plan.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,17 +14,14 @@ import numpy as np
 
 from common.spans import Span, check_cover
 
-from .branch import children, find_conflict
 from .costs import CostBreakdown, evaluate_plan
 from .diagnose import explain_infeasible
-from .dp import Relaxed, solve_chain
+from .dp import solve_chain
 from .plan import Plan, Segment
 from .profiles import Problem
-from .tables import BoolArr, IntArr, Tables, build_tables, masked_segments
+from .tables import build_tables
 
 log = logging.getLogger(__name__)
-
-MAX_NODES = 20_000  # branch-and-bound nodes before giving up on a proof (never reached in tests or benches)
 
 
 @dataclass(frozen=True)
@@ -36,70 +30,35 @@ class SolveResult:
 
     plan: Plan | None  # None when infeasible
     cost: CostBreakdown | None  # predicted cost of ``plan``
-    reason: str  # "optimal" or why no plan exists
-    proved_optimal: bool  # False only if the branch and bound hit MAX_NODES
-    dp_solves: int  # relaxed DPs run (1 when the relaxation was already inside the search space)
+    reason: str  # "optimal", or why no plan exists
 
     @property
     def feasible(self) -> bool:
         return self.plan is not None
 
 
-def _to_plan(tables: Tables, relaxed: Relaxed) -> Plan:
-    return Plan(tuple(Segment(Span(a, b), tables.node_ids[v]) for a, b, v in relaxed.segments))
-
-
-def _search(tables: Tables, breakpoints: IntArr, free: bool) -> tuple[Relaxed | None, bool, int]:
-    """Best-first branch and bound; returns (optimum, proved, dp solves)."""
-
-    def relax(mask: BoolArr) -> Relaxed | None:
-        return solve_chain(tables, masked_segments(tables, mask), breakpoints, free)
-
-    counter = itertools.count()
-    solves = 1
-    root = relax(tables.allowed)
-    if root is None:
-        return None, True, solves
-    heap: list[tuple[float, int, Relaxed, BoolArr]] = [(root.phi, next(counter), root, tables.allowed)]
-    while heap:
-        _, _, relaxed, mask = heapq.heappop(heap)
-        conflict = find_conflict(relaxed)
-        if conflict is None:
-            return relaxed, True, solves
-        if solves >= MAX_NODES:
-            log.warning("branch and bound stopped after %d DP solves without a proof", solves)
-            return None, False, solves
-        for kid in children(mask, conflict, int(breakpoints[-2]) if len(breakpoints) > 1 else 0):
-            solves += 1
-            sub = relax(kid)
-            if sub is not None:
-                heapq.heappush(heap, (sub.phi, next(counter), sub, kid))
-    return None, True, solves
-
-
-def _finish(problem: Problem, tables: Tables, found: Relaxed | None, proved: bool, solves: int,
-            why: str) -> SolveResult:
+def _solve(problem: Problem, pts: list[int], free: bool, spans: list[Span] | None) -> SolveResult:
+    tables = build_tables(problem)
+    found = solve_chain(tables, np.array(pts, dtype=np.int64), free)
     if found is None:
-        return SolveResult(None, None, why if proved else "search budget exhausted", proved, solves)
-    plan = _to_plan(tables, found)
-    return SolveResult(plan, evaluate_plan(problem, plan), "optimal", proved, solves)
+        why = explain_infeasible(problem, tables, spans)
+        log.debug("infeasible: %s", why)
+        return SolveResult(None, None, why)
+    plan = Plan(tuple(Segment(Span(a, b), tables.node_ids[v]) for a, b, v in found.segments))
+    return SolveResult(plan, evaluate_plan(problem, plan), "optimal")
 
 
 def solve_resplit(problem: Problem) -> SolveResult:
     """Best boundaries and placement together."""
-    tables = build_tables(problem)
-    points = np.arange(problem.model.num_layers + 1, dtype=np.int64)
-    found, proved, solves = _search(tables, points, free=True)
-    why = "" if found else explain_infeasible(problem, tables, None)
-    return _finish(problem, tables, found, proved, solves, why)
+    if not problem.cluster.nodes:
+        return SolveResult(None, None, "the cluster has no nodes")
+    return _solve(problem, list(range(problem.model.num_layers + 1)), True, None)
 
 
 def solve_migration(problem: Problem, current_spans: Sequence[Span]) -> SolveResult:
     """Best placement of the given spans (boundaries unchanged)."""
-    check_cover(current_spans, problem.model.num_layers)
-    tables = build_tables(problem)
-    points = np.array([0] + [s.end for s in current_spans], dtype=np.int64)
-    found, proved, solves = _search(tables, points, free=False)
-    why = "" if found else explain_infeasible(problem, tables, list(current_spans))
-    return _finish(problem, tables, found, proved, solves, why)
-
+    spans = list(current_spans)
+    check_cover(spans, problem.model.num_layers)
+    if not problem.cluster.nodes:
+        return SolveResult(None, None, "the cluster has no nodes")
+    return _solve(problem, [0] + [s.end for s in spans], False, spans)

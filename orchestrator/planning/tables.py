@@ -3,7 +3,7 @@
 ``seg[i, j, v]``   Phi of segment [i, j) on node v (inf when i >= j or it cannot fit in v's memory)
 ``link[u, v]``     Phi of one activation boundary u -> v (inf when u == v or the link is missing)
 ``ring[t, h]``     Phi of returning tokens tail t -> head h (0 when t == h, inf when the link is missing)
-``allowed[v, l]``  whether layer l may sit on node v (hard privacy; the branch and bound narrows it further)
+``allowed[v, l]``  whether layer l may sit on node v (hard privacy); ``seg`` is already masked with it
 Each entry is the same formula as ``costs.evaluate_plan`` split into additive parts.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .costs import hop_costs, idle_inflation, reference_time, ring_cost
+from .costs import idle_inflation, reference_time
 from .profiles import Problem
 
 FloatArr = npt.NDArray[np.float64]
@@ -52,44 +52,50 @@ def build_tables(problem: Problem) -> Tables:
     idx = np.arange(n_layers + 1)
     count = (idx[None, :] - idx[:, None]).astype(np.float64)  # layers in [i, j)
     valid = count > 0
-    head = np.where(idx[None, :] == n_layers, m.head_layer_equiv, 0.0) * np.ones_like(count)
-    dec = (count + head)[:, :, None] * cd[None, None, :]
-    pre = (count * w.prompt_tokens)[:, :, None] * cp[None, None, :] + head[:, :, None] * cd[None, None, :]
+    is_last = idx[None, :] == n_layers
+    head = np.where(is_last, m.head_layer_equiv, 0.0) * valid  # lm_head runs on the last segment
+    steps = w.decode_tokens - 1
+    # seg = alpha*(pre + steps*dec) + beta*dec^2/T_ref + gamma*priv, expanded per node so each term is one
+    # outer product: pre = n*P*cp + head*cd, dec = (n + head)*cd.
+    per_layer = wt.alpha * (w.prompt_tokens * cp + steps * cd)
+    per_head = wt.alpha * (1 + steps) * cd
+    per_sq = wt.beta * cd**2 / reference_time(problem)
+    seg = np.multiply.outer(count, per_layer)
+    seg += np.multiply.outer(head, per_head)
+    seg += np.multiply.outer((count + head) ** 2, per_sq)
     critical = problem.privacy.critical_layers(n_layers)
     crit_cum = np.concatenate([[0], np.cumsum([1 if i in critical else 0 for i in range(n_layers)])])
-    crit = (crit_cum[None, :] - crit_cum[:, None]).astype(np.float64)
-    priv = crit[:, :, None] * untrusted[None, None, :]
-    steps = w.decode_tokens - 1
-    seg = wt.alpha * (pre + steps * dec) + wt.beta * dec**2 / reference_time(problem) + wt.gamma * priv
+    crit = crit_cum[None, :] - crit_cum[:, None]
+    if wt.privacy_hard:
+        banned = (crit > 0)[:, :, None] & untrusted[None, None, :]
+    else:
+        seg += np.multiply.outer(crit.astype(np.float64), wt.gamma * untrusted)
+        banned = np.zeros(seg.shape, dtype=bool)
 
-    per_layer = m.layer_bytes + m.kv_bytes_per_token_layer * w.kv_budget_tokens
-    mem = (np.maximum(count, 0).astype(np.int64) * per_layer
-           + np.where(idx[:, None] == 0, m.embed_bytes, 0) + np.where(idx[None, :] == n_layers, m.head_bytes, 0))
+    per_layer_mem = m.layer_bytes + m.kv_bytes_per_token_layer * w.kv_budget_tokens
+    mem = (np.maximum(count, 0).astype(np.int64) * per_layer_mem
+           + np.where(idx[:, None] == 0, m.embed_bytes, 0) + np.where(is_last, m.head_bytes, 0))
     fits = mem[:, :, None] <= capacity[None, None, :]
-    seg = np.where(valid[:, :, None] & fits, seg, np.inf)
+    seg[~(valid[:, :, None] & fits) | banned] = np.inf
 
     ids = [n.node_id for n in nodes]
-    link = np.full((n_nodes, n_nodes), np.inf)
-    ring = np.full((n_nodes, n_nodes), np.inf)
-    for a, src in enumerate(ids):
-        ring[a, a] = 0.0
-        for b, dst in enumerate(ids):
-            lk = cluster.link(src, dst)
-            if a == b or lk is None:
-                continue
-            p, d = hop_costs(problem, lk)
-            link[a, b] = wt.alpha * (p + steps * d)
-            ring[a, b] = wt.alpha * (1 + steps) * ring_cost(problem, lk)
+    bw = np.full((n_nodes, n_nodes), np.nan)
+    rtt = np.full((n_nodes, n_nodes), np.nan)
+    pos = {node_id: i for i, node_id in enumerate(ids)}
+    for (src, dst), lk in cluster.links.items():
+        if src in pos and dst in pos and src != dst:
+            bw[pos[src], pos[dst]] = lk.bandwidth_bps
+            rtt[pos[src], pos[dst]] = lk.rtt_s
+    act = float(m.hidden_size * m.act_bytes) * 8.0
+    with np.errstate(invalid="ignore"):
+        hop = (act * w.prompt_tokens / bw + rtt) + steps * (act / bw + rtt)  # same sums as costs.hop_costs
+        back = (1 + steps) * (m.token_msg_bytes * 8.0 / bw + rtt)
+    link = np.where(np.isnan(bw), np.inf, wt.alpha * hop)
+    ring = np.where(np.isnan(bw), np.inf, wt.alpha * back)
+    np.fill_diagonal(ring, 0.0)
 
     allowed = np.ones((n_nodes, n_layers), dtype=bool)
     if wt.privacy_hard:
         for i in critical:
             allowed[untrusted, i] = False
     return Tables(tuple(ids), seg, link, ring, allowed, mem, capacity)
-
-
-def masked_segments(tables: Tables, allowed: BoolArr) -> FloatArr:
-    """``seg`` with every segment touching a disallowed (node, layer) pair set to inf."""
-    bad = np.concatenate([np.zeros((allowed.shape[0], 1), dtype=np.int64), np.cumsum(~allowed, axis=1)], axis=1)
-    clean = (bad[:, None, :] - bad[:, :, None]) == 0  # (N, i, j)
-    return np.where(np.transpose(clean, (1, 2, 0)), tables.seg, np.inf)
