@@ -141,6 +141,27 @@ class ModelStore:
         return data
 
     # -- manifests -----------------------------------------------------------
+    def has_blob(self, entry: FileEntry) -> bool:
+        path = self.blob_path(entry.sha256)
+        return path.is_file() and path.stat().st_size == entry.size
+
+    def put_verified_blob(self, entry: FileEntry, data: bytes, role: str = "blob") -> None:
+        """Store bytes that arrived from elsewhere, only if they hash to what the manifest says."""
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise StoreError(f"received {role} does not match its sha256: refusing to store it")
+        _atomic_write(self.blob_path(entry.sha256), data)
+
+    def manifest_bytes(self, digest: str) -> bytes:
+        return self.open(digest).manifest.to_bytes()
+
+    def put_manifest_bytes(self, raw: bytes, digest: str) -> Manifest:
+        """Store a manifest received from a peer after checking it hashes to ``digest``."""
+        if hashlib.sha256(raw).hexdigest() != digest:
+            raise StoreError(f"received manifest does not hash to {digest[:12]}")
+        manifest = Manifest.from_bytes(raw)
+        _atomic_write(self.root / "models" / f"{digest}.json", raw)
+        return manifest
+
     def put_manifest(self, manifest: Manifest) -> str:
         digest = manifest.digest
         path = self.root / "models" / f"{digest}.json"

@@ -79,8 +79,6 @@ class PlanState:
             view = PlanView.parse(plan)
         except PlanError as exc:
             raise PlanRejected("INVALID_ARGUMENT", f"malformed plan: {exc}") from exc
-        if view.model_digest not in self._store.digests():
-            raise PlanRejected("FAILED_PRECONDITION", f"model {view.model_digest[:12]} is not in this node's store")
         for segment in view.segments_on(self.node_id):
             if segment.privacy_critical and not view.trusted.get(self.node_id, False):
                 raise PlanRejected("PERMISSION_DENIED", f"untrusted node asked to host privacy-critical {segment.span}")

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from common.model_store import StoreError
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.tensor_codec import TensorAssembler, TensorError, check_activation
@@ -15,6 +16,7 @@ from node_agent.pipeline import HopError
 from node_agent.plan_state import PlanRejected
 from node_agent.runtime import NodeRuntime, NotHostedError, SessionLimitError
 from node_agent.sampler import SamplingConfig
+from node_agent.weight_fetch import ensure_files
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,15 @@ class NodeServicer(pb_grpc.NodeServicer):
             raise AssertionError("unreachable") from exc
         if view is None:
             return pb.PrepareReply(ok=True, reason="already accepted")
+        spans = [s.span for s in view.segments_on(self.rt.node_id)]
+        try:
+            fetched = await ensure_files(self.rt.store, self.rt.config.orchestrator, view.model_digest, spans)
+        except grpc.aio.AioRpcError as exc:
+            return pb.PrepareReply(ok=False, reason=f"{self.rt.node_id}: cannot fetch model files: {exc.details()}")
+        except StoreError as exc:
+            return pb.PrepareReply(ok=False, reason=f"{self.rt.node_id}: {exc}")
+        if fetched:
+            log.info("epoch %d: fetched %.1f MB of weights", view.epoch, fetched / 1e6)
         try:
             await self.rt.compute.run(self.rt.plans.prepare_blocking, view, request.plan_bytes)
         except (OSError, ValueError, RuntimeError) as exc:

@@ -16,6 +16,7 @@ from common.grpc_options import SERVER_OPTIONS
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from orchestrator.config import OrchestratorConfig
 from orchestrator.coordinator import Coordinator
+from orchestrator.model_files import ModelFilesServicer
 from orchestrator.servicer import AdminServicer, OrchestratorServicer
 from orchestrator.static_placement import PlacementError, place
 
@@ -26,6 +27,7 @@ async def control_loop(co: Coordinator, servicer: OrchestratorServicer) -> None:
     """Make the first plan once enough nodes are up, replace a plan that lost a node, and re-issue the
     plan to plan nodes that restarted."""
     interval = co.config.report_interval_ms / 1000.0
+    last_problem = ""
     while True:
         await asyncio.sleep(interval / 2)
         alive = co.registry.alive_nodes()
@@ -43,7 +45,9 @@ async def control_loop(co: Coordinator, servicer: OrchestratorServicer) -> None:
                 log.info("re-issuing the plan to nodes that restarted")
                 await co.install(segments)
         except PlacementError as exc:
-            log.warning("cannot plan yet: %s", exc)
+            if str(exc) != last_problem:  # say it once, not every tick
+                log.warning("cannot plan yet: %s", exc)
+            last_problem = str(exc)
 
 
 async def serve(config: OrchestratorConfig) -> None:
@@ -52,6 +56,7 @@ async def serve(config: OrchestratorConfig) -> None:
     servicer = OrchestratorServicer(co)
     pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
     pb_grpc.add_AdminServicer_to_server(AdminServicer(co), server)
+    pb_grpc.add_ModelFilesServicer_to_server(ModelFilesServicer(co.model.store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(config.listen) == 0:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from splitmesh import gateway
+from splitmesh.certs_cli import register as register_certs
 from splitmesh.client import DEFAULT_ADDRESS, Client, SplitmeshError
 from splitmesh.tables import nodes_table, plan_table
 
@@ -262,6 +264,7 @@ def cmd_resplit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitmesh", description="Split inference of language models across boxes.")
     sub = parser.add_subparsers(dest="command", required=True)
+    register_certs(sub)
 
     def with_address(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--address", default=os.environ.get("SPLITMESH_ADDRESS", DEFAULT_ADDRESS),
@@ -330,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("model")
     ver.add_argument("--store", default=DEFAULT_STORE)
     ver.set_defaults(func=cmd_model_verify)
+    gateway.register(sub)
     return parser
 
 

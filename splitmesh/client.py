@@ -176,7 +176,10 @@ class AsyncClient:
             if address not in self._heads:
                 self._heads[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             call = pb_grpc.NodeStub(self._heads[address]).Generate(request, timeout=self.timeout_s)
-            async for event in call:
-                yield _event(event)
+            try:
+                async for event in call:
+                    yield _event(event)
+            finally:
+                call.cancel()  # a caller that stops early frees the session on every node
         except grpc.aio.AioRpcError as exc:
             raise SplitmeshError(exc.code().name, exc.details() or "") from exc

@@ -44,6 +44,7 @@ class MeshSpec:
     boundaries: Sequence[int] = ()  # initial boundaries; empty = even split
     placement: Sequence[str] = ()  # initial node per segment; empty = automatic
     threads: int = 0  # torch threads per node; 0 = all cores
+    node_stores_empty: bool = False  # give each node its own empty store: weights stream from the orchestrator
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -78,8 +79,9 @@ class LocalMesh:
         self._spawn("orchestrator", "orchestrator", args)
 
     def start_node(self, node_id: str) -> None:
+        store = self.workdir / "node-stores" / node_id if self.spec.node_stores_empty else self.store
         args = ["--node-id", node_id, "--listen", self.node_addresses[node_id], "--orchestrator", self.address,
-                "--store", str(self.store), "--state-dir", str(self.workdir / "nodes"),
+                "--store", str(store), "--state-dir", str(self.workdir / "nodes"),
                 "--threads", str(self.spec.threads)]
         self._spawn(node_id, "node_agent", args)
 

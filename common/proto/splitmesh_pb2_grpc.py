@@ -185,6 +185,124 @@ class Orchestrator:
             _registered_method=True)
 
 
+class ModelFilesStub:
+    """Weights move between boxes as store files, streamed in chunks and checked against their sha256.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetManifest = channel.unary_unary(
+                '/splitmesh.v1.ModelFiles/GetManifest',
+                request_serializer=splitmesh__pb2.ManifestRequest.SerializeToString,
+                response_deserializer=splitmesh__pb2.ManifestReply.FromString,
+                _registered_method=True)
+        self.FetchBlob = channel.unary_stream(
+                '/splitmesh.v1.ModelFiles/FetchBlob',
+                request_serializer=splitmesh__pb2.BlobRequest.SerializeToString,
+                response_deserializer=splitmesh__pb2.BlobChunk.FromString,
+                _registered_method=True)
+
+
+class ModelFilesServicer:
+    """Weights move between boxes as store files, streamed in chunks and checked against their sha256.
+    """
+
+    def GetManifest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchBlob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelFilesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetManifest,
+                    request_deserializer=splitmesh__pb2.ManifestRequest.FromString,
+                    response_serializer=splitmesh__pb2.ManifestReply.SerializeToString,
+            ),
+            'FetchBlob': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchBlob,
+                    request_deserializer=splitmesh__pb2.BlobRequest.FromString,
+                    response_serializer=splitmesh__pb2.BlobChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'splitmesh.v1.ModelFiles', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('splitmesh.v1.ModelFiles', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelFiles:
+    """Weights move between boxes as store files, streamed in chunks and checked against their sha256.
+    """
+
+    @staticmethod
+    def GetManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmesh.v1.ModelFiles/GetManifest',
+            splitmesh__pb2.ManifestRequest.SerializeToString,
+            splitmesh__pb2.ManifestReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitmesh.v1.ModelFiles/FetchBlob',
+            splitmesh__pb2.BlobRequest.SerializeToString,
+            splitmesh__pb2.BlobChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class AdminStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -72,6 +72,43 @@ class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
 
 def add_OrchestratorServicer_to_server(servicer: OrchestratorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class ModelFilesStub:
+    """Weights move between boxes as store files, streamed in chunks and checked against their sha256."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ModelFilesAsyncStub: ...
+    GetManifest: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.ManifestRequest, _splitmesh_pb2.ManifestReply]
+    FetchBlob: _grpc.UnaryStreamMultiCallable[_splitmesh_pb2.BlobRequest, _splitmesh_pb2.BlobChunk]
+
+@_typing.type_check_only
+class ModelFilesAsyncStub(ModelFilesStub):
+    """Weights move between boxes as store files, streamed in chunks and checked against their sha256."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetManifest: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.ManifestRequest, _splitmesh_pb2.ManifestReply]  # type: ignore[assignment]
+    FetchBlob: _aio.UnaryStreamMultiCallable[_splitmesh_pb2.BlobRequest, _splitmesh_pb2.BlobChunk]  # type: ignore[assignment]
+
+class ModelFilesServicer(metaclass=_abc_1.ABCMeta):
+    """Weights move between boxes as store files, streamed in chunks and checked against their sha256."""
+
+    @_abc_1.abstractmethod
+    def GetManifest(
+        self,
+        request: _splitmesh_pb2.ManifestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitmesh_pb2.ManifestReply, _abc.Awaitable[_splitmesh_pb2.ManifestReply]]: ...
+
+    @_abc_1.abstractmethod
+    def FetchBlob(
+        self,
+        request: _splitmesh_pb2.BlobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_splitmesh_pb2.BlobChunk], _abc.AsyncIterator[_splitmesh_pb2.BlobChunk]]: ...
+
+def add_ModelFilesServicer_to_server(servicer: ModelFilesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class AdminStub:
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...

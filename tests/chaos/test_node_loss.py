@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from collections.abc import Iterator
@@ -46,6 +47,6 @@ def test_killed_middle_node_is_routed_around(small_mesh: LocalMesh, reference: P
         continued = reference_greedy(reference, chat_token_ids(tokenizer, prompt) + tokens[:moved_at], 24 - moved_at)
         assert tokens[moved_at:] == continued[: len(tokens) - moved_at]
     assert all(s.node_id != "node-1" for s in status.plan.segments)
-    pause = max(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+    pause = max(b - a for a, b in itertools.pairwise(arrivals))
     print(f"recovered at token {moved_at}, longest pause {pause:.2f}s, new plan epoch {status.plan.epoch}")
     assert torch.tensor(pause) < 20.0
