@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -43,12 +43,12 @@ class Coordinator:
             log.info("reloaded committed plan epoch %d: %s", self.view.epoch, self.view.describe())
         self._lock = asyncio.Lock()
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self.ewma_latency_ms = 0.0
+        self.latency_listeners: list[Callable[[float], None]] = []
 
     def observe_latency(self, latency_ms: float) -> None:
-        alpha = self.config.ewma_alpha
-        self.ewma_latency_ms = latency_ms if self.ewma_latency_ms == 0.0 else (
-            alpha * latency_ms + (1 - alpha) * self.ewma_latency_ms)
+        """A head's mean per-token latency since its last report, passed on to the decision loop."""
+        for listener in self.latency_listeners:
+            listener(latency_ms)
 
     def _stub(self, address: str) -> pb_grpc.NodeStub:
         if address not in self._channels:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -14,48 +15,67 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from common.config import parse
 from common.grpc_options import SERVER_OPTIONS
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from orchestrator.adaptation import Adapter
 from orchestrator.config import OrchestratorConfig
 from orchestrator.coordinator import Coordinator
 from orchestrator.model_files import ModelFilesServicer
+from orchestrator.planning import DecisionConfig
+from orchestrator.policy import Policy
+from orchestrator.replanning import best_plan
 from orchestrator.servicer import AdminServicer, OrchestratorServicer
 from orchestrator.static_placement import PlacementError, place
 
 log = logging.getLogger("orchestrator")
 
 
-async def control_loop(co: Coordinator, servicer: OrchestratorServicer) -> None:
-    """Make the first plan once enough nodes are up, replace a plan that lost a node, and re-issue the
-    plan to plan nodes that restarted."""
-    interval = co.config.report_interval_ms / 1000.0
+def initial_policy(config: OrchestratorConfig) -> Policy:
+    decision = DecisionConfig(latency_max_ms=config.latency_max_ms, utilisation_max=config.utilisation_max,
+                              bandwidth_min_bps=config.bandwidth_min_mbps * 1e6, cooldown_s=config.cooldown_s,
+                              hysteresis=config.hysteresis, ewma_alpha=config.ewma_alpha)
+    return Policy(adaptive=config.adaptive, interval_s=config.decision_interval_s, decision=decision)
+
+
+async def control_loop(co: Coordinator, adapter: Adapter, servicer: OrchestratorServicer) -> None:
+    """Make the first plan once enough nodes are up, replace a plan that lost a node, re-issue the plan to
+    plan nodes that restarted, and run one adaptive decision per monitoring interval."""
     last_problem = ""
+    next_decision = 0.0
     while True:
-        await asyncio.sleep(interval / 2)
-        alive = co.registry.alive_nodes()
+        await asyncio.sleep(min(0.5, adapter.policy.interval_s / 2))
+        alive = [r for r in co.registry.alive_nodes() if r.node_id not in adapter.drained]
         try:
             if co.view is None and len(alive) >= co.config.min_nodes:
                 segments = place(alive, co.model.num_layers, co.config.boundaries, co.config.placement)
                 await co.install(segments)
             elif co.view is not None and (lost := [n for n in co.view.node_ids() if not co.registry.alive(n)]):
-                log.warning("plan epoch %d lost %s; re-planning on %d live nodes", co.view.epoch, lost, len(alive))
-                await co.install(place(alive, co.model.num_layers))
+                epoch = co.view.epoch
+                segments, how = best_plan(adapter)
+                committed, reason, plan = await co.install(segments)
+                adapter.record("node-lost", f"lost {', '.join(lost)}; {how}: {reason}", None, epoch,
+                               plan.epoch if committed and plan else 0)
             elif (co.view is not None and servicer.stale_nodes
                   and all(co.registry.alive(n) for n in co.view.node_ids())):
                 servicer.stale_nodes.clear()
-                segments = [(s.span, s.node_id) for s in co.view.segments]
                 log.info("re-issuing the plan to nodes that restarted")
-                await co.install(segments)
+                await co.install([(s.span, s.node_id) for s in co.view.segments])
+            elif time.monotonic() >= next_decision:
+                next_decision = time.monotonic() + adapter.policy.interval_s
+                await adapter.tick()
+            last_problem = ""
         except PlacementError as exc:
             if str(exc) != last_problem:  # say it once, not every tick
-                log.warning("cannot plan yet: %s", exc)
+                log.warning("cannot plan: %s", exc)
             last_problem = str(exc)
 
 
 async def serve(config: OrchestratorConfig) -> None:
     co = Coordinator(config)
     server = grpc.aio.server(options=SERVER_OPTIONS)
+    adapter = Adapter(co, initial_policy(config))
+    co.latency_listeners.append(adapter.observe_latency)
     servicer = OrchestratorServicer(co)
     pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(co), server)
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(co, adapter), server)
     pb_grpc.add_ModelFilesServicer_to_server(ModelFilesServicer(co.model.store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -66,7 +86,7 @@ async def serve(config: OrchestratorConfig) -> None:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("orchestrator serving on %s, model %s (%s)", config.listen, co.model.manifest.name, co.model.digest[:12])
-    loop_task = asyncio.create_task(control_loop(co, servicer))
+    loop_task = asyncio.create_task(control_loop(co, adapter, servicer))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -11,7 +11,11 @@ import grpc
 from common.plan_signing import key_id
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from orchestrator.adaptation import Adapter
 from orchestrator.coordinator import Coordinator
+from orchestrator.planning import Plan
+from orchestrator.policy import policy_values
+from orchestrator.replanning import best_plan
 from orchestrator.static_placement import PlacementError, place
 
 log = logging.getLogger(__name__)
@@ -68,8 +72,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, adapter: Adapter) -> None:
         self.co = coordinator
+        self.adapter = adapter
 
     async def Status(self, request: pb.StatusRequest,  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.StatusRequest, pb.StatusReply]) -> pb.StatusReply:
@@ -80,7 +85,8 @@ class AdminServicer(pb_grpc.AdminServicer):
                               capacity=r.capacity, links=r.links, active_sessions=r.active_sessions,
                               plan_epoch=r.plan_epoch)
                  for r in sorted(self.co.registry.nodes.values(), key=lambda r: r.node_id)]
-        reply = pb.StatusReply(serving=serving, reason=reason, nodes=nodes, ewma_latency_ms=self.co.ewma_latency_ms,
+        reply = pb.StatusReply(serving=serving, reason=reason, nodes=nodes,
+                               ewma_latency_ms=self.adapter.engine.ewma_ms or 0.0,
                                model_name=self.co.model.manifest.name)
         if self.co.signed is not None:
             reply.plan.ParseFromString(self.co.signed.plan_bytes)
@@ -88,19 +94,70 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def Resplit(self, request: pb.ResplitRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.ResplitRequest, pb.ResplitReply]) -> pb.ResplitReply:
+        alive = [r for r in self.co.registry.alive_nodes() if r.node_id not in self.adapter.drained]
         try:
-            segments = place(self.co.registry.alive_nodes(), self.co.model.num_layers,
-                             list(request.boundaries), list(request.placement))
+            if request.boundaries or request.placement:
+                segments = place(alive, self.co.model.num_layers, list(request.boundaries), list(request.placement))
+                how = "operator"
+            else:
+                segments, how = best_plan(self.adapter)
         except PlacementError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from exc
+        before = self.adapter.predicted_ms(self.adapter.current_plan())
+        after = self.adapter.predicted_ms(Plan.of(segments))
         if request.dry_run:
-            plan = self.co.build_plan(segments, 0)
-            return pb.ResplitReply(committed=False, plan=plan, reason="dry run")
+            return pb.ResplitReply(committed=False, plan=self.co.build_plan(segments, 0), reason=f"dry run: {how}",
+                                   predicted_ms_old=before, predicted_ms_new=after)
+        epoch_before = self.co.view.epoch if self.co.view else 0
         committed, reason, installed = await self.co.install(segments)
+        self.adapter.record("operator", f"resplit requested ({how}): {reason}", None, epoch_before,
+                            installed.epoch if committed and installed else 0, old_ms=before, new_ms=after)
         if not committed:
             await context.abort(grpc.StatusCode.ABORTED, f"plan aborted, previous plan stays: {reason}")
-        reply = pb.ResplitReply(committed=True, reason=reason)
+        reply = pb.ResplitReply(committed=True, reason=reason, predicted_ms_old=before, predicted_ms_new=after)
         if installed is not None:
             reply.plan.CopyFrom(installed)
         return reply
+
+    async def History(self, request: pb.HistoryRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext[pb.HistoryRequest, pb.HistoryReply]) -> pb.HistoryReply:
+        return pb.HistoryReply(decisions=self.co.state.decisions(min(request.limit or 50, 1000)))
+
+    async def Drain(self, request: pb.DrainRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext[pb.DrainRequest, pb.DrainReply]) -> pb.DrainReply:
+        if request.node_id not in self.co.registry.nodes:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown node {request.node_id!r}")
+        self.adapter.set_drained(request.node_id, not request.undo)
+        if request.undo or self.co.view is None or request.node_id not in self.co.view.node_ids():
+            return pb.DrainReply(committed=False, reason="no plan change needed")
+        try:
+            segments, how = best_plan(self.adapter)
+        except PlacementError as exc:
+            self.adapter.set_drained(request.node_id, False)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot drain {request.node_id}: {exc}")
+            raise AssertionError("unreachable") from exc
+        epoch_before = self.co.view.epoch
+        committed, reason, installed = await self.co.install(segments)
+        self.adapter.record("operator", f"drain {request.node_id} ({how}): {reason}", None, epoch_before,
+                            installed.epoch if committed and installed else 0)
+        if not committed:
+            self.adapter.set_drained(request.node_id, False)
+            await context.abort(grpc.StatusCode.ABORTED, f"drain aborted, previous plan stays: {reason}")
+        reply = pb.DrainReply(committed=True, reason=reason)
+        if installed is not None:
+            reply.plan.CopyFrom(installed)
+        return reply
+
+    async def Policy(self, request: pb.PolicyRequest,  # noqa: N802
+                     context: grpc.aio.ServicerContext[pb.PolicyRequest, pb.PolicyReply]) -> pb.PolicyReply:
+        if not request.set:
+            return pb.PolicyReply(values=policy_values(self.adapter.policy))
+        try:
+            values = self.adapter.set_policy(dict(request.set))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from exc
+        self.adapter.record("operator", f"policy set: {dict(request.set)}", None,
+                            self.co.view.epoch if self.co.view else 0, 0)
+        return pb.PolicyReply(values=values)

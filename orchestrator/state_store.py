@@ -20,6 +20,10 @@ CREATE TABLE IF NOT EXISTS plans (
     key_id TEXT NOT NULL,
     committed_at REAL
 );
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    record BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
     address TEXT NOT NULL,
@@ -58,6 +62,26 @@ class StateStore:
         row = self._db.execute("SELECT plan_bytes, signature, key_id FROM plans WHERE committed_at IS NOT NULL "
                                "ORDER BY epoch DESC LIMIT 1").fetchone()
         return None if row is None else pb.SignedPlan(plan_bytes=row[0], signature=row[1], key_id=row[2])
+
+    def record_decision(self, record: pb.DecisionRecord, keep_last: int = 10_000) -> None:
+        self._db.execute("INSERT INTO decisions(record) VALUES (?)", (record.SerializeToString(),))
+        self._db.execute("DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - ?", (keep_last,))
+
+    def decisions(self, limit: int) -> list[pb.DecisionRecord]:
+        rows = self._db.execute("SELECT record FROM decisions ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        out = []
+        for (raw,) in reversed(rows):
+            record = pb.DecisionRecord()
+            record.ParseFromString(raw)
+            out.append(record)
+        return out
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     def remember_node(self, node_id: str, address: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO nodes(node_id, address, last_registered) VALUES (?,?,?)",

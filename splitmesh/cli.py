@@ -15,7 +15,7 @@ from rich.console import Console
 from splitmesh import gateway
 from splitmesh.certs_cli import register as register_certs
 from splitmesh.client import DEFAULT_ADDRESS, Client, SplitmeshError
-from splitmesh.tables import nodes_table, plan_table
+from splitmesh.tables import history_table, nodes_table, plan_table, policy_table
 
 console = Console()
 err = Console(stderr=True)
@@ -101,7 +101,7 @@ def _mesh_spec(args: argparse.Namespace) -> object:
         raise SystemExit("splitmesh up runs a local mesh: --address must be on 127.0.0.1")
     return MeshSpec(nodes=args.nodes, store=Path(args.store), workdir=Path(args.workdir), model=args.model,
                     orchestrator_port=int(port), trusted=args.trusted or ["node-0"], boundaries=args.boundaries or (),
-                    placement=args.place or (), threads=args.threads)
+                    placement=args.place or (), threads=args.threads, adaptive=args.adaptive)
 
 
 def _ensure_embedded(store_path: str, model: str) -> None:
@@ -257,6 +257,42 @@ def cmd_resplit(args: argparse.Namespace) -> int:
         reply = client.resplit(args.boundaries or (), args.place or (), dry_run=args.dry_run)
     title = "dry run: plan that would be installed" if args.dry_run else f"committed epoch {reply.plan.epoch}"
     console.print(plan_table(reply.plan, title))
+    console.print(f"{reply.reason}; predicted decode step {reply.predicted_ms_old:.2f} ms before, "
+                  f"{reply.predicted_ms_new:.2f} ms after")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    with Client(args.address) as client:
+        decisions = client.history(args.limit)
+    console.print(history_table(decisions))
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    with Client(args.address) as client:
+        reply = client.drain(args.node, undo=args.undo)
+    if reply.committed:
+        console.print(plan_table(reply.plan, f"{args.node} drained: committed epoch {reply.plan.epoch}"))
+    else:
+        console.print(f"{args.node} {'returned to service' if args.undo else 'drained'}: {reply.reason}")
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    updates: dict[str, str] = {}
+    for item in args.values or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            err.print(f"error: expected KEY=VALUE, got {item!r}")
+            return 2
+        updates[key.strip()] = value.strip()
+    if args.action == "set" and not updates:
+        err.print("error: policy set needs at least one KEY=VALUE")
+        return 2
+    with Client(args.address) as client:
+        values = client.policy(updates)
+    console.print(policy_table(values))
     return 0
 
 
@@ -280,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--boundaries", type=_ints, help="initial boundaries, e.g. 0,10,20,30")
     up.add_argument("--place", type=_names, help="node per segment, e.g. node-0,node-1,node-0")
     up.add_argument("--threads", type=int, default=0, help="torch threads per node (0 = all cores)")
+    up.add_argument("--adaptive", action="store_true",
+                    help="run the adaptive loop (off by default locally: all nodes share one machine)")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the mesh to serve")
     up.set_defaults(func=cmd_up)
 
@@ -314,6 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     resplit.add_argument("--place", type=_names, help="node per segment")
     resplit.add_argument("--dry-run", action="store_true", help="show the plan without installing it")
     resplit.set_defaults(func=cmd_resplit)
+
+    history = with_address(sub.add_parser("history", help="decisions of the adaptive loop and operator actions"))
+    history.add_argument("--limit", type=int, default=30)
+    history.set_defaults(func=cmd_history)
+
+    drain = with_address(sub.add_parser("drain", help="move every segment off a node (two-phase)"))
+    drain.add_argument("node")
+    drain.add_argument("--undo", action="store_true", help="let the node host segments again")
+    drain.set_defaults(func=cmd_drain)
+
+    policy = with_address(sub.add_parser("policy", help="read or change the adaptive loop's policy"))
+    policy.add_argument("action", choices=["get", "set"])
+    policy.add_argument("values", nargs="*", metavar="KEY=VALUE", help="e.g. latency_max_ms=120 cooldown_s=10")
+    policy.set_defaults(func=cmd_policy)
 
     model = sub.add_parser("model", help="the model store").add_subparsers(dest="model_command", required=True)
     imp = model.add_parser("import", help="import the embedded model, a GGUF, a checkpoint dir, or random weights")

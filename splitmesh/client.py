@@ -115,6 +115,18 @@ class Client:
             boundaries=list(boundaries), placement=list(placement), dry_run=dry_run))
         return reply
 
+    def history(self, limit: int = 50) -> list[pb.DecisionRecord]:
+        reply: pb.HistoryReply = self._call(self.admin.History, pb.HistoryRequest(limit=limit))
+        return list(reply.decisions)
+
+    def drain(self, node_id: str, undo: bool = False) -> pb.DrainReply:
+        reply: pb.DrainReply = self._call(self.admin.Drain, pb.DrainRequest(node_id=node_id, undo=undo))
+        return reply
+
+    def policy(self, updates: dict[str, str] | None = None) -> dict[str, str]:
+        reply: pb.PolicyReply = self._call(self.admin.Policy, pb.PolicyRequest(set=updates or {}))
+        return dict(reply.values)
+
     def _call(self, method: Callable[..., R], request: object) -> R:
         try:
             return method(request, timeout=min(self.timeout_s, 120.0))

@@ -32,3 +32,27 @@ def nodes_table(status: pb.StatusReply) -> Table:
                       f"{cap.layer_decode_ms:.2f}" if cap.layer_decode_ms else "-", str(n.active_sessions),
                       str(n.plan_epoch))
     return table
+
+
+def history_table(decisions: list[pb.DecisionRecord]) -> Table:
+    import datetime
+
+    table = Table(title="decisions (oldest first)")
+    for column in ("time", "kind", "epoch", "triggers", "predicted ms/token old -> new", "reason"):
+        table.add_column(column, overflow="fold")
+    for d in decisions:
+        when = datetime.datetime.fromtimestamp(d.at_ms / 1000).strftime("%H:%M:%S")
+        epoch = f"{d.epoch_before} -> {d.epoch_after}" if d.epoch_after else str(d.epoch_before)
+        cost = (f"{d.predicted_latency_old_ms:.2f} -> {d.predicted_latency_new_ms:.2f}"
+                if d.predicted_latency_old_ms or d.predicted_latency_new_ms else "")
+        table.add_row(when, d.kind, epoch, d.triggers or "-", cost, d.reason)
+    return table
+
+
+def policy_table(values: dict[str, str]) -> Table:
+    table = Table(title="adaptive policy")
+    table.add_column("key")
+    table.add_column("value")
+    for key in sorted(values):
+        table.add_row(key, values[key])
+    return table

@@ -672,6 +672,156 @@ class ResplitReply(_message.Message):
     COMMITTED_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PREDICTED_MS_OLD_FIELD_NUMBER: _builtins.int
+    PREDICTED_MS_NEW_FIELD_NUMBER: _builtins.int
+    committed: _builtins.bool
+    reason: _builtins.str
+    predicted_ms_old: _builtins.float
+    """predicted decode step of the plan before, on the current measurements"""
+    predicted_ms_new: _builtins.float
+    """and of the new plan"""
+    @_builtins.property
+    def plan(self) -> Global___Plan: ...
+    def __init__(
+        self,
+        *,
+        committed: _builtins.bool = ...,
+        plan: Global___Plan | None = ...,
+        reason: _builtins.str = ...,
+        predicted_ms_old: _builtins.float = ...,
+        predicted_ms_new: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "plan", b"plan", "predicted_ms_new", b"predicted_ms_new", "predicted_ms_old", b"predicted_ms_old", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResplitReply: _TypeAlias = ResplitReply  # noqa: Y015
+
+@_typing.final
+class DecisionRecord(_message.Message):
+    """One decision of the adaptive loop (or an operator action), with what it saw and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_MS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TRIGGERS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PREDICTED_COST_OLD_FIELD_NUMBER: _builtins.int
+    PREDICTED_COST_NEW_FIELD_NUMBER: _builtins.int
+    EPOCH_BEFORE_FIELD_NUMBER: _builtins.int
+    EPOCH_AFTER_FIELD_NUMBER: _builtins.int
+    INPUTS_JSON_FIELD_NUMBER: _builtins.int
+    PREDICTED_LATENCY_OLD_MS_FIELD_NUMBER: _builtins.int
+    PREDICTED_LATENCY_NEW_MS_FIELD_NUMBER: _builtins.int
+    at_ms: _builtins.int
+    kind: _builtins.str
+    """keep, migrate, resplit, infeasible, operator, node-lost"""
+    triggers: _builtins.str
+    """which thresholds fired, with their values"""
+    reason: _builtins.str
+    predicted_cost_old: _builtins.float
+    predicted_cost_new: _builtins.float
+    epoch_before: _builtins.int
+    epoch_after: _builtins.int
+    """0 when no plan was installed"""
+    inputs_json: _builtins.str
+    """the environment state the decision was made on"""
+    predicted_latency_old_ms: _builtins.float
+    predicted_latency_new_ms: _builtins.float
+    def __init__(
+        self,
+        *,
+        at_ms: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        triggers: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        predicted_cost_old: _builtins.float = ...,
+        predicted_cost_new: _builtins.float = ...,
+        epoch_before: _builtins.int = ...,
+        epoch_after: _builtins.int = ...,
+        inputs_json: _builtins.str = ...,
+        predicted_latency_old_ms: _builtins.float = ...,
+        predicted_latency_new_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "epoch_after", b"epoch_after", "epoch_before", b"epoch_before", "inputs_json", b"inputs_json", "kind", b"kind", "predicted_cost_new", b"predicted_cost_new", "predicted_cost_old", b"predicted_cost_old", "predicted_latency_new_ms", b"predicted_latency_new_ms", "predicted_latency_old_ms", b"predicted_latency_old_ms", "reason", b"reason", "triggers", b"triggers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecisionRecord: _TypeAlias = DecisionRecord  # noqa: Y015
+
+@_typing.final
+class HistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryRequest: _TypeAlias = HistoryRequest  # noqa: Y015
+
+@_typing.final
+class HistoryReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DecisionRecord]: ...
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[Global___DecisionRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryReply: _TypeAlias = HistoryReply  # noqa: Y015
+
+@_typing.final
+class DrainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    UNDO_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    undo: _builtins.bool
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        undo: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "undo", b"undo"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainRequest: _TypeAlias = DrainRequest  # noqa: Y015
+
+@_typing.final
+class DrainReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     committed: _builtins.bool
     reason: _builtins.str
     @_builtins.property
@@ -689,7 +839,89 @@ class ResplitReply(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ResplitReply: _TypeAlias = ResplitReply  # noqa: Y015
+Global___DrainReply: _TypeAlias = DrainReply  # noqa: Y015
+
+@_typing.final
+class PolicyRequest(_message.Message):
+    """Empty `set` reads the policy; otherwise the named values change (validated as a whole)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SetEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def set(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        set: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["set", b"set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyRequest: _TypeAlias = PolicyRequest  # noqa: Y015
+
+@_typing.final
+class PolicyReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ValuesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        values: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyReply: _TypeAlias = PolicyReply  # noqa: Y015
 
 @_typing.final
 class ChatMessage(_message.Message):
@@ -942,10 +1174,16 @@ class ForwardOpen(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     SEGMENT_INDEX_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    KEY_ENVELOPE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
     segment_index: _builtins.int
     """the segment the receiver must run"""
+    key_envelope: _builtins.bytes
+    """The sender's per-session, per-hop AES-256-GCM key, sealed with HPKE to the receiver's X25519 key
+    from the plan (common/frame_crypto.py, direction FORWARD, hop = segment_index). Empty only when
+    activation encryption is off; a receiver that requires encryption refuses the stream.
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
         """used by the tail"""
@@ -957,29 +1195,65 @@ class ForwardOpen(_message.Message):
         epoch: _builtins.int = ...,
         segment_index: _builtins.int = ...,
         sampling: Global___SamplingParams | None = ...,
+        key_envelope: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "sampling", b"sampling", "segment_index", b"segment_index", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "key_envelope", b"key_envelope", "sampling", b"sampling", "segment_index", b"segment_index", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForwardOpen: _TypeAlias = ForwardOpen  # noqa: Y015
 
 @_typing.final
+class ForwardRekey(_message.Message):
+    """A fresh key for the same hop (next key generation), sent before the frame that first uses it: the
+    sender rekeys long before a key has sealed 2^20 frames. Frames after it restart at seq 0.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ENVELOPE_FIELD_NUMBER: _builtins.int
+    key_envelope: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        key_envelope: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_envelope", b"key_envelope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardRekey: _TypeAlias = ForwardRekey  # noqa: Y015
+
+@_typing.final
 class ActivationFrame(_message.Message):
+    """Plaintext frames (encryption off) set step, seq, position and tensor. Encrypted frames set only
+    header and ciphertext: everything the receiver acts on is authenticated.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STEP_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
     TENSOR_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """0 = prefill, then one per generated token"""
     seq: _builtins.int
     """per-stream message sequence number"""
     position: _builtins.int
     """absolute position of the first row"""
+    header: _builtins.bytes
+    """Packed frame header (version, direction, session, epoch, step, seq, chunk index/count, dtype,
+    shape), sent in clear and used as the AES-GCM associated data.
+    """
+    ciphertext: _builtins.bytes
+    """AES-256-GCM(nonce = direction || seq) of: position (u32, big-endian) || this chunk's tensor bytes; tag last."""
     @_builtins.property
     def tensor(self) -> Global___TensorChunk: ...
     def __init__(
@@ -989,10 +1263,12 @@ class ActivationFrame(_message.Message):
         seq: _builtins.int = ...,
         position: _builtins.int = ...,
         tensor: Global___TensorChunk | None = ...,
+        header: _builtins.bytes = ...,
+        ciphertext: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tensor", b"tensor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position", "seq", b"seq", "step", b"step", "tensor", b"tensor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "header", b"header", "position", b"position", "seq", b"seq", "step", b"step", "tensor", b"tensor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1004,21 +1280,25 @@ class ForwardRequest(_message.Message):
 
     OPEN_FIELD_NUMBER: _builtins.int
     FRAME_FIELD_NUMBER: _builtins.int
+    REKEY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___ForwardOpen: ...
     @_builtins.property
     def frame(self) -> Global___ActivationFrame: ...
+    @_builtins.property
+    def rekey(self) -> Global___ForwardRekey: ...
     def __init__(
         self,
         *,
         open: Global___ForwardOpen | None = ...,
         frame: Global___ActivationFrame | None = ...,
+        rekey: Global___ForwardRekey | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "msg", b"msg", "open", b"open"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "msg", b"msg", "open", b"open", "rekey", b"rekey"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "msg", b"msg", "open", b"open"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "msg", b"msg", "open", b"open", "rekey", b"rekey"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["open", "frame"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["open", "frame", "rekey"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 

@@ -322,6 +322,21 @@ class AdminStub:
                 request_serializer=splitmesh__pb2.ResplitRequest.SerializeToString,
                 response_deserializer=splitmesh__pb2.ResplitReply.FromString,
                 _registered_method=True)
+        self.History = channel.unary_unary(
+                '/splitmesh.v1.Admin/History',
+                request_serializer=splitmesh__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=splitmesh__pb2.HistoryReply.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/splitmesh.v1.Admin/Drain',
+                request_serializer=splitmesh__pb2.DrainRequest.SerializeToString,
+                response_deserializer=splitmesh__pb2.DrainReply.FromString,
+                _registered_method=True)
+        self.Policy = channel.unary_unary(
+                '/splitmesh.v1.Admin/Policy',
+                request_serializer=splitmesh__pb2.PolicyRequest.SerializeToString,
+                response_deserializer=splitmesh__pb2.PolicyReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -339,6 +354,24 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def History(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Policy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -351,6 +384,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Resplit,
                     request_deserializer=splitmesh__pb2.ResplitRequest.FromString,
                     response_serializer=splitmesh__pb2.ResplitReply.SerializeToString,
+            ),
+            'History': grpc.unary_unary_rpc_method_handler(
+                    servicer.History,
+                    request_deserializer=splitmesh__pb2.HistoryRequest.FromString,
+                    response_serializer=splitmesh__pb2.HistoryReply.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=splitmesh__pb2.DrainRequest.FromString,
+                    response_serializer=splitmesh__pb2.DrainReply.SerializeToString,
+            ),
+            'Policy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Policy,
+                    request_deserializer=splitmesh__pb2.PolicyRequest.FromString,
+                    response_serializer=splitmesh__pb2.PolicyReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +455,87 @@ class Admin:
             '/splitmesh.v1.Admin/Resplit',
             splitmesh__pb2.ResplitRequest.SerializeToString,
             splitmesh__pb2.ResplitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def History(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmesh.v1.Admin/History',
+            splitmesh__pb2.HistoryRequest.SerializeToString,
+            splitmesh__pb2.HistoryReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmesh.v1.Admin/Drain',
+            splitmesh__pb2.DrainRequest.SerializeToString,
+            splitmesh__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Policy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmesh.v1.Admin/Policy',
+            splitmesh__pb2.PolicyRequest.SerializeToString,
+            splitmesh__pb2.PolicyReply.FromString,
             options,
             channel_credentials,
             insecure,

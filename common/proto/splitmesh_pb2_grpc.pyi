@@ -116,12 +116,18 @@ class AdminStub:
     def __new__(cls, channel: _aio.Channel) -> AdminAsyncStub: ...
     Status: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.StatusRequest, _splitmesh_pb2.StatusReply]
     Resplit: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.ResplitRequest, _splitmesh_pb2.ResplitReply]
+    History: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.HistoryRequest, _splitmesh_pb2.HistoryReply]
+    Drain: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.DrainRequest, _splitmesh_pb2.DrainReply]
+    Policy: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.PolicyRequest, _splitmesh_pb2.PolicyReply]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Status: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.StatusRequest, _splitmesh_pb2.StatusReply]  # type: ignore[assignment]
     Resplit: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.ResplitRequest, _splitmesh_pb2.ResplitReply]  # type: ignore[assignment]
+    History: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.HistoryRequest, _splitmesh_pb2.HistoryReply]  # type: ignore[assignment]
+    Drain: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.DrainRequest, _splitmesh_pb2.DrainReply]  # type: ignore[assignment]
+    Policy: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.PolicyRequest, _splitmesh_pb2.PolicyReply]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -137,6 +143,27 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _splitmesh_pb2.ResplitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_splitmesh_pb2.ResplitReply, _abc.Awaitable[_splitmesh_pb2.ResplitReply]]: ...
+
+    @_abc_1.abstractmethod
+    def History(
+        self,
+        request: _splitmesh_pb2.HistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitmesh_pb2.HistoryReply, _abc.Awaitable[_splitmesh_pb2.HistoryReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Drain(
+        self,
+        request: _splitmesh_pb2.DrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitmesh_pb2.DrainReply, _abc.Awaitable[_splitmesh_pb2.DrainReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Policy(
+        self,
+        request: _splitmesh_pb2.PolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitmesh_pb2.PolicyReply, _abc.Awaitable[_splitmesh_pb2.PolicyReply]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

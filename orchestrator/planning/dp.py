@@ -71,7 +71,7 @@ def solve_chain(tables: Tables, pts: IntArr, free: bool) -> Relaxed | None:
     if rw.head.size == 0:
         return None
     rows = np.arange(rw.head.size)
-    ordered = link
+    ordered = np.where(np.triu(np.ones((n_nodes, n_nodes), dtype=bool), 1), link, np.inf)
     from_head = link[rw.head, :]  # (rows, N)
     f = np.full((rows.size, k_max + 1, n_nodes), np.inf)
     g = np.full_like(f, np.inf)

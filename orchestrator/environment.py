@@ -1,0 +1,51 @@
+"""The environment state E(t) as the solver sees it, built from what nodes report."""
+
+from __future__ import annotations
+
+import statistics
+
+from common.model_store import StoredModel
+from orchestrator.planning import ClusterState, LinkProfile, ModelProfile, NodeProfile
+from orchestrator.policy import Policy
+from orchestrator.registry import NodeRecord
+
+DEFAULT_LAYER_DECODE_S = 2e-3  # before any node has measured a layer: a small CPU model's layer
+PREFILL_PER_TOKEN_FRACTION = 0.25  # prefill amortises weight reads across tokens
+
+
+def model_profile(model: StoredModel) -> ModelProfile:
+    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}.get(model.manifest.dtype, 4)
+    return ModelProfile.from_config_dict(model.manifest.config, dtype_bytes)
+
+
+def _utilisation(record: NodeRecord) -> float:
+    cap = record.capacity
+    gpu = max((g.utilisation for g in cap.gpus), default=0.0)
+    return min(0.99, max(cap.cpu_utilisation, gpu))
+
+
+def cluster_state(nodes: list[NodeRecord], policy: Policy) -> ClusterState:
+    """Live nodes with their measured layer cost, memory and utilisation, and every directed link.
+
+    A node that has not measured its layer cost yet borrows the median of those that have; a link
+    not yet probed gets the policy's default bandwidth and RTT.
+    """
+    measured = [r.capacity.layer_decode_ms / 1000.0 for r in nodes if r.capacity.layer_decode_ms > 0]
+    fallback = statistics.median(measured) if measured else DEFAULT_LAYER_DECODE_S
+    profiles = []
+    for r in nodes:
+        decode = r.capacity.layer_decode_ms / 1000.0 or fallback
+        prefill = (r.capacity.layer_prefill_ms_per_token / 1000.0) or decode * PREFILL_PER_TOKEN_FRACTION
+        memory = r.capacity.memory_available_bytes
+        profiles.append(NodeProfile(node_id=r.node_id, trusted=r.trusted, memory_bytes=int(memory),
+                                    decode_s_per_layer=decode, prefill_s_per_layer_token=prefill,
+                                    utilisation=_utilisation(r), gpu=bool(r.capacity.gpus)))
+    ids = {r.node_id for r in nodes}
+    default = LinkProfile(bandwidth_bps=policy.default_link_mbps * 1e6, rtt_s=policy.default_rtt_ms / 1000.0)
+    links = {(a, b): default for a in ids for b in ids if a != b}
+    for r in nodes:
+        for link in r.links:
+            if link.peer_id in ids and link.bandwidth_bps > 0:
+                links[(r.node_id, link.peer_id)] = LinkProfile(bandwidth_bps=link.bandwidth_bps,
+                                                               rtt_s=max(link.rtt_ms, 0.0) / 1000.0)
+    return ClusterState(nodes=tuple(profiles), links=links)
