@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.proto import splitmesh_pb2 as pb
 from common.spans import Span, check_cover
@@ -33,6 +33,7 @@ class PlanView:
     trusted: dict[str, bool]
     issued_at_ms: int
     expires_at_ms: int
+    x25519_keys: dict[str, bytes] = field(default_factory=dict)  # node id -> raw key for sealing hop keys
 
     @property
     def head(self) -> Segment:
@@ -60,6 +61,10 @@ class PlanView:
         trusted = {n.node_id: n.trusted for n in plan.nodes}
         if len(addresses) != len(plan.nodes):
             raise PlanError("a node is listed twice")
+        keys = {n.node_id: bytes(n.x25519_public_key) for n in plan.nodes if n.x25519_public_key}
+        bad_keys = sorted(n for n, k in keys.items() if len(k) != 32)
+        if bad_keys:
+            raise PlanError(f"X25519 keys of {bad_keys} are not 32 bytes")
         segments = []
         last = len(plan.segments) - 1
         for i, (s, span) in enumerate(zip(plan.segments, spans, strict=True)):
@@ -70,7 +75,7 @@ class PlanView:
                 raise PlanError(f"privacy-critical segment {i} {span} is placed on untrusted node {s.node_id!r}")
             segments.append(Segment(i, span, s.node_id, critical))
         return cls(plan.epoch, plan.cluster_id, plan.model_digest, plan.num_layers, tuple(segments), addresses,
-                   trusted, plan.issued_at_ms, plan.expires_at_ms)
+                   trusted, plan.issued_at_ms, plan.expires_at_ms, keys)
 
     def describe(self) -> str:
         return " ".join(f"{s.span}@{s.node_id}" for s in self.segments)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.config import field
+from common.frame_crypto import MAX_FRAMES_PER_KEY
+from common.tls import TlsConfig
+from common.transport import DEFAULT_ORCHESTRATOR_ID, resolve_tls
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,22 @@ class NodeConfig:
     recovery_timeout_s: float = field(20.0, "how long a session waits for a replacement plan after a failure")
     report_interval_ms: int = field(1000, "capacity report period (overridden by the orchestrator)")
     plan_public_key: str = field("", "pinned orchestrator Ed25519 public key (hex); empty = learn at registration")
+    encrypt_activations: bool = field(True, "seal activation frames per hop (AES-256-GCM, HPKE key exchange); "
+                                            "when on, plaintext activation streams are refused")
+    rekey_after_frames: int = field(MAX_FRAMES_PER_KEY, "frames sealed under one hop key before a fresh one is sent")
+    tls_dir: str = field("", "folder with ca.crt, NODE_ID.crt and NODE_ID.key (from `splitmesh certs`): mutual TLS")
+    tls_ca: str = field("", "cluster CA certificate (overrides tls_dir)")
+    tls_cert: str = field("", "this node's certificate (overrides tls_dir)")
+    tls_key: str = field("", "this node's private key (overrides tls_dir)")
+    orchestrator_id: str = field(DEFAULT_ORCHESTRATOR_ID, "the orchestrator's certificate name, pinned when dialling "
+                                                          "it and the only identity allowed to install plans")
+    insecure: bool = field(False, "allow plaintext gRPC on a non-loopback address (never in production)")
     log_level: str = field("INFO", "logging level")
 
     @property
     def advertised_address(self) -> str:
         return self.advertise or self.listen
+
+    def tls(self) -> TlsConfig | None:
+        """This node's TLS files, or None for plaintext (raises TransportError when incomplete)."""
+        return resolve_tls(self.tls_dir, self.node_id, self.tls_ca, self.tls_cert, self.tls_key)

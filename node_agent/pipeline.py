@@ -14,11 +14,15 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from common.grpc_options import CHANNEL_OPTIONS
+from common.certs import Identity
+from common.frame_crypto import MAX_FRAMES_PER_KEY, FrameCryptoError, public_key_from_bytes
 from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.sealed_frames import SealedHopSender
 from common.tensor_codec import encode_tensor
+from common.tls import TlsConfig
+from common.transport import aio_channel
 from node_agent.compute import ComputeThread
 from node_agent.sampler import SamplingConfig, sample
 from node_agent.segment import SegmentRunner
@@ -36,16 +40,17 @@ class HopError(Exception):
 
 
 class ChannelPool:
-    """One long-lived channel per peer address, shared by every session."""
+    """One long-lived channel per peer, shared by every session; with TLS it accepts only the plan's node."""
 
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, tls: TlsConfig | None = None) -> None:
+        self._tls = tls
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
-    def get(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
+    def get(self, address: str, node_id: str) -> grpc.aio.Channel:
+        channel = self._channels.get((address, node_id))
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
+            channel = aio_channel(address, self._tls, Identity("node", node_id))
+            self._channels[(address, node_id)] = channel
         return channel
 
     async def close(self) -> None:
@@ -55,15 +60,23 @@ class ChannelPool:
 
 
 class RemoteHop:
-    """The Forward stream to the node running the next segment of one session."""
+    """The Forward stream to the node running the next segment of one session.
+
+    With a ``sealer`` every activation chunk is encrypted for the peer; the token ids that come back
+    stay in clear at the frame layer (inside mutual TLS): each node on the way back relays them anyway,
+    so sealing them per hop would hide nothing from the nodes and only cost a second key exchange.
+    """
 
     def __init__(self, channel: grpc.aio.Channel, peer: str, opening: pb.ForwardOpen, chunk_bytes: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, sealer: SealedHopSender | None = None) -> None:
         self._stub = pb_grpc.NodeStub(channel)
         self._peer = peer
         self._opening = opening
         self._chunk_bytes = chunk_bytes
         self._timeout_s = timeout_s
+        self._sealer = sealer
+        if sealer is not None:
+            opening.key_envelope = sealer.key_envelope()
         self._call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply] | None = None
         self._seq = 0
 
@@ -76,10 +89,8 @@ class RemoteHop:
     async def step(self, step: int, position: int, hidden: torch.Tensor) -> int:
         try:
             call = self._call or await self._open()
-            for chunk in encode_tensor(hidden, self._chunk_bytes):
-                frame = pb.ActivationFrame(step=step, seq=self._seq, position=position, tensor=chunk)
-                self._seq += 1
-                await call.write(pb.ForwardRequest(frame=frame))
+            for request in self._requests(step, position, hidden):
+                await call.write(request)
             reply = await asyncio.wait_for(call.read(), self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise HopError(exc.code(), f"{self._peer}: {exc.details()}") from exc
@@ -93,6 +104,19 @@ class RemoteHop:
             raise HopError(grpc.StatusCode.INTERNAL, f"{self._peer} answered step {reply.step}, expected {step}")
         return int(reply.token_id)
 
+    def _requests(self, step: int, position: int, hidden: torch.Tensor) -> list[pb.ForwardRequest]:
+        if self._sealer is not None:
+            try:
+                return self._sealer.requests(step, position, hidden, self._chunk_bytes)
+            except FrameCryptoError as exc:
+                raise HopError(grpc.StatusCode.INTERNAL, f"cannot seal frames for {self._peer}: {exc}") from exc
+        requests = []
+        for chunk in encode_tensor(hidden, self._chunk_bytes):
+            frame = pb.ActivationFrame(step=step, seq=self._seq, position=position, tensor=chunk)
+            self._seq += 1
+            requests.append(pb.ForwardRequest(frame=frame))
+        return requests
+
     async def _ended(self, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]) -> HopError:
         code = await call.code()
         if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
@@ -105,12 +129,23 @@ class RemoteHop:
             self._call = None
 
 
+def _sealer(view: PlanView, session_id: str, hop: int, rekey_after: int) -> SealedHopSender:
+    """A fresh hop key sealed to the receiver's key from the signed plan; no key, no activations."""
+    peer = view.segments[hop].node_id
+    raw = view.x25519_keys.get(peer)
+    if raw is None:
+        raise HopError(grpc.StatusCode.FAILED_PRECONDITION,
+                       f"plan epoch {view.epoch} carries no X25519 key for {peer}: cannot encrypt activations")
+    return SealedHopSender(public_key_from_bytes(raw), session_id, view.epoch, hop, rekey_after)
+
+
 class SessionPipeline:
     """Runs one session from segment ``first`` of ``view`` onward and returns each sampled token."""
 
     def __init__(self, *, node_id: str, session_id: str, view: PlanView, first: int, runners: list[SegmentRunner],
                  sampling: SamplingConfig, compute: ComputeThread, channels: ChannelPool, chunk_bytes: int,
-                 timeout_s: float, on_compute: Callable[[int, float], None] | None = None) -> None:
+                 timeout_s: float, on_compute: Callable[[int, float], None] | None = None, encrypt: bool = True,
+                 rekey_after: int = MAX_FRAMES_PER_KEY) -> None:
         self.runners = runners
         self._caches = [r.new_cache() for r in runners]
         self._sampling = sampling
@@ -124,7 +159,9 @@ class SessionPipeline:
             opening = pb.ForwardOpen(session_id=session_id, epoch=view.epoch, segment_index=nxt,
                                      sampling=pb.SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                                                 top_k=sampling.top_k, seed=sampling.seed))
-            self.remote = RemoteHop(channels.get(view.addresses[peer]), peer, opening, chunk_bytes, timeout_s)
+            sealer = _sealer(view, session_id, nxt, rekey_after) if encrypt else None
+            self.remote = RemoteHop(channels.get(view.addresses[peer], peer), peer, opening, chunk_bytes, timeout_s,
+                                    sealer)
         elif not runners[-1].is_last:
             raise ValueError(f"segments from {first} on {node_id} end before the model does")
 

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.grpc_options import CHANNEL_OPTIONS
 from common.plan_signing import key_id
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
@@ -32,7 +31,7 @@ class Reporter:
 
     async def _register(self, stub: pb_grpc.OrchestratorStub) -> None:
         reply = await stub.Register(pb.RegisterRequest(
-            node_id=self.rt.node_id, address=self.rt.config.advertised_address,
+            node_id=self.rt.node_id, address=self.rt.config.advertised_address, x25519_public_key=self.rt.public_key,
             capacity=self.probe.read(), model_digests=self.rt.store.digests(),
             plan_epoch=self.rt.plans.committed.epoch if self.rt.plans.committed else 0), timeout=10)
         pinned = self._pinned_key()
@@ -56,7 +55,7 @@ class Reporter:
 
     async def run(self) -> None:
         backoff = 0.2
-        async with grpc.aio.insecure_channel(self.rt.config.orchestrator, options=CHANNEL_OPTIONS) as channel:
+        async with self.rt.orchestrator_channel() as channel:
             stub = pb_grpc.OrchestratorStub(channel)
             while True:
                 try:

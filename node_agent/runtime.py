@@ -7,10 +7,14 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from common.certs import Identity
+from common.frame_crypto import load_or_create_node_key, public_key_bytes
 from common.model_store import ModelStore
 from common.plan_view import PlanView
+from common.transport import aio_channel
 from node_agent.compute import ComputeThread
 from node_agent.config import NodeConfig
 from node_agent.pipeline import ChannelPool, SessionPipeline
@@ -66,8 +70,12 @@ class NodeRuntime:
         self.store = ModelStore(Path(config.store).expanduser())
         self.pool = SegmentPool(self.store)
         self.plans = PlanState(config.node_id, self.state_dir, self.store, self.pool)
+        self.tls = config.tls()
+        # The node's frame-encryption identity: kept across restarts so plans made before one stay usable.
+        self.node_key = load_or_create_node_key(self.state_dir / "x25519_key.pem")
+        self.public_key = public_key_bytes(self.node_key)
         self.compute = ComputeThread()
-        self.channels = ChannelPool()
+        self.channels = ChannelPool(self.tls)
         self.stats = LiveStats()
         # (session id, first segment index) -> pipeline: the head may host a session's first and last segment
         self.sessions: dict[tuple[str, int], SessionPipeline] = {}
@@ -77,6 +85,21 @@ class NodeRuntime:
     @property
     def node_id(self) -> str:
         return self.config.node_id
+
+    def orchestrator_channel(self) -> grpc.aio.Channel:
+        """A new channel to the orchestrator, pinned to its certificate identity under TLS."""
+        return aio_channel(self.config.orchestrator, self.tls, Identity("orchestrator", self.config.orchestrator_id))
+
+    def frame_key_problem(self, view: PlanView) -> str | None:
+        """Why activations could not be encrypted under ``view`` (a reason to NACK it), or None."""
+        own = view.x25519_keys.get(self.node_id)
+        if own is not None and own != self.public_key:
+            return f"plan epoch {view.epoch} carries a stale X25519 key for {self.node_id}"
+        if self.config.encrypt_activations:
+            missing = [n for n in view.node_ids() if n not in view.x25519_keys]
+            if missing:
+                return f"plan epoch {view.epoch} carries no X25519 key for {', '.join(missing)}"
+        return None
 
     def tokenizer(self, model_digest: str) -> PreTrainedTokenizerBase | None:
         """The model's tokenizer (exported once from the store), or None for token-id-only models."""
@@ -111,7 +134,9 @@ class NodeRuntime:
             pipeline = SessionPipeline(node_id=self.node_id, session_id=session_id, view=view, first=first,
                                        runners=runners, sampling=sampling, compute=self.compute,
                                        channels=self.channels, chunk_bytes=self.config.chunk_bytes,
-                                       timeout_s=self.config.hop_timeout_s, on_compute=self.stats.record_compute)
+                                       timeout_s=self.config.hop_timeout_s, on_compute=self.stats.record_compute,
+                                       encrypt=self.config.encrypt_activations,
+                                       rekey_after=self.config.rekey_after_frames)
         except BaseException:
             self._release_runners(view.model_digest, runners)
             raise

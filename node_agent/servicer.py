@@ -7,10 +7,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from common.authz import require_peer
+from common.certs import Identity
+from common.frame_crypto import FrameCryptoError
 from common.model_store import StoreError
+from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
-from common.tensor_codec import TensorAssembler, TensorError, check_activation
+from common.sealed_frames import SealedHopReceiver
+from node_agent.forward_stream import ActivationReader, StreamError, crypto_status
 from node_agent.generation import RequestError, generate, prepare_request
 from node_agent.pipeline import HopError
 from node_agent.plan_state import PlanRejected
@@ -24,6 +29,12 @@ log = logging.getLogger(__name__)
 class NodeServicer(pb_grpc.NodeServicer):
     def __init__(self, runtime: NodeRuntime) -> None:
         self.rt = runtime
+        self._tls_on = runtime.tls is not None
+
+    async def _require_orchestrator(self, context: grpc.aio.ServicerContext[object, object], what: str) -> None:
+        """Plans come only from the configured orchestrator's certificate (their signature is checked too)."""
+        await require_peer(context, tls_on=self._tls_on, kinds=("orchestrator",),
+                           node_id=self.rt.config.orchestrator_id, what=what)
 
     # ------------------------------------------------------------ generation
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802 - gRPC method name
@@ -69,6 +80,7 @@ class NodeServicer(pb_grpc.NodeServicer):
     async def Forward(self, request_iterator: AsyncIterator[pb.ForwardRequest],  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.ForwardRequest, pb.ForwardReply],
                       ) -> AsyncIterator[pb.ForwardReply]:
+        caller = await require_peer(context, tls_on=self._tls_on, kinds=("node",), what="Forward")
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
@@ -77,15 +89,10 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session: activation frame {frame_session}".strip())
             return
         opening = first.open
-        view = self.rt.plans.plan(opening.epoch)
-        if view is None:
-            committed = self.rt.plans.committed.epoch if self.rt.plans.committed else 0
-            code = grpc.StatusCode.UNAVAILABLE if opening.epoch > committed else grpc.StatusCode.FAILED_PRECONDITION
-            await context.abort(code, f"epoch {opening.epoch} is not known here (committed: {committed})")
-            return
-        if not 0 < opening.segment_index < len(view.segments) or not opening.session_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"bad ForwardOpen: segment {opening.segment_index}, session {opening.session_id!r}")
+        try:
+            view, receiver = self._check_open(opening, caller)
+        except StreamError as exc:
+            await context.abort(exc.code, exc.details)
             return
         s = opening.sampling
         sampling = SamplingConfig(temperature=s.temperature, top_p=s.top_p if s.top_p > 0 else 1.0,
@@ -99,47 +106,59 @@ class NodeServicer(pb_grpc.NodeServicer):
         except SessionLimitError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             return
+        except HopError as exc:
+            await context.abort(exc.code, exc.details)
+            return
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
-        hidden_size = pipeline.runners[0].hidden_size
         max_rows = self.rt.config.max_prompt_tokens + self.rt.config.max_new_tokens  # a replayed history
-        assembler = TensorAssembler()
-        expected_seq = 0
-        expected_step: int | None = None  # a stream opened by a replay starts at the step it resumes
+        reader = ActivationReader(receiver, pipeline.runners[0].hidden_size, max_rows)
+        dtype = pipeline.runners[0].dtype
         try:
-            async for message in request_iterator:
-                if message.WhichOneof("msg") != "frame":
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only activation frames may follow the open")
-                    return
-                frame = message.frame
-                if frame.seq != expected_seq:
-                    await context.abort(grpc.StatusCode.ABORTED, f"frame seq {frame.seq}, expected {expected_seq}")
-                    return
-                expected_seq += 1
-                if expected_step is not None and frame.step != expected_step:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        f"step {frame.step}, expected {expected_step}")
-                    return
-                try:
-                    tensor = assembler.add(frame.tensor)
-                    if tensor is None:
-                        continue
-                    check_activation(tensor, hidden_size, max_rows)
-                except TensorError as exc:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                    return
-                token = await pipeline.step(frame.step, frame.position, tensor.to(pipeline.runners[0].dtype))
-                expected_step = frame.step + 1
-                yield pb.ForwardReply(step=frame.step, token_id=token)
-        except HopError as exc:
+            async for step, position, tensor in reader.activations(request_iterator):
+                token = await pipeline.step(step, position, tensor.to(dtype))
+                yield pb.ForwardReply(step=step, token_id=token)
+        except (StreamError, HopError) as exc:
             await context.abort(exc.code, exc.details)
         finally:
             self.rt.close_session(opening.session_id, opening.segment_index)
 
+    def _check_open(self, opening: pb.ForwardOpen, caller: Identity | None,
+                    ) -> tuple[PlanView, SealedHopReceiver | None]:
+        """The plan and frame receiver of a ForwardOpen, checked before any session state is allocated."""
+        view = self.rt.plans.plan(opening.epoch)
+        if view is None:
+            committed = self.rt.plans.committed.epoch if self.rt.plans.committed else 0
+            code = grpc.StatusCode.UNAVAILABLE if opening.epoch > committed else grpc.StatusCode.FAILED_PRECONDITION
+            raise StreamError(code, f"epoch {opening.epoch} is not known here (committed: {committed})")
+        index = opening.segment_index
+        if not 0 < index < len(view.segments) or not opening.session_id:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"bad ForwardOpen: segment {index}, session {opening.session_id!r}")
+        if view.segments[index].node_id != self.rt.node_id:
+            raise StreamError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"epoch {view.epoch} places segment {index} on {view.segments[index].node_id}")
+        sender = view.segments[index - 1].node_id
+        if caller is not None and caller.node_id != sender:
+            raise StreamError(grpc.StatusCode.PERMISSION_DENIED,
+                              f"segment {index} of epoch {view.epoch} takes activations only from {sender}, "
+                              f"not {caller.node_id}")
+        if not opening.key_envelope:
+            if self.rt.config.encrypt_activations:
+                raise StreamError(grpc.StatusCode.UNAUTHENTICATED,
+                                  "this node accepts only encrypted activation streams (no key envelope)")
+            return view, None
+        try:
+            receiver = SealedHopReceiver(self.rt.node_key, opening.key_envelope, opening.session_id, view.epoch, index)
+        except FrameCryptoError as exc:
+            raise crypto_status(exc) from exc
+        return view, receiver
+
     # ------------------------------------------------------------ plans
     async def Prepare(self, request: pb.SignedPlan,  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.SignedPlan, pb.PrepareReply]) -> pb.PrepareReply:
+        await self._require_orchestrator(context, "Prepare")
         try:
             view = self.rt.plans.verify(request)
         except PlanRejected as exc:
@@ -148,9 +167,12 @@ class NodeServicer(pb_grpc.NodeServicer):
             raise AssertionError("unreachable") from exc
         if view is None:
             return pb.PrepareReply(ok=True, reason="already accepted")
+        problem = self.rt.frame_key_problem(view)
+        if problem is not None:
+            return pb.PrepareReply(ok=False, reason=f"{self.rt.node_id}: {problem}")
         spans = [s.span for s in view.segments_on(self.rt.node_id)]
         try:
-            fetched = await ensure_files(self.rt.store, self.rt.config.orchestrator, view.model_digest, spans)
+            fetched = await ensure_files(self.rt.store, self.rt.orchestrator_channel(), view.model_digest, spans)
         except grpc.aio.AioRpcError as exc:
             return pb.PrepareReply(ok=False, reason=f"{self.rt.node_id}: cannot fetch model files: {exc.details()}")
         except StoreError as exc:
@@ -166,12 +188,14 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def Commit(self, request: pb.CommitRequest,  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.CommitRequest, pb.CommitReply]) -> pb.CommitReply:
+        await self._require_orchestrator(context, "Commit")
         if not self.rt.plans.commit(request.epoch):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"epoch {request.epoch} was not prepared here")
         return pb.CommitReply()
 
     async def Abort(self, request: pb.CommitRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext[pb.CommitRequest, pb.CommitReply]) -> pb.CommitReply:
+        await self._require_orchestrator(context, "Abort")
         self.rt.plans.abort(request.epoch)
         return pb.CommitReply()
 

@@ -7,7 +7,6 @@ import time
 
 import grpc
 
-from common.grpc_options import CHANNEL_OPTIONS
 from common.model_store import Manifest, ModelStore, StoreError
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
@@ -17,9 +16,12 @@ from common.store_roles import roles_for_span
 log = logging.getLogger(__name__)
 
 
-async def ensure_files(store: ModelStore, orchestrator: str, model_digest: str, spans: list[Span]) -> int:
-    """Fetch the manifest and every missing file for ``spans``; returns the bytes transferred."""
-    async with grpc.aio.insecure_channel(orchestrator, options=CHANNEL_OPTIONS) as channel:
+async def ensure_files(store: ModelStore, orchestrator: grpc.aio.Channel, model_digest: str, spans: list[Span]) -> int:
+    """Fetch the manifest and every missing file for ``spans``; returns the bytes transferred.
+
+    The caller passes a fresh channel to the orchestrator (mutual TLS in deployments); it is closed here.
+    """
+    async with orchestrator as channel:
         stub = pb_grpc.ModelFilesStub(channel)
         if model_digest in store.digests():
             manifest = store.open(model_digest).manifest

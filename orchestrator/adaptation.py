@@ -10,6 +10,8 @@ import json
 import logging
 import time
 
+from prometheus_client import Counter
+
 from common.proto import splitmesh_pb2 as pb
 from orchestrator.coordinator import Coordinator
 from orchestrator.environment import cluster_state, model_profile
@@ -18,6 +20,7 @@ from orchestrator.planning.profiles import Problem
 from orchestrator.policy import Policy, apply_policy, policy_from_json, policy_to_json, policy_values
 
 log = logging.getLogger(__name__)
+DECISIONS = Counter("splitmesh_decisions_total", "Decisions of the adaptive loop and operator actions", ["kind"])
 
 
 def _inputs(cluster: ClusterState, ewma_ms: float | None) -> str:
@@ -110,4 +113,5 @@ class Adapter:
             predicted_cost_new=new, epoch_before=epoch_before, epoch_after=epoch_after,
             inputs_json=_inputs(cluster or self.cluster(), self.engine.ewma_ms), predicted_latency_old_ms=old_ms,
             predicted_latency_new_ms=new_ms))
+        DECISIONS.labels(kind=kind).inc()
         log.info("decision %s: %s", kind, reason)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.config import field
+from common.tls import TlsConfig
+from common.transport import DEFAULT_ORCHESTRATOR_ID, resolve_tls
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,12 @@ class OrchestratorConfig:
     min_nodes: int = field(1, "nodes that must register before the first plan is made")
     boundaries: list[int] = field([], "initial layer boundaries, e.g. 0,10,20,30 (empty = even split)")
     placement: list[str] = field([], "initial node id per segment (empty = automatic)")
+    tls_dir: str = field("", "folder with ca.crt, ORCHESTRATOR_ID.crt and .key (from `splitmesh certs`): mutual TLS")
+    tls_ca: str = field("", "cluster CA certificate (overrides tls_dir)")
+    tls_cert: str = field("", "the orchestrator's certificate (overrides tls_dir)")
+    tls_key: str = field("", "the orchestrator's private key (overrides tls_dir)")
+    orchestrator_id: str = field(DEFAULT_ORCHESTRATOR_ID, "this orchestrator's certificate name (kind orchestrator)")
+    insecure: bool = field(False, "allow plaintext gRPC on a non-loopback address (never in production)")
     report_interval_ms: int = field(1000, "how often nodes report capacity")
     dead_after_reports: int = field(3, "missed report periods before a node counts as dead")
     plan_ttl_s: int = field(86400, "validity of a signed plan")
@@ -30,4 +38,9 @@ class OrchestratorConfig:
     cooldown_s: float = field(30.0, "T_cool: minimum time between voluntary plan changes")
     hysteresis: float = field(0.05, "a new plan must cut the predicted cost by more than this fraction")
     ewma_alpha: float = field(0.3, "smoothing of the end-to-end latency EWMA")
+    metrics_port: int = field(0, "HTTP port for Prometheus /metrics (0 = off)")
     log_level: str = field("INFO", "logging level")
+
+    def tls(self) -> TlsConfig | None:
+        """The orchestrator's TLS files, or None for plaintext (raises TransportError when incomplete)."""
+        return resolve_tls(self.tls_dir, self.orchestrator_id, self.tls_ca, self.tls_cert, self.tls_key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 
 from common.model_store import StoredModel
@@ -40,12 +41,23 @@ def cluster_state(nodes: list[NodeRecord], policy: Policy) -> ClusterState:
         profiles.append(NodeProfile(node_id=r.node_id, trusted=r.trusted, memory_bytes=int(memory),
                                     decode_s_per_layer=decode, prefill_s_per_layer_token=prefill,
                                     utilisation=_utilisation(r), gpu=bool(r.capacity.gpus)))
-    ids = {r.node_id for r in nodes}
-    default = LinkProfile(bandwidth_bps=policy.default_link_mbps * 1e6, rtt_s=policy.default_rtt_ms / 1000.0)
-    links = {(a, b): default for a in ids for b in ids if a != b}
+    ids = [r.node_id for r in nodes]
+    known = set(ids)
+    links: dict[tuple[str, str], LinkProfile] = {}
     for r in nodes:
         for link in r.links:
-            if link.peer_id in ids and link.bandwidth_bps > 0:
-                links[(r.node_id, link.peer_id)] = LinkProfile(bandwidth_bps=link.bandwidth_bps,
-                                                               rtt_s=max(link.rtt_ms, 0.0) / 1000.0)
+            if link.peer_id in known and link.peer_id != r.node_id and link.bandwidth_bps > 0:
+                links[(r.node_id, link.peer_id)] = _link(link.bandwidth_bps, max(link.rtt_ms, 0.0) / 1000.0)
+    if len(links) < len(ids) * (len(ids) - 1):
+        default = _link(policy.default_link_mbps * 1e6, policy.default_rtt_ms / 1000.0)
+        for a in ids:
+            for b in ids:
+                if a != b:
+                    links.setdefault((a, b), default)
     return ClusterState(nodes=tuple(profiles), links=links)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _link(bandwidth_bps: float, rtt_s: float) -> LinkProfile:
+    """Links change slowly: reuse one immutable profile per measured value instead of one per report."""
+    return LinkProfile(bandwidth_bps=bandwidth_bps, rtt_s=rtt_s)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY, start_http_server
 
 from common.config import parse
 from common.grpc_options import SERVER_OPTIONS
@@ -18,6 +19,7 @@ from common.proto import splitmesh_pb2_grpc as pb_grpc
 from orchestrator.adaptation import Adapter
 from orchestrator.config import OrchestratorConfig
 from orchestrator.coordinator import Coordinator
+from orchestrator.metrics import MeshCollector
 from orchestrator.model_files import ModelFilesServicer
 from orchestrator.planning import DecisionConfig
 from orchestrator.policy import Policy
@@ -73,6 +75,10 @@ async def serve(config: OrchestratorConfig) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
     adapter = Adapter(co, initial_policy(config))
     co.latency_listeners.append(adapter.observe_latency)
+    if config.metrics_port:
+        REGISTRY.register(MeshCollector(co, adapter))
+        start_http_server(config.metrics_port)
+        log.info("Prometheus metrics on :%d/metrics", config.metrics_port)
     servicer = OrchestratorServicer(co)
     pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
     pb_grpc.add_AdminServicer_to_server(AdminServicer(co, adapter), server)

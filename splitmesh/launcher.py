@@ -44,6 +44,7 @@ class MeshSpec:
     boundaries: Sequence[int] = ()  # initial boundaries; empty = even split
     placement: Sequence[str] = ()  # initial node per segment; empty = automatic
     threads: int = 0  # torch threads per node; 0 = all cores
+    metrics_port: int = 0  # orchestrator's Prometheus port (0 = off)
     adaptive: bool = False  # run the orchestrator's adaptive loop (off: plans change by operator or node loss)
     node_stores_empty: bool = False  # give each node its own empty store: weights stream from the orchestrator
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -73,7 +74,7 @@ class LocalMesh:
         s = self.spec
         args = ["--listen", self.address, "--state-dir", str(self.workdir / "orchestrator"), "--store", str(self.store),
                 "--model", s.model, "--min-nodes", str(s.nodes), "--trusted-nodes", ",".join(s.trusted),
-                "--adaptive" if s.adaptive else "--no-adaptive"]
+                "--adaptive" if s.adaptive else "--no-adaptive", "--metrics-port", str(s.metrics_port)]
         if s.boundaries:
             args += ["--boundaries", ",".join(map(str, s.boundaries))]
         if s.placement:

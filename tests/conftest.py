@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from common.model_import import EMBEDDED_MODEL_NAME, embedded_gguf_path, import_gguf
 from common.model_store import ModelStore, StoredModel
 from common.reference_model import load_reference_model
-from splitmesh.launcher import LocalMesh, MeshSpec
+from splitmesh.launcher import LocalMesh, MeshSpec, free_port
 
 STORE = Path(os.environ.get("SPLITMESH_STORE", "~/.cache/splitmesh/store")).expanduser()
 
@@ -58,6 +58,6 @@ def reference_greedy(model: PreTrainedModel, prompt_ids: list[int], max_new_toke
 def mesh(store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     """Orchestrator + 5 node agents as real processes on loopback; node-0 and node-4 are trusted."""
     spec = MeshSpec(nodes=5, store=store.root, workdir=tmp_path_factory.mktemp("mesh"), orchestrator_port=0,
-                    trusted=("node-0", "node-4"))
+                    trusted=("node-0", "node-4"), metrics_port=free_port())
     with LocalMesh(spec) as local:
         yield local
