@@ -20,15 +20,12 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.proto import splitmesh_pb2 as pb  # noqa: E402
-from common.spans import Span, even_boundaries, spans_from_boundaries  # noqa: E402
-from orchestrator.environment import cluster_state  # noqa: E402
-from orchestrator.planning import DecisionEngine, ModelProfile, Plan  # noqa: E402
-from orchestrator.policy import Policy  # noqa: E402
-from orchestrator.registry import Registry  # noqa: E402
-
-LLAMA_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "intermediate_size": 14336, "vocab_size": 128256}
+from common.proto import splitmesh_pb2 as pb
+from common.spans import Span, even_boundaries, spans_from_boundaries
+from orchestrator.environment import cluster_state
+from orchestrator.planning import DecisionEngine, Plan
+from orchestrator.policy import Policy
+from orchestrator.registry import Registry
 
 
 def reports(nodes: int, cycle: int) -> list[bytes]:
@@ -54,7 +51,6 @@ def main() -> int:
         registry.register(pb.RegisterRequest(node_id=f"node-{i}", address=f"10.0.0.{i}:50061"))
     policy = Policy()
     engine = DecisionEngine(policy.decision)
-    model = ModelProfile.from_config_dict(LLAMA_8B, 2)
     spans = spans_from_boundaries(even_boundaries(32, 4))
     plan = Plan.of([(s, n) for s, n in zip(spans, ["node-0", "node-5", "node-9", "node-1"], strict=True)])
     assert isinstance(plan.spans[0], Span)

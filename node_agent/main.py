@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from common.config import parse
 from common.grpc_options import SERVER_OPTIONS
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.transport import TransportError, bind
 from node_agent.config import NodeConfig
 from node_agent.reporter import Reporter
 from node_agent.runtime import NodeRuntime
@@ -25,20 +26,26 @@ log = logging.getLogger("node_agent")
 
 
 async def serve(config: NodeConfig) -> None:
-    runtime = NodeRuntime(config)
+    try:
+        runtime = NodeRuntime(config)
+    except TransportError as exc:
+        raise SystemExit(f"TLS settings: {exc}") from None
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_NodeServicer_to_server(NodeServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(config.listen)
+    try:
+        port = bind(server, config.listen, runtime.tls, insecure=config.insecure)
+    except TransportError as exc:
+        raise SystemExit(str(exc)) from None
     if port == 0:
         raise SystemExit(f"cannot listen on {config.listen}")
-    if not config.listen.startswith(("127.", "localhost", "[::1]")):
-        log.warning("serving plaintext gRPC on %s: use only on a trusted network", config.listen)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("splitmesh.v1.Node", health_pb2.HealthCheckResponse.SERVING)
-    log.info("node %s serving on %s (pid %d)", config.node_id, config.listen, os.getpid())
+    log.info("node %s serving on %s (pid %d, %s, activations %s)", config.node_id, config.listen, os.getpid(),
+             "mutual TLS" if runtime.tls else "plaintext",
+             "encrypted" if config.encrypt_activations else "in clear at the frame layer")
     reporter = asyncio.create_task(Reporter(runtime).run())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

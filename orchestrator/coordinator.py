@@ -10,13 +10,14 @@ from pathlib import Path
 
 import grpc
 
-from common.grpc_options import CHANNEL_OPTIONS
+from common.certs import Identity
 from common.model_store import ModelStore, StoredModel
 from common.plan_signing import load_or_create_signing_key, public_bytes, sign_plan
 from common.plan_view import PLAN_KIND, PlanView
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.spans import Span
+from common.transport import aio_channel
 from orchestrator.config import OrchestratorConfig
 from orchestrator.registry import Registry
 from orchestrator.state_store import StateStore
@@ -42,7 +43,8 @@ class Coordinator:
             self.view = PlanView.parse(plan)
             log.info("reloaded committed plan epoch %d: %s", self.view.epoch, self.view.describe())
         self._lock = asyncio.Lock()
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.tls = config.tls()  # None = plaintext (dev mode on loopback)
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self.latency_listeners: list[Callable[[float], None]] = []
 
     def observe_latency(self, latency_ms: float) -> None:
@@ -50,16 +52,19 @@ class Coordinator:
         for listener in self.latency_listeners:
             listener(latency_ms)
 
-    def _stub(self, address: str) -> pb_grpc.NodeStub:
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        return pb_grpc.NodeStub(self._channels[address])
+    def _stub(self, address: str, node_id: str) -> pb_grpc.NodeStub:
+        """A stub on a cached channel that, under TLS, accepts only the certificate of ``node_id``."""
+        key = (address, node_id)
+        if key not in self._channels:
+            self._channels[key] = aio_channel(address, self.tls, Identity("node", node_id))
+        return pb_grpc.NodeStub(self._channels[key])
 
     def build_plan(self, segments: Sequence[tuple[Span, str]], epoch: int) -> pb.Plan:
         now_ms = int(time.time() * 1000)
         last = len(segments) - 1
         used = {node_id for _, node_id in segments}
-        nodes = [pb.PlanNode(node_id=r.node_id, address=r.address, trusted=r.trusted)
+        nodes = [pb.PlanNode(node_id=r.node_id, address=r.address, trusted=r.trusted,
+                             x25519_public_key=r.x25519_public_key)
                  for r in sorted(self.registry.nodes.values(), key=lambda r: r.node_id) if r.node_id in used]
         return pb.Plan(kind=PLAN_KIND, cluster_id=self.config.cluster_id, epoch=epoch, model_digest=self.model.digest,
                        num_layers=self.model.num_layers, issued_at_ms=now_ms,
@@ -100,13 +105,13 @@ class Coordinator:
     async def _prepare(self, node_id: str, signed: pb.SignedPlan) -> tuple[bool, str]:
         address = self.registry.nodes[node_id].address
         try:
-            reply = await self._stub(address).Prepare(signed, timeout=self.config.prepare_timeout_s)
+            reply = await self._stub(address, node_id).Prepare(signed, timeout=self.config.prepare_timeout_s)
         except grpc.aio.AioRpcError as exc:
             return False, f"{node_id}: {exc.code().name} {exc.details()}"
         return reply.ok, reply.reason
 
     async def _call(self, node_id: str, method: str, request: pb.CommitRequest) -> None:
-        stub = self._stub(self.registry.nodes[node_id].address)
+        stub = self._stub(self.registry.nodes[node_id].address, node_id)
         await getattr(stub, method)(request, timeout=10)
 
     def serving(self) -> tuple[bool, str]:

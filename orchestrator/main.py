@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY, start_http_server
 from common.config import parse
 from common.grpc_options import SERVER_OPTIONS
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.transport import bind
 from orchestrator.adaptation import Adapter
 from orchestrator.config import OrchestratorConfig
 from orchestrator.coordinator import Coordinator
@@ -85,10 +86,8 @@ async def serve(config: OrchestratorConfig) -> None:
     pb_grpc.add_ModelFilesServicer_to_server(ModelFilesServicer(co.model.store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(config.listen) == 0:
+    if bind(server, config.listen, co.tls, insecure=config.insecure) == 0:  # mTLS, or plaintext where allowed
         raise SystemExit(f"cannot listen on {config.listen}")
-    if not config.listen.startswith(("127.", "localhost", "[::1]")):
-        log.warning("serving plaintext gRPC on %s: use only on a trusted network", config.listen)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("orchestrator serving on %s, model %s (%s)", config.listen, co.model.manifest.name, co.model.digest[:12])

@@ -20,6 +20,7 @@ class NodeRecord:
     links: list[pb.LinkStatus] = field(default_factory=list)
     active_sessions: int = 0
     plan_epoch: int = 0
+    x25519_public_key: bytes = b""  # the node's frame-encryption key, copied into every plan
 
 
 class Registry:
@@ -31,7 +32,7 @@ class Registry:
     def register(self, request: pb.RegisterRequest) -> NodeRecord:
         record = NodeRecord(node_id=request.node_id, address=request.address,
                             trusted=request.node_id in self._trusted, model_digests=set(request.model_digests),
-                            capacity=request.capacity)
+                            capacity=request.capacity, x25519_public_key=bytes(request.x25519_public_key))
         self.nodes[request.node_id] = record
         return record
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from common.authz import require_peer
 from common.plan_signing import key_id
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
@@ -28,8 +29,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def Register(self, request: pb.RegisterRequest,  # noqa: N802 - gRPC method name
                        context: grpc.aio.ServicerContext[pb.RegisterRequest, pb.RegisterReply]) -> pb.RegisterReply:
+        # The certificate must name the node it registers: trust (from our config) binds to that identity.
+        await require_peer(context, tls_on=self.co.tls is not None, kinds=("node",), node_id=request.node_id,
+                           what=f"Register as {request.node_id!r}")
         if not request.node_id or not request.address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
+        if len(request.x25519_public_key) not in (0, 32):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"x25519_public_key must be 32 bytes, got {len(request.x25519_public_key)}")
         if self.co.model.digest not in request.model_digests:
             log.warning("node %s lacks model %s in its store", request.node_id, self.co.model.digest[:12])
         record = self.co.registry.register(request)
@@ -45,10 +52,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def Report(self, request_iterator: AsyncIterator[pb.NodeReport],  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.NodeReport, pb.ReportAck]) -> pb.ReportAck:
+        caller = await require_peer(context, tls_on=self.co.tls is not None, kinds=("node",), what="Report")
         node_id = ""
         registration = 0.0
         try:
             async for report in request_iterator:
+                if caller is not None and report.node_id != caller.node_id:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                        f"node {caller.node_id} may not report as {report.node_id!r}")
                 record = self.co.registry.report(report)
                 if record is None:
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {report.node_id!r} must register")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from common.transport import DEFAULT_CLIENT_ID, ENV_CLIENT_ID, ENV_TLS_DIR
 from splitmesh import gateway
 from splitmesh.certs_cli import register as register_certs
 from splitmesh.client import DEFAULT_ADDRESS, Client, SplitmeshError
@@ -101,7 +102,7 @@ def _mesh_spec(args: argparse.Namespace) -> object:
         raise SystemExit("splitmesh up runs a local mesh: --address must be on 127.0.0.1")
     return MeshSpec(nodes=args.nodes, store=Path(args.store), workdir=Path(args.workdir), model=args.model,
                     orchestrator_port=int(port), trusted=args.trusted or ["node-0"], boundaries=args.boundaries or (),
-                    placement=args.place or (), threads=args.threads, adaptive=args.adaptive)
+                    placement=args.place or (), threads=args.threads, adaptive=args.adaptive, tls=args.tls)
 
 
 def _ensure_embedded(store_path: str, model: str) -> None:
@@ -138,7 +139,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             err.print(f"[red]mesh failed to start:[/red] {exc}")
             return 1
     console.print(plan_table(status.plan))
-    console.print(f"serving on [bold]{mesh.address}[/bold]; try: splitmesh generate \"Hello\"   (Ctrl-C stops)")
+    tls_hint = f"--tls-dir {mesh.tls_dir} " if args.tls else ""
+    console.print(f"serving on [bold]{mesh.address}[/bold]{' with mutual TLS' if args.tls else ''}; "
+                  f"try: splitmesh {tls_hint}generate \"Hello\"   (Ctrl-C stops)")
     try:
         while not stop:
             for name, proc in mesh.processes.items():
@@ -229,7 +232,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    from common.transport import sync_channel, tls_from_env
+
+    with sync_channel(args.address, tls_from_env()) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         except grpc.RpcError as exc:
@@ -299,6 +304,12 @@ def cmd_policy(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitmesh", description="Split inference of language models across boxes.")
+    parser.add_argument("--tls-dir", default=None,
+                        help="folder with ca.crt and the client certificate: every call uses mutual TLS "
+                             f"(env {ENV_TLS_DIR})")
+    parser.add_argument("--tls-id", default=None,
+                        help=f"name of the client certificate in --tls-dir (default {DEFAULT_CLIENT_ID}, "
+                             f"env {ENV_CLIENT_ID})")
     sub = parser.add_subparsers(dest="command", required=True)
     register_certs(sub)
 
@@ -318,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, default=0, help="torch threads per node (0 = all cores)")
     up.add_argument("--adaptive", action="store_true",
                     help="run the adaptive loop (off by default locally: all nodes share one machine)")
+    up.add_argument("--tls", action="store_true",
+                    help="mutual TLS on every channel: a CA and certificates are made in WORKDIR/tls")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the mesh to serve")
     up.set_defaults(func=cmd_up)
 
@@ -393,6 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from common.model_store import StoreError
 
     args = build_parser().parse_args(argv)
+    # Global TLS flags go through the environment so every SDK client in this process (the gateway's too) uses them.
+    if args.tls_dir:
+        os.environ[ENV_TLS_DIR] = args.tls_dir
+    if args.tls_id:
+        os.environ[ENV_CLIENT_ID] = args.tls_id
     try:
         code: int = args.func(args)
         return code

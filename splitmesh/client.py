@@ -1,19 +1,25 @@
 """Client SDK: ask the orchestrator for the route, then stream a generation from the head node.
 
 The orchestrator is never on the per-token path: tokens flow from the head straight to the caller.
+With ``tls=TlsConfig(...)`` (or ``SPLITMESH_TLS_DIR`` in the environment, with the
+``SPLITMESH_CLIENT_ID`` certificate, default ``client``) every channel is mutual TLS, and the client
+accepts only the orchestrator's certificate and, for the stream, the head node's named in the plan.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
 
-from common.grpc_options import CHANNEL_OPTIONS
+from common.certs import Identity
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.tls import TlsConfig
+from common.transport import DEFAULT_ORCHESTRATOR_ID, ENV_ORCHESTRATOR_ID, aio_channel, sync_channel, tls_from_env
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 Messages = Sequence[dict[str, str]]
@@ -67,20 +73,29 @@ def _event(event: pb.GenerateEvent) -> TokenEvent:
                       epoch=event.epoch, session_id=event.session_id)
 
 
-def _head_address(signed: pb.SignedPlan) -> str:
+def _head(signed: pb.SignedPlan) -> tuple[str, str]:
+    """(node id, address) of the head node of a plan."""
     plan = pb.Plan()
     plan.ParseFromString(signed.plan_bytes)
     head = plan.segments[0].node_id
-    return next(n.address for n in plan.nodes if n.node_id == head)
+    return head, next(n.address for n in plan.nodes if n.node_id == head)
+
+
+def _security(tls: TlsConfig | None, orchestrator_id: str | None) -> tuple[TlsConfig | None, Identity]:
+    """Explicit settings, else the environment's; the orchestrator identity the channel pins under TLS."""
+    name = orchestrator_id or os.environ.get(ENV_ORCHESTRATOR_ID, DEFAULT_ORCHESTRATOR_ID)
+    return (tls if tls is not None else tls_from_env()), Identity("orchestrator", name)
 
 
 class Client:
     """Synchronous client. ``generate`` yields :class:`TokenEvent` objects as tokens arrive."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0, *, tls: TlsConfig | None = None,
+                 orchestrator_id: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.tls, orchestrator = _security(tls, orchestrator_id)
+        self._channel = sync_channel(address, self.tls, orchestrator)
         self.admin = pb_grpc.AdminStub(self._channel)
         self._orchestrator = pb_grpc.OrchestratorStub(self._channel)
         self._heads: dict[str, grpc.Channel] = {}
@@ -134,10 +149,11 @@ class Client:
             raise SplitmeshError(exc.code().name, exc.details() or "") from exc
 
     def _head(self) -> pb_grpc.NodeStub:
-        address = _head_address(self.signed_plan())
-        if address not in self._heads:
-            self._heads[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        return pb_grpc.NodeStub(self._heads[address])
+        node_id, address = _head(self.signed_plan())
+        key = f"{node_id}@{address}"
+        if key not in self._heads:
+            self._heads[key] = sync_channel(address, self.tls, Identity("node", node_id))
+        return pb_grpc.NodeStub(self._heads[key])
 
     def generate(self, prompt: str | Messages | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
@@ -159,10 +175,12 @@ class Client:
 class AsyncClient:
     """The asyncio twin of :class:`Client`."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0, *, tls: TlsConfig | None = None,
+                 orchestrator_id: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.tls, orchestrator = _security(tls, orchestrator_id)
+        self._channel = aio_channel(address, self.tls, orchestrator)
         self._orchestrator = pb_grpc.OrchestratorStub(self._channel)
         self.admin = pb_grpc.AdminStub(self._channel)
         self._heads: dict[str, grpc.aio.Channel] = {}
@@ -184,10 +202,11 @@ class AsyncClient:
         request = build_request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
         try:
             signed = await self._orchestrator.GetPlan(pb.GetPlanRequest(), timeout=30)
-            address = _head_address(signed)
-            if address not in self._heads:
-                self._heads[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            call = pb_grpc.NodeStub(self._heads[address]).Generate(request, timeout=self.timeout_s)
+            node_id, address = _head(signed)
+            key = f"{node_id}@{address}"
+            if key not in self._heads:
+                self._heads[key] = aio_channel(address, self.tls, Identity("node", node_id))
+            call = pb_grpc.NodeStub(self._heads[key]).Generate(request, timeout=self.timeout_s)
             try:
                 async for event in call:
                     yield _event(event)

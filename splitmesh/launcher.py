@@ -1,6 +1,9 @@
 """Start a whole local mesh (orchestrator + N node agents) as separate processes on loopback.
 
 Used by ``splitmesh up``/``demo`` and by the test fixtures, so tests run exactly what users run.
+With ``MeshSpec.tls`` the mesh gets its own CA and certificates (orchestrator, every node, one
+client) in ``WORKDIR/tls`` and every channel is mutual TLS; ``LocalMesh.client_tls`` is what an
+SDK or test presents.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ from typing import IO
 
 import grpc
 
-from common.grpc_options import CHANNEL_OPTIONS
+from common import certs
+from common.certs import Identity
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.tls import TlsConfig
+from common.transport import DEFAULT_CLIENT_ID, DEFAULT_ORCHESTRATOR_ID, TLS_ENV, sync_channel
+from splitmesh.client import Client
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,20 @@ class MeshSpec:
     metrics_port: int = 0  # orchestrator's Prometheus port (0 = off)
     adaptive: bool = False  # run the orchestrator's adaptive loop (off: plans change by operator or node loss)
     node_stores_empty: bool = False  # give each node its own empty store: weights stream from the orchestrator
+    tls: bool = False  # mutual TLS on every channel, with a CA and certificates made in WORKDIR/tls
+    encrypt_activations: bool = True  # seal activation frames on every node-to-node hop
     extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def ensure_local_pki(directory: Path, node_ids: Sequence[str]) -> TlsConfig:
+    """A CA plus orchestrator, node and client certificates (kept if present); returns the client's files."""
+    if not (directory / "ca.crt").exists():
+        certs.init_ca(directory)
+    wanted = [(DEFAULT_ORCHESTRATOR_ID, "orchestrator"), (DEFAULT_CLIENT_ID, "client")]
+    for name, kind in [*wanted, *((n, "node") for n in node_ids)]:
+        if not (directory / f"{name}.crt").exists():
+            certs.issue(directory, name, kind)
+    return TlsConfig.from_dir(directory, DEFAULT_CLIENT_ID)
 
 
 class LocalMesh:
@@ -61,12 +81,23 @@ class LocalMesh:
         self.node_addresses = {n: f"127.0.0.1:{free_port()}" for n in self.node_ids}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
+        self.tls_dir = self.workdir / "tls"
+        self.client_tls: TlsConfig | None = ensure_local_pki(self.tls_dir, self.node_ids) if spec.tls else None
+
+    def _tls_args(self) -> list[str]:
+        return ["--tls-dir", str(self.tls_dir)] if self.spec.tls else []
+
+    def client(self, timeout_s: float = 600.0) -> Client:
+        """An SDK client for this mesh, with the mesh's client certificate when TLS is on."""
+        return Client(self.address, timeout_s, tls=self.client_tls)
 
     def _spawn(self, name: str, module: str, args: list[str]) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log_file = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
         self._logs.append(log_file)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
+        # The mesh's own flags decide TLS: settings from the caller's environment must not leak into it.
+        inherited = {k: v for k, v in os.environ.items() if k not in TLS_ENV}
+        env = {**inherited, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
         self.processes[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log_file,
                                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -74,7 +105,8 @@ class LocalMesh:
         s = self.spec
         args = ["--listen", self.address, "--state-dir", str(self.workdir / "orchestrator"), "--store", str(self.store),
                 "--model", s.model, "--min-nodes", str(s.nodes), "--trusted-nodes", ",".join(s.trusted),
-                "--adaptive" if s.adaptive else "--no-adaptive", "--metrics-port", str(s.metrics_port)]
+                "--adaptive" if s.adaptive else "--no-adaptive", "--metrics-port", str(s.metrics_port),
+                *self._tls_args()]
         if s.boundaries:
             args += ["--boundaries", ",".join(map(str, s.boundaries))]
         if s.placement:
@@ -85,7 +117,8 @@ class LocalMesh:
         store = self.workdir / "node-stores" / node_id if self.spec.node_stores_empty else self.store
         args = ["--node-id", node_id, "--listen", self.node_addresses[node_id], "--orchestrator", self.address,
                 "--store", str(store), "--state-dir", str(self.workdir / "nodes"),
-                "--threads", str(self.spec.threads)]
+                "--threads", str(self.spec.threads), *self._tls_args(),
+                "--encrypt-activations" if self.spec.encrypt_activations else "--no-encrypt-activations"]
         self._spawn(node_id, "node_agent", args)
 
     def start(self, timeout_s: float = 180.0) -> None:
@@ -95,7 +128,8 @@ class LocalMesh:
         self.wait_serving(timeout_s)
 
     def status(self) -> pb.StatusReply | None:
-        with grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+        orchestrator = Identity("orchestrator", DEFAULT_ORCHESTRATOR_ID)
+        with sync_channel(self.address, self.client_tls, orchestrator) as channel:
             try:
                 reply: pb.StatusReply = pb_grpc.AdminStub(channel).Status(pb.StatusRequest(), timeout=2)
                 return reply
