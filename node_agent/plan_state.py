@@ -6,22 +6,35 @@ persisted with fsync so a restart can never be rolled back to an older plan.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
 from common.model_store import ModelStore
-from common.plan_signing import PlanSignatureError, verify_signature
+from common.plan_signing import PlanSignatureError, public_bytes, verify_signature
 from common.plan_view import PlanError, PlanView
 from common.proto import splitmesh_pb2 as pb
 from node_agent.segment_pool import SegmentPool
 
 log = logging.getLogger(__name__)
 MAX_PLAN_BYTES = 1 << 20
+CLOCK_SKEW_MS = 60_000  # how far in the future an issued-at may be before the plan is refused
+
+
+def _durable_write(path: Path, data: bytes) -> None:
+    """Write-then-rename with fsync, so a crash leaves the old or the new contents, never half."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 class PlanRejected(Exception):
@@ -39,17 +52,37 @@ class PlanState:
         self._store = store
         self._pool = pool
         self._epoch_file = state_dir / "highest_epoch"
+        self._key_file = state_dir / "plan_key.json"
+        self._committed_file = state_dir / "committed_plan.pb"
         state_dir.mkdir(parents=True, exist_ok=True)
         self.highest_accepted = int(self._epoch_file.read_text()) if self._epoch_file.exists() else 0
         self.keys: dict[str, Ed25519PublicKey] = {}
+        self.cluster_id = ""
+        if self._key_file.exists():
+            saved = json.loads(self._key_file.read_text())
+            self.keys[saved["key_id"]] = Ed25519PublicKey.from_public_bytes(bytes.fromhex(saved["public_key"]))
+            self.cluster_id = saved["cluster_id"]
+        self._signed: dict[int, pb.SignedPlan] = {}
         self.committed: PlanView | None = None
         self._accepted_bytes: dict[int, bytes] = {}
         self._pending: dict[int, PlanView] = {}
         self._known: dict[int, PlanView] = {}  # committed plans sessions may still run under
         self._lock = threading.Lock()
 
-    def trust_key(self, key_id: str, public: Ed25519PublicKey) -> None:
+    def trust_key(self, key_id: str, public: Ed25519PublicKey, cluster_id: str = "") -> None:
+        """Accept plans signed by this key for this cluster, and remember both across restarts.
+
+        A node that already trusts another key refuses the new one: an orchestrator whose key changed
+        (or an impostor) must be re-admitted by an operator clearing the node's state.
+        """
+        if self.keys and key_id not in self.keys:
+            raise PermissionError(f"plan key {key_id} is not the key this node trusts ({', '.join(self.keys)})")
+        if self.cluster_id and cluster_id and cluster_id != self.cluster_id:
+            raise PermissionError(f"cluster {cluster_id!r} is not this node's cluster {self.cluster_id!r}")
         self.keys[key_id] = public
+        self.cluster_id = cluster_id or self.cluster_id
+        _durable_write(self._key_file, json.dumps({"key_id": key_id, "public_key": public_bytes(public).hex(),
+                                                   "cluster_id": self.cluster_id}).encode())
 
     def plan(self, epoch: int) -> PlanView | None:
         return self._known.get(epoch)
@@ -75,6 +108,15 @@ class PlanState:
         if plan.epoch <= self.highest_accepted:
             raise PlanRejected("FAILED_PRECONDITION",
                                f"stale plan epoch {plan.epoch}: already accepted {self.highest_accepted}")
+        if self.cluster_id and plan.cluster_id != self.cluster_id:
+            raise PlanRejected("PERMISSION_DENIED",
+                               f"plan for cluster {plan.cluster_id!r}, this is {self.cluster_id!r}")
+        now_ms = int(time.time() * 1000)
+        if plan.issued_at_ms > now_ms + CLOCK_SKEW_MS:
+            raise PlanRejected("FAILED_PRECONDITION", f"plan issued {(plan.issued_at_ms - now_ms) / 1000:.0f}s "
+                                                      "in the future")
+        if plan.expires_at_ms <= now_ms:
+            raise PlanRejected("FAILED_PRECONDITION", "plan has expired")
         try:
             view = PlanView.parse(plan)
         except PlanError as exc:
@@ -85,16 +127,38 @@ class PlanState:
         return view
 
     def _persist_highest(self, epoch: int) -> None:
-        tmp = self._epoch_file.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(str(epoch))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._epoch_file)
+        _durable_write(self._epoch_file, str(epoch).encode())
         self.highest_accepted = epoch
 
-    def prepare_blocking(self, view: PlanView, plan_bytes: bytes) -> None:
-        """Load this node's segments of ``view`` (runs on the compute thread), then mark it pending."""
+    def restore_blocking(self) -> PlanView | None:
+        """After a restart, serve the last committed plan again (re-verified, layers reloaded)."""
+        if not self._committed_file.exists() or not self.keys:
+            return None
+        signed = pb.SignedPlan()
+        signed.ParseFromString(self._committed_file.read_bytes())
+        try:
+            verify_signature(signed, self.keys)
+        except PlanSignatureError as exc:
+            log.error("persisted plan does not verify (%s): not restoring it", exc)
+            return None
+        plan = pb.Plan()
+        plan.ParseFromString(signed.plan_bytes)
+        if plan.expires_at_ms <= time.time() * 1000:
+            log.info("persisted plan epoch %d has expired: waiting for a new one", plan.epoch)
+            return None
+        view = PlanView.parse(plan)
+        self.load_and_hold(view, signed)
+        self.commit(view.epoch)
+        log.info("restored committed plan epoch %d after restart", view.epoch)
+        return view
+
+    def prepare_blocking(self, view: PlanView, signed: pb.SignedPlan) -> None:
+        """Load this node's segments of ``view`` (runs off the event loop), then mark it pending."""
+        self.load_and_hold(view, signed)
+        with self._lock:
+            self._persist_highest(view.epoch)
+
+    def load_and_hold(self, view: PlanView, signed: pb.SignedPlan) -> None:
         acquired = []
         try:
             for segment in view.segments_on(self.node_id):
@@ -105,8 +169,8 @@ class PlanState:
                 self._pool.release(view.model_digest, span)
             raise
         with self._lock:
-            self._persist_highest(view.epoch)
-            self._accepted_bytes[view.epoch] = plan_bytes
+            self._accepted_bytes[view.epoch] = signed.plan_bytes
+            self._signed[view.epoch] = signed
             self._pending[view.epoch] = view
 
     def commit(self, epoch: int) -> bool:
@@ -119,6 +183,9 @@ class PlanState:
                 return False
             old, self.committed = self.committed, view
             self._known[epoch] = view
+            signed = self._signed.pop(epoch, None)
+            if signed is not None:
+                _durable_write(self._committed_file, signed.SerializeToString())
             for stale in [e for e in self._pending if e < epoch]:
                 self._release(self._pending.pop(stale))
         if old is not None:

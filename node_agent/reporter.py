@@ -38,7 +38,7 @@ class Reporter:
         offered = Ed25519PublicKey.from_public_bytes(reply.plan_public_key)
         if pinned is not None and key_id(pinned) != key_id(offered):
             raise PermissionError("orchestrator offered a plan key that differs from the pinned one")
-        self.rt.plans.trust_key(key_id(offered), pinned or offered)
+        self.rt.plans.trust_key(key_id(offered), pinned or offered, reply.cluster_id)
         if reply.report_interval_ms:
             self.interval_s = reply.report_interval_ms / 1000.0
         log.info("registered with orchestrator (trusted=%s, cluster=%s)", reply.trusted, reply.cluster_id)
@@ -65,5 +65,8 @@ class Reporter:
                 except grpc.aio.AioRpcError as exc:
                     log.log(logging.DEBUG if exc.code() == grpc.StatusCode.UNAVAILABLE else logging.WARNING,
                             "orchestrator link: %s %s", exc.code().name, exc.details())
+                except PermissionError as exc:  # an orchestrator this node must not trust: keep serving, say so
+                    log.error("refusing the orchestrator at %s: %s", self.rt.config.orchestrator, exc)
+                    backoff = 5.0
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

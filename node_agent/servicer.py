@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -180,7 +181,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         if fetched:
             log.info("epoch %d: fetched %.1f MB of weights", view.epoch, fetched / 1e6)
         try:
-            await self.rt.compute.run(self.rt.plans.prepare_blocking, view, request.plan_bytes)
+            # Loading runs beside the compute thread, so sessions keep generating while a plan is prepared.
+            await asyncio.get_running_loop().run_in_executor(None, self.rt.plans.prepare_blocking, view, request)
         except (OSError, ValueError, RuntimeError) as exc:
             log.error("cannot prepare epoch %d: %s", view.epoch, exc)
             return pb.PrepareReply(ok=False, reason=f"{self.rt.node_id}: {exc}")
