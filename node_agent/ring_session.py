@@ -14,6 +14,7 @@ import time
 import grpc
 import torch
 
+from common.log_format import EPOCH, SESSION
 from common.plan_view import PlanView
 from node_agent.pipeline import HopError, SessionPipeline
 from node_agent.runtime import NodeRuntime
@@ -70,6 +71,8 @@ class RingSession:
 
     async def next_token(self, step: int) -> int:
         """The token for ``step``; switches plans first if a newer one is committed."""
+        SESSION.set(self.session_id)
+        EPOCH.set(self.view.epoch if self.view else 0)
         newer = self._newer_plan()
         if newer is not None:
             log.info("session %s moves to epoch %d at step %d by replay", self.session_id[:8], newer.epoch, step)

@@ -40,6 +40,7 @@ class OrchestratorConfig:
     ewma_alpha: float = field(0.3, "smoothing of the end-to-end latency EWMA")
     metrics_port: int = field(0, "HTTP port for Prometheus /metrics (0 = off)")
     log_level: str = field("INFO", "logging level")
+    log_json: bool = field(False, "log one JSON object per line")
 
     def tls(self) -> TlsConfig | None:
         """The orchestrator's TLS files, or None for plaintext (raises TransportError when incomplete)."""

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY, start_http_server
 
 from common.config import parse
 from common.grpc_options import SERVER_OPTIONS
+from common.log_format import setup_logging
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.transport import bind
 from orchestrator.adaptation import Adapter
@@ -107,8 +108,7 @@ async def serve(config: OrchestratorConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse(OrchestratorConfig, argv, "splitmesh orchestrator: plans and reconfigures the mesh",
                    section="orchestrator")
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [orchestrator] %(name)s: %(message)s")
+    setup_logging("orchestrator", config.log_level, config.log_json)
     asyncio.run(serve(config))
     return 0
 
