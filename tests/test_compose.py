@@ -59,3 +59,16 @@ def test_the_schema_check_rejects_a_broken_file(compose: dict[str, Any]) -> None
     broken = json.loads(json.dumps(compose))
     broken["services"]["edge-a"]["depends_on"] = {"orchestrator": {"condition": "when-it-feels-like-it"}}
     assert list(jsonschema.Draft7Validator(json.loads(SCHEMA.read_text())).iter_errors(broken))
+
+
+def test_every_grpc_service_runs_mutual_tls(compose: dict[str, Any]) -> None:
+    """Plaintext on a non-loopback address is refused at start-up, so every server needs certificates."""
+    services = compose["services"]
+    for name in ("orchestrator", "edge-a", "edge-b", "cloud", "cli"):
+        service = services[name]
+        assert service["environment"]["SPLITMESH_TLS_DIR"] == "/etc/splitmesh/tls", name
+        assert "tls:/etc/splitmesh/tls:ro" in service["volumes"], name
+        assert "SPLITMESH_INSECURE" not in service["environment"], name
+    issued = services["certs"]["command"][0]
+    for name in ("orchestrator", "edge-a", "edge-b", "cloud", "client"):
+        assert name in issued
