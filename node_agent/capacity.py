@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import psutil
 
@@ -42,12 +43,26 @@ class GpuProbe:
 
 
 class CapacityProbe:
+    """CPU load from *other* work on the CPUs this process may run on, so co-located nodes (or a node
+    busy with its own layers) do not read as an overloaded box."""
+
     def __init__(self) -> None:
         self._gpus = GpuProbe()
-        psutil.cpu_percent(interval=None)  # primes the counter: later calls measure since the previous one
+        self._cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self._me = psutil.Process()
+        psutil.cpu_percent(interval=None, percpu=True)  # primes the counters: later calls measure since then
+        self._me.cpu_percent(interval=None)
 
-    def read(self, layer_ms: float = 0.0) -> pb.Capacity:
+    def other_work(self) -> float:
+        per_cpu = psutil.cpu_percent(interval=None, percpu=True)
+        mine = [per_cpu[i] for i in self._cpus if i < len(per_cpu)] or per_cpu
+        busy = sum(mine) / 100.0  # in CPUs
+        own = self._me.cpu_percent(interval=None) / 100.0  # this process, in CPUs
+        return max(0.0, min(1.0, (busy - own) / max(1, len(mine))))
+
+    def read(self, layer_decode_ms: float = 0.0, layer_prefill_ms: float = 0.0) -> pb.Capacity:
         memory = psutil.virtual_memory()
-        return pb.Capacity(cpu_utilisation=psutil.cpu_percent(interval=None) / 100.0,
-                           memory_total_bytes=memory.total, memory_available_bytes=memory.available,
-                           gpus=self._gpus.read(), cpu_count=psutil.cpu_count() or 1, layer_decode_ms=layer_ms)
+        return pb.Capacity(cpu_utilisation=self.other_work(), memory_total_bytes=memory.total,
+                           memory_available_bytes=memory.available, gpus=self._gpus.read(),
+                           cpu_count=len(self._cpus) or psutil.cpu_count() or 1, layer_decode_ms=layer_decode_ms,
+                           layer_prefill_ms_per_token=layer_prefill_ms)
