@@ -1,7 +1,9 @@
 """What splitting costs: single-process decode vs the mesh with 1 and 3 segments on loopback.
 
-All three run in one session, interleaved round by round so machine noise hits them alike.
-Prints a table, the ratios and the per-hop overhead, then one JSON line with every figure.
+All run in one session, interleaved round by round so machine noise hits them alike. The 3-segment
+mesh runs twice, with activation encryption on (the default) and off, to price the frame crypto
+(target: encrypted tokens/s >= 0.97x plaintext). Prints a table, the ratios and the per-hop overhead,
+then one JSON line with every figure.
 
     .venv/bin/python bench/overhead.py --tokens 64 --rounds 5
 """
@@ -76,26 +78,34 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="splitmesh-bench-"))
     one = LocalMesh(MeshSpec(nodes=1, store=store.root, workdir=work / "one", orchestrator_port=0))
-    three = LocalMesh(MeshSpec(nodes=3, store=store.root, workdir=work / "three", orchestrator_port=0,
-                               trusted=("node-0", "node-2"), boundaries=(0, 10, 20, 30),
-                               placement=("node-0", "node-1", "node-2")))
-    samples: dict[str, list[float]] = {"single": [], "mesh1": [], "mesh3": []}
+    def three_segments(name: str, encrypt: bool) -> LocalMesh:
+        return LocalMesh(MeshSpec(nodes=3, store=store.root, workdir=work / name, orchestrator_port=0,
+                                  trusted=("node-0", "node-2"), boundaries=(0, 10, 20, 30),
+                                  placement=("node-0", "node-1", "node-2"), encrypt_activations=encrypt))
+
+    one = LocalMesh(MeshSpec(nodes=1, store=store.root, workdir=work / "one", orchestrator_port=0))
+    three = three_segments("three", encrypt=True)
+    three_plain = three_segments("three-plain", encrypt=False)
+    meshes = [one, three, three_plain]
+    samples: dict[str, list[float]] = {"single": [], "mesh1": [], "mesh3": [], "mesh3_plain": []}
     try:
-        with console.status("starting two local meshes (1 and 3 segments)"):
-            one.start()
-            three.start()
-        with Client(one.address) as c1, Client(three.address) as c3, Progress(console=console) as progress:
-            mesh_step_times(c1, 4)
-            mesh_step_times(c3, 4)  # warm-up: first calls load tokenizers and open channels
+        with console.status("starting three local meshes (1 segment; 3 segments encrypted and in clear)"):
+            for mesh in meshes:
+                mesh.start()
+        with Client(one.address) as c1, Client(three.address) as c3, Client(three_plain.address) as c3p, \
+                Progress(console=console) as progress:
+            for client in (c1, c3, c3p):
+                mesh_step_times(client, 4)  # warm-up: first calls load tokenizers and open channels
             task = progress.add_task("interleaved rounds", total=args.rounds)
             for _ in range(args.rounds):
                 samples["single"] += single_process_step_times(reference, prompt_ids, args.tokens)
                 samples["mesh1"] += mesh_step_times(c1, args.tokens)
                 samples["mesh3"] += mesh_step_times(c3, args.tokens)
+                samples["mesh3_plain"] += mesh_step_times(c3p, args.tokens)
                 progress.advance(task)
     finally:
-        one.stop()
-        three.stop()
+        for mesh in meshes:
+            mesh.stop()
 
     median_ms = {k: statistics.median(v) * 1000 for k, v in samples.items()}
     tps = {k: 1000.0 / v for k, v in median_ms.items()}
@@ -109,17 +119,23 @@ def main() -> int:
         "mesh3_tokens_per_s": round(tps["mesh3"], 2),
         "mesh1_vs_single": round(tps["mesh1"] / tps["single"], 3),
         "mesh3_vs_single": round(tps["mesh3"] / tps["single"], 3),
+        "mesh3_plain_ms_per_token": round(median_ms["mesh3_plain"], 3),
+        "mesh3_plain_tokens_per_s": round(tps["mesh3_plain"], 2),
+        "encrypted_vs_plain": round(tps["mesh3"] / tps["mesh3_plain"], 3),
         "per_hop_overhead_ms_median": round(per_hop_ms, 3),
     }
     table = Table(title=f"decode speed, median of {args.rounds} x {args.tokens - 1} steps, SmolLM2-135M fp32 on CPU")
     for column in ("configuration", "ms/token", "tokens/s", "vs single-process"):
         table.add_column(column, justify="right")
     for key, label in (("single", "single process (transformers)"), ("mesh1", "mesh, 1 segment"),
-                       ("mesh3", "mesh, 3 segments on 3 nodes")):
+                       ("mesh3", "mesh, 3 segments (encrypted)"),
+                       ("mesh3_plain", "mesh, 3 segments (in clear)")):
         table.add_row(label, f"{median_ms[key]:.2f}", f"{tps[key]:.2f}", f"{tps[key] / tps['single']:.3f}x")
     console.print(table)
     console.print(f"per-hop overhead (node boundary, activation + token back): {per_hop_ms:.3f} ms median "
                   f"(target <= 0.5 ms); 3-segment / single = {figures['mesh3_vs_single']:.3f} (target >= 0.95)")
+    console.print(f"activation encryption: {tps['mesh3']:.2f} vs {tps['mesh3_plain']:.2f} tokens/s in clear = "
+                  f"{figures['encrypted_vs_plain']:.3f}x (target >= 0.97)")
     print(json.dumps(figures))
     return 0
 

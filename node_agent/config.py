@@ -25,6 +25,8 @@ class NodeConfig:
     chunk_bytes: int = field(1 << 20, "activation bytes per wire message")
     hop_timeout_s: float = field(30.0, "deadline for one step's reply from the next node")
     recovery_timeout_s: float = field(20.0, "how long a session waits for a replacement plan after a failure")
+    probe_interval_s: float = field(5.0, "how often to measure RTT and bandwidth to every plan peer (0 = off)")
+    probe_bytes: int = field(1 << 20, "payload of the bandwidth probe (large enough to outlast shaper bursts)")
     report_interval_ms: int = field(1000, "capacity report period (overridden by the orchestrator)")
     plan_public_key: str = field("", "pinned orchestrator Ed25519 public key (hex); empty = learn at registration")
     encrypt_activations: bool = field(True, "seal activation frames per hop (AES-256-GCM, HPKE key exchange); "

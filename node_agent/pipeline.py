@@ -144,7 +144,7 @@ class SessionPipeline:
 
     def __init__(self, *, node_id: str, session_id: str, view: PlanView, first: int, runners: list[SegmentRunner],
                  sampling: SamplingConfig, compute: ComputeThread, channels: ChannelPool, chunk_bytes: int,
-                 timeout_s: float, on_compute: Callable[[int, float], None] | None = None, encrypt: bool = True,
+                 timeout_s: float, on_compute: Callable[[int, int, float], None] | None = None, encrypt: bool = True,
                  rekey_after: int = MAX_FRAMES_PER_KEY) -> None:
         self.runners = runners
         self._caches = [r.new_cache() for r in runners]
@@ -171,7 +171,7 @@ class SessionPipeline:
         for runner, cache in zip(self.runners, self._caches, strict=True):
             hidden = runner.run(cache, hidden, position)
         if self._on_compute is not None:
-            self._on_compute(self._layers * hidden.shape[1], time.perf_counter() - started)
+            self._on_compute(self._layers, int(hidden.shape[1]), time.perf_counter() - started)
         return hidden
 
     def _run_and_sample(self, inputs: torch.Tensor, position: int, step: int) -> int:

@@ -13,9 +13,15 @@ from common.plan_signing import key_id
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from node_agent.capacity import CapacityProbe
+from node_agent.link_probe import LinkProber
 from node_agent.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("link prober stopped: %r", task.exception())
 
 
 class Reporter:
@@ -24,6 +30,7 @@ class Reporter:
         self.probe = CapacityProbe()
         self.interval_s = runtime.config.report_interval_ms / 1000.0
         self.registered = asyncio.Event()
+        self.prober = LinkProber(runtime)
 
     def _pinned_key(self) -> Ed25519PublicKey | None:
         raw = self.rt.config.plan_public_key.strip()
@@ -48,13 +55,17 @@ class Reporter:
         while True:
             latency, tokens = self.rt.stats.take_token_latency()
             committed = self.rt.plans.committed
-            yield pb.NodeReport(node_id=self.rt.node_id, capacity=self.probe.read(self.rt.stats.layer_ms),
-                                token_latency_ms=latency, tokens=tokens, active_sessions=len(self.rt.sessions),
+            capacity = self.probe.read(self.rt.stats.layer_ms, self.rt.stats.prefill_layer_ms)
+            yield pb.NodeReport(node_id=self.rt.node_id, capacity=capacity,
+                                links=list(self.prober.links.values()), token_latency_ms=latency,
+                                tokens=tokens, active_sessions=len(self.rt.sessions),
                                 plan_epoch=committed.epoch if committed else 0)
             await asyncio.sleep(self.interval_s)
 
     async def run(self) -> None:
         backoff = 0.2
+        prober = asyncio.create_task(self.prober.run())
+        prober.add_done_callback(_log_failure)
         async with self.rt.orchestrator_channel() as channel:
             stub = pb_grpc.OrchestratorStub(channel)
             while True:

@@ -38,17 +38,22 @@ class NotHostedError(Exception):
 class LiveStats:
     """Running figures the capacity reporter sends: compute per layer-token and head latency."""
 
-    layer_ms: float = 0.0  # EWMA of compute milliseconds per layer per token row
+    layer_ms: float = 0.0  # EWMA of decode milliseconds per layer (one token row)
+    prefill_layer_ms: float = 0.0  # EWMA of prefill milliseconds per layer per token row
     token_latency_sum_ms: float = 0.0
     tokens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record_compute(self, layer_rows: int, seconds: float) -> None:
-        if layer_rows <= 0:
+    def record_compute(self, layers: int, rows: int, seconds: float) -> None:
+        """One segment run: ``layers`` decoder layers over ``rows`` token rows (1 = a decode step)."""
+        if layers <= 0 or rows <= 0:
             return
-        per = seconds * 1000.0 / layer_rows
+        per = seconds * 1000.0 / (layers * rows)
         with self.lock:
-            self.layer_ms = per if self.layer_ms == 0.0 else 0.9 * self.layer_ms + 0.1 * per
+            if rows == 1:
+                self.layer_ms = per if self.layer_ms == 0.0 else 0.9 * self.layer_ms + 0.1 * per
+            else:
+                self.prefill_layer_ms = per if self.prefill_layer_ms == 0.0 else 0.8 * self.prefill_layer_ms + 0.2 * per
 
     def record_token(self, latency_ms: float) -> None:
         with self.lock:

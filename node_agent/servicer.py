@@ -201,6 +201,10 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.rt.plans.abort(request.epoch)
         return pb.CommitReply()
 
+    async def Probe(self, request: pb.ProbeRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext[pb.ProbeRequest, pb.ProbeReply]) -> pb.ProbeReply:
+        return pb.ProbeReply(received_bytes=len(request.payload))
+
     async def Info(self, request: pb.NodeInfoRequest,  # noqa: N802
                    context: grpc.aio.ServicerContext[pb.NodeInfoRequest, pb.NodeInfoReply]) -> pb.NodeInfoReply:
         view = self.rt.plans.committed

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from common.transport import DEFAULT_CLIENT_ID, ENV_CLIENT_ID, ENV_TLS_DIR
+from common.transport import DEFAULT_CLIENT_ID, ENV_CLIENT_ID, ENV_TLS_DIR, TransportError
 from splitmesh import gateway
 from splitmesh.certs_cli import register as register_certs
 from splitmesh.client import DEFAULT_ADDRESS, Client, SplitmeshError
@@ -422,6 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except StoreError as exc:
         err.print(f"error: {exc}")
+        return 1
+    except TransportError as exc:
+        err.print(f"error: TLS settings: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130

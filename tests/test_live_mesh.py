@@ -8,10 +8,12 @@ import grpc
 import pytest
 import torch
 
+from common.frame_crypto import public_key_from_bytes
 from common.grpc_options import CHANNEL_OPTIONS
 from common.model_store import layer_role
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.sealed_frames import SealedHopSender
 from common.tensor_codec import encode_tensor
 from splitmesh import AsyncClient, Client, SplitmeshError
 from splitmesh.launcher import LocalMesh
@@ -72,17 +74,28 @@ def test_unknown_sessions_and_bad_frames_get_precise_codes(mesh: LocalMesh) -> N
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.Forward(iter([frame]), timeout=10))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        # Activations are encrypted by default: a stream opened without a key envelope is refused outright.
         opening = pb.ForwardRequest(open=pb.ForwardOpen(session_id="s1", epoch=plan.epoch, segment_index=1))
-        wrong_shape = pb.ForwardRequest(frame=pb.ActivationFrame(step=0, seq=0, tensor=encode_tensor(
-            torch.zeros(1, 1, 100))[0]))
-        with pytest.raises(grpc.RpcError) as caught:
-            list(stub.Forward(iter([opening, wrong_shape]), timeout=10))
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        gap = pb.ForwardRequest(frame=pb.ActivationFrame(step=0, seq=5, tensor=encode_tensor(
+        plain = pb.ForwardRequest(frame=pb.ActivationFrame(step=0, seq=0, tensor=encode_tensor(
             torch.zeros(1, 1, 576))[0]))
         with pytest.raises(grpc.RpcError) as caught:
-            list(stub.Forward(iter([pb.ForwardRequest(open=pb.ForwardOpen(
-                session_id="s2", epoch=plan.epoch, segment_index=1)), gap]), timeout=10))
+            list(stub.Forward(iter([opening, plain]), timeout=10))
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        key = public_key_from_bytes(next(n.x25519_public_key for n in plan.nodes if n.node_id == "node-1"))
+
+        def sealed(session: str) -> tuple[pb.ForwardRequest, SealedHopSender]:
+            sender = SealedHopSender(key, session, plan.epoch, 1)
+            return pb.ForwardRequest(open=pb.ForwardOpen(session_id=session, epoch=plan.epoch, segment_index=1,
+                                                         key_envelope=sender.key_envelope())), sender
+
+        opening, sender = sealed("s1")  # authentic, but the wrong shape
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Forward(iter([opening, *sender.requests(0, 0, torch.zeros(1, 1, 100), 1 << 20)]), timeout=10))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        opening, sender = sealed("s2")  # seq 0 never arrives
+        skipped = [sender.requests(s, s, torch.zeros(1, 1, 576), 1 << 20)[0] for s in range(2)][1]
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Forward(iter([opening, skipped]), timeout=10))
         assert caught.value.code() == grpc.StatusCode.ABORTED
         stale = pb.ForwardRequest(open=pb.ForwardOpen(session_id="s3", epoch=plan.epoch + 100, segment_index=1))
         with pytest.raises(grpc.RpcError) as caught:

@@ -15,7 +15,7 @@ from tests.conftest import reference_greedy
 pytestmark = pytest.mark.slow
 PROMPTS = ["Describe a sunrise over the mountains.", "Give me three tips for learning to cook.",
            "What makes a good friend?", "Explain why the sea is salty."]
-MAX_NEW = 20
+MAX_NEW = 40
 TRIALS = 20
 
 
@@ -39,7 +39,7 @@ def test_forced_resplits_during_generation_keep_the_tokens(
         client.resplit([0, 10, 20, 30], ["node-0", "node-1", "node-4"])
         for trial in range(TRIALS):
             prompt = PROMPTS[trial % len(PROMPTS)]
-            at_token = rng.randint(0, len(expected[prompt]) - 2)
+            at_token = rng.randint(0, min(8, len(expected[prompt]) - 2))  # early: the switch lands mid-stream
             boundaries, placement = _random_plan(rng)
             events = []
             for event in client.generate([{"role": "user", "content": prompt}], max_new_tokens=MAX_NEW):

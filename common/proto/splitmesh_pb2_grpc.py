@@ -591,6 +591,11 @@ class NodeStub:
                 request_serializer=splitmesh__pb2.NodeInfoRequest.SerializeToString,
                 response_deserializer=splitmesh__pb2.NodeInfoReply.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/splitmesh.v1.Node/Probe',
+                request_serializer=splitmesh__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=splitmesh__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -638,6 +643,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -675,6 +686,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=splitmesh__pb2.NodeInfoRequest.FromString,
                     response_serializer=splitmesh__pb2.NodeInfoReply.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=splitmesh__pb2.ProbeRequest.FromString,
+                    response_serializer=splitmesh__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -866,6 +882,33 @@ class Node:
             '/splitmesh.v1.Node/Info',
             splitmesh__pb2.NodeInfoRequest.SerializeToString,
             splitmesh__pb2.NodeInfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmesh.v1.Node/Probe',
+            splitmesh__pb2.ProbeRequest.SerializeToString,
+            splitmesh__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,

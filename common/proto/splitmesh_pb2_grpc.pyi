@@ -179,6 +179,7 @@ class NodeStub:
     Commit: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]
     Abort: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]
     Info: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.NodeInfoRequest, _splitmesh_pb2.NodeInfoReply]
+    Probe: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.ProbeRequest, _splitmesh_pb2.ProbeReply]
 
 @_typing.type_check_only
 class NodeAsyncStub(NodeStub):
@@ -190,6 +191,7 @@ class NodeAsyncStub(NodeStub):
     Commit: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]  # type: ignore[assignment]
     Abort: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]  # type: ignore[assignment]
     Info: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.NodeInfoRequest, _splitmesh_pb2.NodeInfoReply]  # type: ignore[assignment]
+    Probe: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.ProbeRequest, _splitmesh_pb2.ProbeReply]  # type: ignore[assignment]
 
 class NodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -240,5 +242,12 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         request: _splitmesh_pb2.NodeInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_splitmesh_pb2.NodeInfoReply, _abc.Awaitable[_splitmesh_pb2.NodeInfoReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Probe(
+        self,
+        request: _splitmesh_pb2.ProbeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitmesh_pb2.ProbeReply, _abc.Awaitable[_splitmesh_pb2.ProbeReply]]: ...
 
 def add_NodeServicer_to_server(servicer: NodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
