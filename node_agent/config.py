@@ -39,7 +39,9 @@ class NodeConfig:
     orchestrator_id: str = field(DEFAULT_ORCHESTRATOR_ID, "the orchestrator's certificate name, pinned when dialling "
                                                           "it and the only identity allowed to install plans")
     insecure: bool = field(False, "allow plaintext gRPC on a non-loopback address (never in production)")
+    metrics_port: int = field(0, "HTTP port for Prometheus /metrics (0 = off)")
     log_level: str = field("INFO", "logging level")
+    log_json: bool = field(False, "log one JSON object per line")
 
     @property
     def advertised_address(self) -> str:

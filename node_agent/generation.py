@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from common.chat import chat_token_ids, decode, text_token_ids
 from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
+from node_agent.metrics_registry import TOKENS
 from node_agent.ring_session import RingSession
 from node_agent.runtime import NodeRuntime
 from node_agent.sampler import SamplingConfig
@@ -141,6 +142,7 @@ async def generate(runtime: NodeRuntime, view: PlanView, request: PreparedReques
             token = await session.next_token(index)
             if index > 0:
                 runtime.stats.record_token((time.perf_counter() - started) * 1000.0)
+            TOKENS.inc()
             delta = detok.add(token)
             finish = ""
             if token in request.eos_ids:

@@ -12,12 +12,15 @@ from collections.abc import Sequence
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY, start_http_server
 
 from common.config import parse
 from common.grpc_options import SERVER_OPTIONS
+from common.log_format import setup_logging
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.transport import TransportError, bind
 from node_agent.config import NodeConfig
+from node_agent.metrics import AgentCollector
 from node_agent.reporter import Reporter
 from node_agent.runtime import NodeRuntime
 from node_agent.servicer import NodeServicer
@@ -30,6 +33,12 @@ async def serve(config: NodeConfig) -> None:
         runtime = NodeRuntime(config)
     except TransportError as exc:
         raise SystemExit(f"TLS settings: {exc}") from None
+    restored = await asyncio.get_running_loop().run_in_executor(None, runtime.plans.restore_blocking)
+    if restored is not None:
+        log.info("serving the plan of epoch %d again after a restart", restored.epoch)
+    if config.metrics_port:
+        REGISTRY.register(AgentCollector(runtime))
+        start_http_server(config.metrics_port)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_NodeServicer_to_server(NodeServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
@@ -62,8 +71,7 @@ async def serve(config: NodeConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse(NodeConfig, argv, "splitmesh node agent: hosts model segments", section="node")
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s [{config.node_id}] %(name)s: %(message)s")
+    setup_logging(config.node_id, config.log_level, config.log_json)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     asyncio.run(serve(config))
     return 0

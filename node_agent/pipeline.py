@@ -24,6 +24,7 @@ from common.tensor_codec import encode_tensor
 from common.tls import TlsConfig
 from common.transport import aio_channel
 from node_agent.compute import ComputeThread
+from node_agent.metrics_registry import ACTIVATION_BYTES, SEGMENT_SECONDS, TRANSFER_SECONDS
 from node_agent.sampler import SamplingConfig, sample
 from node_agent.segment import SegmentRunner
 
@@ -87,11 +88,14 @@ class RemoteHop:
         return call
 
     async def step(self, step: int, position: int, hidden: torch.Tensor) -> int:
+        started = time.perf_counter()
         try:
             call = self._call or await self._open()
             for request in self._requests(step, position, hidden):
                 await call.write(request)
             reply = await asyncio.wait_for(call.read(), self._timeout_s)
+            ACTIVATION_BYTES.labels(peer=self._peer).inc(hidden.numel() * hidden.element_size())
+            TRANSFER_SECONDS.labels(peer=self._peer).inc(time.perf_counter() - started)
         except grpc.aio.AioRpcError as exc:
             raise HopError(exc.code(), f"{self._peer}: {exc.details()}") from exc
         except asyncio.InvalidStateError:  # the stream ended before we could write: the peer is gone
@@ -152,6 +156,7 @@ class SessionPipeline:
         self._compute = compute
         self._on_compute = on_compute
         self._layers = sum(len(r.span) for r in runners)
+        self._segment_label = f"{runners[0].span.start}-{runners[-1].span.end}"
         nxt = first + len(runners)
         self.remote: RemoteHop | None = None
         if nxt < len(view.segments):
@@ -170,6 +175,7 @@ class SessionPipeline:
         hidden = inputs
         for runner, cache in zip(self.runners, self._caches, strict=True):
             hidden = runner.run(cache, hidden, position)
+        SEGMENT_SECONDS.labels(segment=self._segment_label).observe(time.perf_counter() - started)
         if self._on_compute is not None:
             self._on_compute(self._layers, int(hidden.shape[1]), time.perf_counter() - started)
         return hidden
@@ -183,6 +189,17 @@ class SessionPipeline:
             return await self._compute.run(self._run_and_sample, inputs, position, step)
         hidden = await self._compute.run(self._run_local, inputs, position)
         return await self.remote.step(step, position, hidden)
+
+    def cache_bytes(self) -> int:
+        """Bytes of keys and values this session holds on this node."""
+        total = 0
+        for cache in self._caches:
+            for layer in getattr(cache, "layers", []):
+                for name in ("keys", "values"):
+                    tensor = getattr(layer, name, None)
+                    if isinstance(tensor, torch.Tensor):
+                        total += tensor.numel() * tensor.element_size()
+        return total
 
     def close(self) -> None:
         if self.remote is not None:

@@ -79,6 +79,8 @@ class LocalMesh:
         self.address = f"127.0.0.1:{port}"
         self.node_ids = [f"node-{i}" for i in range(spec.nodes)]
         self.node_addresses = {n: f"127.0.0.1:{free_port()}" for n in self.node_ids}
+        # With orchestrator metrics on, every node exports its own too, on a port of its own.
+        self.node_metrics_ports = {n: free_port() if spec.metrics_port else 0 for n in self.node_ids}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
         self.tls_dir = self.workdir / "tls"
@@ -118,7 +120,8 @@ class LocalMesh:
         args = ["--node-id", node_id, "--listen", self.node_addresses[node_id], "--orchestrator", self.address,
                 "--store", str(store), "--state-dir", str(self.workdir / "nodes"),
                 "--threads", str(self.spec.threads), *self._tls_args(),
-                "--encrypt-activations" if self.spec.encrypt_activations else "--no-encrypt-activations"]
+                "--encrypt-activations" if self.spec.encrypt_activations else "--no-encrypt-activations",
+                "--metrics-port", str(self.node_metrics_ports[node_id])]
         self._spawn(node_id, "node_agent", args)
 
     def start(self, timeout_s: float = 180.0) -> None:

@@ -25,3 +25,22 @@ def test_metrics_follow_the_plan(mesh: LocalMesh) -> None:
     alive = {labels[0][1]: v for (name, labels), v in samples.items() if name == "splitmesh_node_alive"}
     assert alive == {f"node-{i}": 1.0 for i in range(5)}
     assert samples[("splitmesh_decisions_total", (("kind", "operator"),))] >= 1
+
+
+def test_node_agents_export_their_own_metrics(mesh: LocalMesh) -> None:
+    with Client(mesh.address) as client:
+        client.resplit([0, 15, 30], ["node-0", "node-4"])
+        tokens = len(list(client.generate("Hello there", max_new_tokens=5, ignore_eos=True)))
+    def scrape(node: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        url = f"http://127.0.0.1:{mesh.node_metrics_ports[node]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+    head, tail = scrape("node-0"), scrape("node-4")
+    assert head[("splitmesh_agent_tokens_total", ())] >= tokens
+    assert head[("splitmesh_agent_activation_bytes_total", (("peer", "node-4"),))] > 0
+    assert head[("splitmesh_agent_loaded_layers", ())] == 15
+    assert tail[("splitmesh_agent_loaded_layers", ())] == 15
+    assert tail[("splitmesh_agent_segment_compute_seconds_count", (("segment", "15-30"),))] >= tokens
+    assert head[("splitmesh_agent_active_sessions", ())] == 0 and head[("splitmesh_agent_kv_cache_bytes", ())] == 0
