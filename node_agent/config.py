@@ -19,6 +19,7 @@ class NodeConfig:
     store: str = field("~/.cache/splitmesh/store", "model store folder")
     state_dir: str = field("~/.cache/splitmesh/node", "folder for this node's persistent state")
     threads: int = field(0, "torch intra-op threads (0 = all cores)")
+    session_idle_timeout_s: float = field(300.0, "a session whose upstream sends nothing this long is closed")
     max_sessions: int = field(64, "concurrent sessions this node serves before RESOURCE_EXHAUSTED")
     max_prompt_tokens: int = field(4096, "longest prompt accepted, in tokens")
     max_new_tokens: int = field(2048, "largest max_new_tokens a request may ask for")

@@ -8,6 +8,7 @@ sessions, so one bad stream never affects the rest of the node.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -36,8 +37,10 @@ def crypto_status(exc: FrameCryptoError) -> StreamError:
 class ActivationReader:
     """Yields ``(step, position, activation)`` per complete tensor; ``receiver`` None = a plaintext stream."""
 
-    def __init__(self, receiver: SealedHopReceiver | None, hidden_size: int, max_rows: int) -> None:
+    def __init__(self, receiver: SealedHopReceiver | None, hidden_size: int, max_rows: int,
+                 idle_timeout_s: float = 300.0) -> None:
         self._receiver = receiver
+        self._idle_timeout_s = idle_timeout_s
         self._hidden_size = hidden_size
         self._max_rows = max_rows
         self._assembler = TensorAssembler()
@@ -47,7 +50,15 @@ class ActivationReader:
     async def activations(self, requests: AsyncIterator[pb.ForwardRequest],
                           ) -> AsyncIterator[tuple[int, int, torch.Tensor]]:
         expected_step: int | None = None  # a stream opened by a replay starts at the step it resumes
-        async for message in requests:
+        stream = aiter(requests)
+        while True:
+            try:
+                message = await asyncio.wait_for(anext(stream), self._idle_timeout_s)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:  # an upstream that went quiet must not pin KV caches forever
+                raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"session idle for {self._idle_timeout_s:.0f}s: its caches are freed") from None
             try:
                 got = self._add(message)
             except FrameCryptoError as exc:

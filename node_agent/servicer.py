@@ -114,7 +114,8 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         max_rows = self.rt.config.max_prompt_tokens + self.rt.config.max_new_tokens  # a replayed history
-        reader = ActivationReader(receiver, pipeline.runners[0].hidden_size, max_rows)
+        reader = ActivationReader(receiver, pipeline.runners[0].hidden_size, max_rows,
+                                  self.rt.config.session_idle_timeout_s)
         dtype = pipeline.runners[0].dtype
         try:
             async for step, position, tensor in reader.activations(request_iterator):
