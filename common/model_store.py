@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 
 MANIFEST_FORMAT = "splitmesh-model/1"
@@ -116,6 +116,7 @@ class ModelStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._verified: set[tuple[str, int, int, int]] = set()
 
     # -- blobs ---------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
@@ -129,6 +130,26 @@ class ModelStore:
         if not path.exists():
             _atomic_write(path, data)
         return FileEntry(sha, len(data))
+
+    def verified_path(self, entry: FileEntry, role: str = "blob") -> Path:
+        """The blob's path after checking its sha256, hashed once per process while the file is unchanged
+        (same size, mtime and inode), so reloading a layer for a new plan does not re-hash it."""
+        path = self.blob_path(entry.sha256)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise StoreError(f"store file for {role} is missing: {path}") from None
+        key = (entry.sha256, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        if key in self._verified:
+            return path
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        if stat.st_size != entry.size or digest.hexdigest() != entry.sha256:
+            raise StoreError(f"store file for {role} is corrupted (sha256 mismatch): {path}")
+        self._verified.add(key)
+        return path
 
     def read_blob(self, entry: FileEntry, role: str = "blob") -> bytes:
         path = self.blob_path(entry.sha256)
@@ -227,7 +248,7 @@ class StoredModel:
 
     def load_tensors(self, role: str) -> dict[str, torch.Tensor]:
         try:
-            return load_safetensors_bytes(self.read_bytes(role))
+            return load_safetensors_file(self.store.verified_path(self.entry(role), role))
         except StoreError:
             raise
         except Exception as exc:  # safetensors raises its own error types for bad headers
