@@ -22,6 +22,7 @@ from node_agent.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
 
+STALL_POLL_S = 0.1  # how often a waiting step looks for a plan that routes around a stalled peer
 RECOVERABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
                          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED})
 
@@ -47,7 +48,7 @@ class RingSession:
 
     def close(self) -> None:
         if self.pipeline is not None:
-            self.rt.close_session(self.session_id, 0)
+            self.rt.close_session(self.session_id, 0, self.view.epoch if self.view else None)
             self.pipeline = None
 
     def _newer_plan(self) -> PlanView | None:
@@ -84,7 +85,9 @@ class RingSession:
                 self.replays += 1
             started = time.perf_counter()
             try:
-                token = await self.pipeline.step(step, self.cached, inputs)
+                token = await self._step_or_reroute(step, inputs, started)
+                if token is None:  # a peer stalled and a newer plan routes around it: replay there
+                    continue
                 if self.cached == 0 and step > 0:
                     log.info("session %s replayed %d tokens on epoch %d in %.0f ms", self.session_id[:8],
                              len(self.tokens), self.view.epoch if self.view else 0,
@@ -100,3 +103,28 @@ class RingSession:
             self.cached = len(self.tokens)
             self.tokens.append(token)
             return token
+
+    async def _step_or_reroute(self, step: int, inputs: torch.Tensor, started: float) -> int | None:
+        """The step's token, or None after moving to a newer plan because the step stalled.
+
+        A paused node (SIGSTOP, an overloaded box) neither answers nor breaks the stream; once the
+        orchestrator has committed a plan without it, waiting longer only delays the session.
+        """
+        assert self.pipeline is not None
+        task = asyncio.ensure_future(self.pipeline.step(step, self.cached, inputs))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=STALL_POLL_S)
+                if done:
+                    return task.result()
+                newer = self._newer_plan()
+                if newer is not None and time.perf_counter() - started > self.rt.config.stall_reroute_s:
+                    log.warning("session %s step %d stalled for %.1fs; moving to epoch %d", self.session_id[:8],
+                                step, time.perf_counter() - started, newer.epoch)
+                    task.cancel()
+                    self.close()
+                    await self.open(newer)
+                    return None
+        finally:
+            if not task.done():
+                task.cancel()

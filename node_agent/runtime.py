@@ -83,8 +83,10 @@ class NodeRuntime:
         self.channels = ChannelPool(self.tls)
         self.stats = LiveStats()
         # (session id, first segment index) -> pipeline: the head may host a session's first and last segment
-        self.sessions: dict[tuple[str, int], SessionPipeline] = {}
-        self._session_models: dict[tuple[str, int], str] = {}
+        # (session id, epoch, first segment) -> pipeline. The epoch keeps a replayed session's new stream apart
+        # from a stale one of the old plan that a stalled peer may still hold open.
+        self.sessions: dict[tuple[str, int, int], SessionPipeline] = {}
+        self._session_models: dict[tuple[str, int, int], str] = {}
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
 
     @property
@@ -131,7 +133,7 @@ class NodeRuntime:
             raise NotHostedError(f"epoch {view.epoch} places segment {first} on {view.segments[first].node_id}")
         if len(self.sessions) >= self.config.max_sessions:
             raise SessionLimitError(f"node {self.node_id} already serves {self.config.max_sessions} sessions")
-        key = (session_id, first)
+        key = (session_id, view.epoch, first)
         if key in self.sessions:
             raise ValueError(f"session {session_id} segment {first} is already open on this node")
         runners = await self.compute.run(self._acquire_runners, view, first)
@@ -150,11 +152,12 @@ class NodeRuntime:
         return pipeline
 
     def session_ids(self) -> set[str]:
-        return {session_id for session_id, _ in self.sessions}
+        return {session_id for session_id, _, _ in self.sessions}
 
-    def close_session(self, session_id: str, first: int | None = None) -> None:
-        """Free one pipeline of a session (``first`` given) or all of them on this node."""
-        keys = [k for k in self.sessions if k[0] == session_id and (first is None or k[1] == first)]
+    def close_session(self, session_id: str, first: int | None = None, epoch: int | None = None) -> None:
+        """Free one pipeline of a session (``first`` and ``epoch`` given) or all of them on this node."""
+        keys = [k for k in self.sessions if k[0] == session_id and (epoch is None or k[1] == epoch)
+                and (first is None or k[2] == first)]
         for key in keys:
             pipeline = self.sessions.pop(key)
             pipeline.close()
