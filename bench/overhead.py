@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import itertools
 
 from common.chat import chat_token_ids
-from common.model_import import EMBEDDED_MODEL_NAME, embedded_gguf_path, import_gguf
+from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
 from common.model_store import ModelStore
 from common.reference_model import load_reference_model
 from splitmesh import Client
@@ -67,8 +67,7 @@ def main() -> int:
     args = parser.parse_args()
     console = Console()
     store = ModelStore(Path(args.store).expanduser())
-    if EMBEDDED_MODEL_NAME not in store.names():
-        import_gguf(store, embedded_gguf_path(), EMBEDDED_MODEL_NAME)
+    ensure_embedded(store)
     model = store.open(EMBEDDED_MODEL_NAME)
     reference = load_reference_model(model)
     from transformers import AutoTokenizer

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import itertools
 
-from common.model_import import EMBEDDED_MODEL_NAME, embedded_gguf_path, import_gguf
+from common.model_import import ensure_embedded
 from common.model_store import ModelStore
 from splitmesh import Client
 from splitmesh.launcher import LocalMesh, MeshSpec
@@ -82,8 +82,7 @@ def main() -> int:
     args = parser.parse_args()
     console = Console()
     store = ModelStore(Path(args.store).expanduser())
-    if EMBEDDED_MODEL_NAME not in store.names():
-        import_gguf(store, embedded_gguf_path(), EMBEDDED_MODEL_NAME)
+    ensure_embedded(store)
     results = {}
     with Progress(console=console) as progress:
         for label, empty in (("local weights", False), ("streamed weights", True)):

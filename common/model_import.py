@@ -237,6 +237,13 @@ def import_random(store: ModelStore, preset: str, name: str, *, seed: int = 0, n
     return builder.finish(name, config_dict, config_dict["dtype"], tied)
 
 
+def ensure_embedded(store: ModelStore) -> str:
+    """The embedded model's digest, importing it first if the store lacks it or holds it damaged."""
+    if EMBEDDED_MODEL_NAME in store.names() and not store.open(EMBEDDED_MODEL_NAME).missing_or_corrupt():
+        return store.resolve(EMBEDDED_MODEL_NAME)
+    return import_gguf(store, embedded_gguf_path(), EMBEDDED_MODEL_NAME)
+
+
 def describe(store: ModelStore, digest: str) -> str:
     manifest = store.open(digest).manifest
     total = sum(e.size for e in manifest.files.values())

@@ -106,13 +106,14 @@ def _mesh_spec(args: argparse.Namespace) -> object:
 
 
 def _ensure_embedded(store_path: str, model: str) -> None:
-    from common.model_import import EMBEDDED_MODEL_NAME, embedded_gguf_path, import_gguf
+    from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
     from common.model_store import ModelStore
 
     store = ModelStore(Path(store_path).expanduser())
-    if model not in store.names() and model == EMBEDDED_MODEL_NAME:
+    if model == EMBEDDED_MODEL_NAME and model not in store.names():
         console.print(f"importing the embedded model into {store.root} (once)")
-        import_gguf(store, embedded_gguf_path(), EMBEDDED_MODEL_NAME)
+    if model == EMBEDDED_MODEL_NAME:
+        ensure_embedded(store)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from common.model_import import EMBEDDED_MODEL_NAME, embedded_gguf_path, import_gguf
+from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
 from common.model_store import ModelStore, StoredModel
 from common.reference_model import load_reference_model
 from splitmesh.launcher import LocalMesh, MeshSpec, free_port
@@ -23,8 +23,7 @@ STORE = Path(os.environ.get("SPLITMESH_STORE", "~/.cache/splitmesh/store")).expa
 def store() -> ModelStore:
     """The shared store with the embedded model imported (once per machine: it takes ~30 s)."""
     model_store = ModelStore(STORE)
-    if EMBEDDED_MODEL_NAME not in model_store.names() or model_store.open(EMBEDDED_MODEL_NAME).missing_or_corrupt():
-        import_gguf(model_store, embedded_gguf_path(), EMBEDDED_MODEL_NAME)
+    ensure_embedded(model_store)
     return model_store
 
 
