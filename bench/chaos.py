@@ -73,19 +73,21 @@ def trial(mesh: LocalMesh, rng: random.Random, kind: str, tokens: int, expected:
         client.resplit([0, 10, 20, 30], ["node-0", victim, "node-0"])
         mesh.wait_serving(60)
         arrivals, ids = [], []
+        signalled = False
         try:
             for event in client.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True):
                 arrivals.append(time.perf_counter())
                 ids.append(event.token_id)
                 if event.index == at:
                     mesh.signal(victim, signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+                    signalled = True
             completed = 1.0
         except Exception:
             completed = 0.0
-    if kind == "stop":
+    if kind == "stop" and signalled:
         mesh.signal(victim, signal.SIGCONT)
-    else:
-        mesh.processes[victim].wait()
+    elif signalled:
+        mesh.processes[victim].wait(timeout=30)
         mesh.start_node(victim)  # back for the next trial
     mesh.wait_serving(60)
     wait_all_alive(mesh)
