@@ -11,6 +11,11 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A peer that restarts on the same address must be reachable again within a second or two, not after
+    # gRPC's default exponential back-off (up to two minutes) has run out.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 SERVER_OPTIONS: list[tuple[str, int]] = [

@@ -48,7 +48,7 @@ class RingSession:
 
     def close(self) -> None:
         if self.pipeline is not None:
-            self.rt.close_session(self.session_id, 0, self.view.epoch if self.view else None)
+            self.rt.close_session(self.session_id, 0, self.view.epoch if self.view else None, only=self.pipeline)
             self.pipeline = None
 
     def _newer_plan(self) -> PlanView | None:

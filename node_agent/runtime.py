@@ -134,8 +134,10 @@ class NodeRuntime:
         if len(self.sessions) >= self.config.max_sessions:
             raise SessionLimitError(f"node {self.node_id} already serves {self.config.max_sessions} sessions")
         key = (session_id, view.epoch, first)
-        if key in self.sessions:
-            raise ValueError(f"session {session_id} segment {first} is already open on this node")
+        if key in self.sessions:  # the upstream re-opened (a retry after a failure): the new stream wins
+            log.info("session %s segment %d re-opened on epoch %d; closing the stale stream", session_id[:8], first,
+                     view.epoch)
+            self.close_session(session_id, first, view.epoch)
         runners = await self.compute.run(self._acquire_runners, view, first)
         try:
             pipeline = SessionPipeline(node_id=self.node_id, session_id=session_id, view=view, first=first,
@@ -154,10 +156,12 @@ class NodeRuntime:
     def session_ids(self) -> set[str]:
         return {session_id for session_id, _, _ in self.sessions}
 
-    def close_session(self, session_id: str, first: int | None = None, epoch: int | None = None) -> None:
-        """Free one pipeline of a session (``first`` and ``epoch`` given) or all of them on this node."""
+    def close_session(self, session_id: str, first: int | None = None, epoch: int | None = None,
+                      only: SessionPipeline | None = None) -> None:
+        """Free one pipeline of a session (``first`` and ``epoch`` given) or all of them on this node;
+        with ``only``, just that pipeline, so a superseded stream never closes its replacement."""
         keys = [k for k in self.sessions if k[0] == session_id and (epoch is None or k[1] == epoch)
-                and (first is None or k[2] == first)]
+                and (first is None or k[2] == first) and (only is None or self.sessions[k] is only)]
         for key in keys:
             pipeline = self.sessions.pop(key)
             pipeline.close()

@@ -124,7 +124,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         except (StreamError, HopError) as exc:
             await context.abort(exc.code, exc.details)
         finally:
-            self.rt.close_session(opening.session_id, opening.segment_index, opening.epoch)
+            self.rt.close_session(opening.session_id, opening.segment_index, opening.epoch, only=pipeline)
 
     def _check_open(self, opening: pb.ForwardOpen, caller: Identity | None,
                     ) -> tuple[PlanView, SealedHopReceiver | None]:
