@@ -38,9 +38,7 @@ class PreparedRequest:
 
 
 def _sampling_of(request: pb.GenerateRequest) -> SamplingConfig:
-    params = request.sampling
-    config = SamplingConfig(temperature=params.temperature, top_p=params.top_p if params.top_p > 0 else 1.0,
-                            top_k=params.top_k, seed=params.seed)
+    config = SamplingConfig.from_proto(request.sampling)
     try:
         config.validate()
     except ValueError as exc:

@@ -162,8 +162,7 @@ class SessionPipeline:
         if nxt < len(view.segments):
             peer = view.segments[nxt].node_id
             opening = pb.ForwardOpen(session_id=session_id, epoch=view.epoch, segment_index=nxt,
-                                     sampling=pb.SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                                                top_k=sampling.top_k, seed=sampling.seed))
+                                     sampling=sampling.to_proto())
             sealer = _sealer(view, session_id, nxt, rekey_after) if encrypt else None
             self.remote = RemoteHop(channels.get(view.addresses[peer], peer), peer, opening, chunk_bytes, timeout_s,
                                     sealer)

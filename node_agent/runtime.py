@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from common.certs import Identity
 from common.frame_crypto import load_or_create_node_key, public_key_bytes
-from common.model_store import ModelStore
+from common.model_store import Manifest, ModelStore
 from common.plan_view import PlanView
 from common.transport import aio_channel
 from node_agent.compute import ComputeThread
@@ -87,7 +87,8 @@ class NodeRuntime:
         # from a stale one of the old plan that a stalled peer may still hold open.
         self.sessions: dict[tuple[str, int, int], SessionPipeline] = {}
         self._session_models: dict[tuple[str, int, int], str] = {}
-        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+        self._tokenizers: dict[str, PreTrainedTokenizerBase | None] = {}
+        self._manifests: dict[str, Manifest] = {}
 
     @property
     def node_id(self) -> str:
@@ -108,14 +109,21 @@ class NodeRuntime:
                 return f"plan epoch {view.epoch} carries no X25519 key for {', '.join(missing)}"
         return None
 
+    def manifest(self, model_digest: str) -> Manifest:
+        """The model's manifest, read and verified once rather than on every request."""
+        if model_digest not in self._manifests:
+            self._manifests[model_digest] = self.store.open(model_digest).manifest
+        return self._manifests[model_digest]
+
     def tokenizer(self, model_digest: str) -> PreTrainedTokenizerBase | None:
         """The model's tokenizer (exported once from the store), or None for token-id-only models."""
         if model_digest not in self._tokenizers:
             stored = self.store.open(model_digest)
-            if not stored.manifest.has_tokenizer:
-                return None
-            folder = stored.export_tokenizer(self.state_dir / "tokenizers" / model_digest)
-            self._tokenizers[model_digest] = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer = None
+            if stored.manifest.has_tokenizer:
+                folder = stored.export_tokenizer(self.state_dir / "tokenizers" / model_digest)
+                tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            self._tokenizers[model_digest] = tokenizer
         return self._tokenizers[model_digest]
 
     def _acquire_runners(self, view: PlanView, first: int) -> list[SegmentRunner]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.proto import splitmesh_pb2 as pb
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -17,6 +19,15 @@ class SamplingConfig:
     top_p: float = 1.0  # nucleus mass kept; 1 keeps everything
     top_k: int = 0  # 0 keeps every token
     seed: int = 0  # with the step index, fixes every random draw
+
+    @classmethod
+    def from_proto(cls, params: pb.SamplingParams) -> SamplingConfig:
+        """The wire form, where an unset top_p (0) means no nucleus cut."""
+        return cls(temperature=params.temperature, top_p=params.top_p if params.top_p > 0 else 1.0,
+                   top_k=params.top_k, seed=params.seed)
+
+    def to_proto(self) -> pb.SamplingParams:
+        return pb.SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
 
     def validate(self) -> None:
         """Raise ValueError with a readable message for out-of-range values."""

@@ -50,7 +50,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"node {self.rt.node_id} is not the head of epoch {view.epoch}; the head is {head}")
             return
-        runner_config = self.rt.store.open(view.model_digest).manifest.config
+        runner_config = self.rt.manifest(view.model_digest).config
         try:
             tokenizer = self.rt.tokenizer(view.model_digest)
             prepared = prepare_request(
@@ -95,9 +95,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         except StreamError as exc:
             await context.abort(exc.code, exc.details)
             return
-        s = opening.sampling
-        sampling = SamplingConfig(temperature=s.temperature, top_p=s.top_p if s.top_p > 0 else 1.0,
-                                  top_k=s.top_k, seed=s.seed)
+        sampling = SamplingConfig.from_proto(opening.sampling)
         try:
             sampling.validate()
             pipeline = await self.rt.open_session(opening.session_id, view, opening.segment_index, sampling)

@@ -131,10 +131,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     with console.status(f"starting orchestrator + {args.nodes} nodes (logs in {mesh.workdir})"):
         try:
-            mesh.start_orchestrator()
-            for node_id in mesh.node_ids:
-                mesh.start_node(node_id)
-            status = mesh.wait_serving(args.timeout)
+            status = mesh.start(args.timeout)
         except (RuntimeError, TimeoutError) as exc:
             mesh.stop()
             err.print(f"[red]mesh failed to start:[/red] {exc}")
@@ -165,8 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     mesh = LocalMesh(spec)
     try:
         with console.status(f"starting orchestrator + {args.nodes} node agents (logs in {mesh.workdir})"):
-            status = mesh.wait_serving(args.timeout) if _start_all(mesh) else None
-        assert status is not None
+            status = mesh.start(args.timeout)
         console.print(plan_table(status.plan))
         console.print(f"[bold]prompt:[/bold] {args.prompt}")
         gen_args = argparse.Namespace(address=mesh.address, prompt=args.prompt, raw=False,
@@ -175,16 +171,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return cmd_generate(gen_args)
     finally:
         mesh.stop()
-
-
-def _start_all(mesh: object) -> bool:
-    from splitmesh.launcher import LocalMesh
-
-    assert isinstance(mesh, LocalMesh)
-    mesh.start_orchestrator()
-    for node_id in mesh.node_ids:
-        mesh.start_node(node_id)
-    return True
 
 
 # ------------------------------------------------------------------ generation

@@ -124,11 +124,12 @@ class LocalMesh:
                 "--metrics-port", str(self.node_metrics_ports[node_id])]
         self._spawn(node_id, "node_agent", args)
 
-    def start(self, timeout_s: float = 180.0) -> None:
+    def start(self, timeout_s: float = 180.0) -> pb.StatusReply:
+        """Start every process and return the first status that says the mesh is serving."""
         self.start_orchestrator()
         for node_id in self.node_ids:
             self.start_node(node_id)
-        self.wait_serving(timeout_s)
+        return self.wait_serving(timeout_s)
 
     def status(self) -> pb.StatusReply | None:
         orchestrator = Identity("orchestrator", DEFAULT_ORCHESTRATOR_ID)
