@@ -120,6 +120,9 @@ class Coordinator:
         dead = [n for n in self.view.node_ids() if not self.registry.alive(n)]
         if dead:
             return False, f"plan nodes not reporting: {', '.join(dead)}"
+        moved = [n for n in self.view.node_ids() if self.registry.nodes[n].address != self.view.addresses[n]]
+        if moved:
+            return False, f"nodes registered at a new address since epoch {self.view.epoch}: {', '.join(moved)}"
         behind = [n for n in self.view.node_ids() if self.registry.nodes[n].plan_epoch != self.view.epoch]
         if behind:
             return False, f"nodes not yet on epoch {self.view.epoch}: {', '.join(behind)}"

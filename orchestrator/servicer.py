@@ -42,8 +42,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         record = self.co.registry.register(request)
         self.co.state.remember_node(request.node_id, request.address)
         view = self.co.view
-        if view is not None and request.node_id in view.node_ids() and request.plan_epoch != view.epoch:
-            self.stale_nodes.add(request.node_id)
+        if view is not None and request.node_id in view.node_ids() and (
+                request.plan_epoch != view.epoch or request.address != view.addresses[request.node_id]):
+            self.stale_nodes.add(request.node_id)  # restarted without the plan, or at a new address
         log.info("node %s registered at %s (trusted=%s, epoch %d)", request.node_id, request.address,
                  record.trusted, request.plan_epoch)
         return pb.RegisterReply(trusted=record.trusted, cluster_id=self.co.config.cluster_id,
