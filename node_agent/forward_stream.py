@@ -53,7 +53,8 @@ class ActivationReader:
         stream = aiter(requests)
         while True:
             try:
-                message = await asyncio.wait_for(anext(stream), self._idle_timeout_s)
+                async with asyncio.timeout(self._idle_timeout_s):  # no task per message, unlike wait_for
+                    message = await anext(stream)
             except StopAsyncIteration:
                 return
             except TimeoutError:  # an upstream that went quiet must not pin KV caches forever

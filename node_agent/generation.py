@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -108,26 +108,35 @@ def prepare_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerB
 
 
 class Detokenizer:
-    """Turns a growing list of ids into text deltas, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of ids into text deltas, holding back incomplete UTF-8 sequences.
+
+    Each step decodes only a short window (the ids since the last emitted text plus the few before
+    them, which fix spacing), so a long generation costs O(1) per token, not O(length).
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
+        self._prefix = 0  # window start: ids before it are settled text
+        self._read = 0  # ids before this were already emitted
         self.text = ""
 
     def add(self, token_id: int) -> str:
         if self._tokenizer is None:
             return ""
         self._ids.append(token_id)
-        text = decode(self._tokenizer, self._ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.text = text[len(self.text):], text
+        before = decode(self._tokenizer, self._ids[self._prefix:self._read])
+        window = decode(self._tokenizer, self._ids[self._prefix:])
+        if len(window) <= len(before) or window.endswith("\ufffd"):
+            return ""  # nothing printable yet (a special token, or half of a multi-byte character)
+        delta = window[len(before):]
+        self._prefix, self._read = self._read, len(self._ids)
+        self.text += delta
         return delta
 
 
 async def generate(runtime: NodeRuntime, view: PlanView, request: PreparedRequest,
-                   tokenizer: PreTrainedTokenizerBase | None) -> AsyncIterator[pb.GenerateEvent]:
+                   tokenizer: PreTrainedTokenizerBase | None) -> AsyncGenerator[pb.GenerateEvent, None]:
     """Run the ring for one request, yielding one event per token; the last carries finish and usage."""
     session = RingSession(runtime, uuid.uuid4().hex, request.sampling, request.prompt_ids,
                           runtime.config.recovery_timeout_s)

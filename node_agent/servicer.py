@@ -20,6 +20,7 @@ from node_agent.forward_stream import ActivationReader, StreamError, crypto_stat
 from node_agent.generation import RequestError, generate, prepare_request
 from node_agent.pipeline import HopError
 from node_agent.plan_state import PlanRejected
+from node_agent.read_ahead import read_ahead
 from node_agent.runtime import NodeRuntime, NotHostedError, SessionLimitError
 from node_agent.sampler import SamplingConfig
 from node_agent.weight_fetch import ensure_files
@@ -62,7 +63,8 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         try:
-            async for event in generate(self.rt, view, prepared, tokenizer):
+            # Token k goes out to the client while the ring already works on token k+1.
+            async for event in read_ahead(generate(self.rt, view, prepared, tokenizer)):
                 yield event
         except SessionLimitError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
