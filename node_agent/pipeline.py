@@ -24,7 +24,7 @@ from common.tensor_codec import encode_tensor
 from common.tls import TlsConfig
 from common.transport import aio_channel
 from node_agent.compute import ComputeThread
-from node_agent.metrics_registry import ACTIVATION_BYTES, SEGMENT_SECONDS, TRANSFER_SECONDS
+from node_agent.metrics_registry import ACTIVATION_BYTES, HOP_OVERHEAD_SECONDS, SEGMENT_SECONDS, TRANSFER_SECONDS
 from node_agent.sampler import SamplingConfig, sample
 from node_agent.segment import SegmentRunner
 
@@ -95,8 +95,9 @@ class RemoteHop:
                 await call.write(request)
             async with asyncio.timeout(self._timeout_s):  # no task per step, unlike wait_for
                 reply = await call.read()
+            waited = time.perf_counter() - started
             ACTIVATION_BYTES.labels(peer=self._peer).inc(hidden.numel() * hidden.element_size())
-            TRANSFER_SECONDS.labels(peer=self._peer).inc(time.perf_counter() - started)
+            TRANSFER_SECONDS.labels(peer=self._peer).inc(waited)
         except grpc.aio.AioRpcError as exc:
             raise HopError(exc.code(), f"{self._peer}: {exc.details()}") from exc
         except asyncio.InvalidStateError:  # the stream ended before we could write: the peer is gone
@@ -107,6 +108,9 @@ class RemoteHop:
             raise await self._ended(call)
         if reply.step != step:
             raise HopError(grpc.StatusCode.INTERNAL, f"{self._peer} answered step {reply.step}, expected {step}")
+        if 0.0 <= reply.downstream_s <= waited:  # a peer's figure is only trusted as far as it is plausible
+            kind = "decode" if hidden.shape[1] == 1 else "prefill"
+            HOP_OVERHEAD_SECONDS.labels(peer=self._peer, kind=kind).observe(waited - reply.downstream_s)
         return int(reply.token_id)
 
     def _requests(self, step: int, position: int, hidden: torch.Tensor) -> list[pb.ForwardRequest]:

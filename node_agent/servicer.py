@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -119,8 +120,9 @@ class NodeServicer(pb_grpc.NodeServicer):
         dtype = pipeline.runners[0].dtype
         try:
             async for step, position, tensor in reader.activations(request_iterator):
+                started = time.perf_counter()
                 token = await pipeline.step(step, position, tensor.to(dtype))
-                yield pb.ForwardReply(step=step, token_id=token)
+                yield pb.ForwardReply(step=step, token_id=token, downstream_s=time.perf_counter() - started)
         except (StreamError, HopError) as exc:
             await context.abort(exc.code, exc.details)
         finally:

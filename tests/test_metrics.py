@@ -43,4 +43,10 @@ def test_node_agents_export_their_own_metrics(mesh: LocalMesh) -> None:
     assert head[("splitmesh_agent_loaded_layers", ())] == 15
     assert tail[("splitmesh_agent_loaded_layers", ())] == 15
     assert tail[("splitmesh_agent_segment_compute_seconds_count", (("segment", "15-30"),))] >= tokens
+    # One prefill and tokens-1 decode steps crossed node-0 -> node-4, each with the hop's own overhead observed.
+    decode = (("kind", "decode"), ("peer", "node-4"))
+    assert head[("splitmesh_agent_hop_overhead_seconds_count", decode)] >= tokens - 1
+    overhead = head[("splitmesh_agent_hop_overhead_seconds_sum", decode)]
+    waited = head[("splitmesh_agent_hop_seconds_total", (("peer", "node-4"),))]
+    assert 0 < overhead < waited  # the tail's compute is taken out of the wait
     assert head[("splitmesh_agent_active_sessions", ())] == 0 and head[("splitmesh_agent_kv_cache_bytes", ())] == 0

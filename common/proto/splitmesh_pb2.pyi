@@ -1312,17 +1312,23 @@ class ForwardReply(_message.Message):
 
     STEP_FIELD_NUMBER: _builtins.int
     TOKEN_ID_FIELD_NUMBER: _builtins.int
+    DOWNSTREAM_S_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     token_id: _builtins.int
+    downstream_s: _builtins.float
+    """Seconds the receiver spent on this step, from the complete activation to this reply (its own
+    compute and everything downstream). The sender's wait minus this is the hop's own overhead.
+    """
     def __init__(
         self,
         *,
         step: _builtins.int = ...,
         token_id: _builtins.int = ...,
+        downstream_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["step", b"step", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downstream_s", b"downstream_s", "step", b"step", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
