@@ -74,7 +74,8 @@ def measure(tb: Testbed, predictor: Predictor, prompts: list[list[int]], warm: l
         results = run_stream(client, prompts, sc.requests.max_new_tokens, interarrival_s=sc.requests.interarrival_s,
                              predictor=predictor)
         wall = time.monotonic() - t0
-    summary = summarise(results, wall, sc.sla_request_ms).as_dict()
+        inputs = predictor.inputs(predictor.snapshot(client))
+    summary: dict[str, Any] = {**summarise(results, wall, sc.sla_request_ms).as_dict(), "model_inputs": inputs}
     tb.check_mesh()
     return summary, results
 

@@ -177,11 +177,13 @@ class SessionPipeline:
     def _run_local(self, inputs: torch.Tensor, position: int) -> torch.Tensor:
         started = time.perf_counter()
         hidden = inputs
+        in_layers = 0.0
         for runner, cache in zip(self.runners, self._caches, strict=True):
-            hidden = runner.run(cache, hidden, position)
+            hidden, seconds = runner.run_timed(cache, hidden, position)
+            in_layers += seconds
         SEGMENT_SECONDS.labels(segment=self._segment_label).observe(time.perf_counter() - started)
         if self._on_compute is not None:
-            self._on_compute(self._layers, int(hidden.shape[1]), time.perf_counter() - started)
+            self._on_compute(self._layers, int(hidden.shape[1]), in_layers)
         return hidden
 
     def _run_and_sample(self, inputs: torch.Tensor, position: int, step: int) -> int:

@@ -7,6 +7,8 @@ nothing but this span's weights.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
@@ -94,19 +96,28 @@ class SegmentRunner:
                     total += p.numel() * p.element_size()
         return total
 
-    @torch.inference_mode()
     def run(self, cache: DynamicCache, inputs: torch.Tensor, position: int) -> torch.Tensor:
         """Token ids ``[1, n]`` (first span) or hidden states ``[1, n, H]`` -> hidden states ``[1, n, H]``."""
+        return self.run_timed(cache, inputs, position)[0]
+
+    @torch.inference_mode()
+    def run_timed(self, cache: DynamicCache, inputs: torch.Tensor, position: int) -> tuple[torch.Tensor, float]:
+        """:meth:`run`, plus the seconds spent in the decoder layers alone.
+
+        The cost model scales a per-layer figure by the layers a plan puts on a node; the per-run set-up
+        (embedding, mask, rotary tables) would inflate that figure most on the shortest segments.
+        """
         hidden = self.embed(inputs) if self.embed is not None else inputs.to(self.dtype)
         n = hidden.shape[1]
         position_ids = torch.arange(position, position + n).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
                                   past_key_values=cache, position_ids=position_ids)
         rope = self.rotary(hidden, position_ids)
+        started = time.perf_counter()
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                            use_cache=True, position_embeddings=rope)
-        return hidden
+        return hidden, time.perf_counter() - started
 
     def warm_up(self) -> None:
         """One prefill and one decode step on a throwaway cache, so the first real token pays no set-up."""

@@ -72,10 +72,12 @@ def test_cost_by_hand_includes_ring_return() -> None:
     assert math.isclose(c.phi, c.request_s)
 
 
-def test_utilisation_inflates_compute() -> None:
+def test_utilisation_inflates_compute_by_fair_share() -> None:
     idle = evaluate_plan(_two_nodes(0.0), Plan.of([(Span(0, 4), "b")]))
     busy = evaluate_plan(_two_nodes(0.5), Plan.of([(Span(0, 4), "b")]))
-    assert math.isclose(busy.decode_step_s, 2 * idle.decode_step_s)
+    saturated = evaluate_plan(_two_nodes(1.0), Plan.of([(Span(0, 4), "b")]))
+    assert math.isclose(busy.decode_step_s, 1.5 * idle.decode_step_s)
+    assert math.isclose(saturated.decode_step_s, 2 * idle.decode_step_s)  # half the CPU, not none of it
 
 
 def test_violations_memory_sum_head_and_tail() -> None:

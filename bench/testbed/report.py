@@ -47,6 +47,16 @@ def model_check(console: Console, rows: list[dict[str, Any]]) -> None:
                       _f(m["per_token_ms"], 1), _f(m["predicted_per_token_ms"], 1),
                       _f(m["predicted_per_token_ms"] / m["per_token_ms"], 2) if m["per_token_ms"] else "-")
     console.print(t)
+    for r in rows:
+        for mode in ("static", "adaptive"):
+            inputs = r[mode].get("model_inputs")
+            if inputs:
+                console.print(f"  inputs, {mode} @ {r['mbps']:g} Mbit/s (epoch {inputs['epoch']}): "
+                              + "; ".join(f"{n} {v['decode_ms_per_layer']} ms/layer decode, "
+                                          f"{v['prefill_ms_per_layer_token']} ms/layer-token prefill, "
+                                          f"util {v['utilisation']}" for n, v in inputs["nodes"].items())
+                              + "; links " + ", ".join(f"{k} {v['mbps']} Mbit/s {v['rtt_ms']} ms"
+                                                       for k, v in inputs["links"].items()))
 
 
 def plot_sweep(rows: list[dict[str, Any]], out: Path) -> Path:

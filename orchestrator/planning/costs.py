@@ -2,9 +2,12 @@
 
 Per-request latency = prefill pass + (decode_tokens - 1) decode steps. A pass is the compute of every
 segment, plus one transfer per boundary (bytes / bandwidth + rtt), plus the ring return (the sampled token
-id from tail to head) when tail != head. Compute on a busy node is inflated by 1 / max(1e-3, 1 - utilisation):
-the node gives us only its idle fraction. The lm_head costs ``head_bytes / layer_bytes`` decoder layers
-(decode is memory bound) and runs once per pass.
+id from tail to head) when tail != head. Compute on a busy node is inflated by 1 + utilisation: the kernel
+shares a CPU fairly between runnable threads, so a node's compute competes with the other work for its cores
+rather than getting only what that work leaves idle (a saturating hog on every core halves the node's speed;
+1 / (1 - utilisation) would call it a thousand times slower, which measurements on the testbed refute). The
+utilisation trigger U_max still moves work off a busy node when the cost says it pays. The lm_head costs
+``head_bytes / layer_bytes`` decoder layers (decode is memory bound) and runs once per pass.
 
 Imbalance U = sum over stages of (stage decode time)^2 / T_ref, with T_ref = L * mean per-layer decode time
 over the cluster's nodes. For a fixed total it is smallest when stages are equal, and it is additive over
@@ -21,11 +24,10 @@ from dataclasses import dataclass
 from .plan import Plan
 from .profiles import LinkProfile, NodeProfile, Problem
 
-MIN_IDLE = 1e-3  # floor on a node's idle fraction, so a saturated node is slow but not infinitely so
-
 
 def idle_inflation(node: NodeProfile) -> float:
-    return 1.0 / max(MIN_IDLE, 1.0 - node.utilisation)
+    """How much slower a layer runs on ``node`` than on the same node idle (fair share against other work)."""
+    return 1.0 + min(1.0, max(0.0, node.utilisation))
 
 
 def reference_time(problem: Problem) -> float:
