@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -60,7 +61,10 @@ class Reporter:
                                 links=list(self.prober.links.values()), token_latency_ms=latency,
                                 tokens=tokens, active_sessions=len(self.rt.sessions),
                                 plan_epoch=committed.epoch if committed else 0)
-            await asyncio.sleep(self.interval_s)
+            # The next report is due after the interval, or at once when a link went down or came back.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.prober.changed.wait(), self.interval_s)
+            self.prober.changed.clear()
 
     async def run(self) -> None:
         backoff = 0.2

@@ -28,6 +28,8 @@ class OrchestratorConfig:
     insecure: bool = field(False, "allow plaintext gRPC on a non-loopback address (never in production)")
     report_interval_ms: int = field(1000, "how often nodes report capacity")
     dead_after_reports: int = field(3, "missed report periods before a node counts as dead")
+    rejoin_grace_s: float = field(10.0, "after an orchestrator restart, how long plan nodes have to register again "
+                                        "before they count as lost and the plan is replaced")
     plan_ttl_s: int = field(86400, "validity of a signed plan")
     prepare_timeout_s: float = field(60.0, "deadline for every node to load and ACK a plan")
     adaptive: bool = field(True, "run the adaptive decision loop (Algorithm 1)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,8 @@ class Coordinator:
         self.public_key = public_bytes(self.signing_key.public_key())
         self.model: StoredModel = ModelStore(Path(config.store).expanduser()).open(config.model)
         self.registry = Registry(set(config.trusted_nodes),
-                                 dead_after_s=config.dead_after_reports * config.report_interval_ms / 1000.0)
+                                 dead_after_s=config.dead_after_reports * config.report_interval_ms / 1000.0,
+                                 rejoin_grace_s=config.rejoin_grace_s)
         self.signed: pb.SignedPlan | None = self.state.committed_plan()
         self.view: PlanView | None = None
         if self.signed is not None:
@@ -46,6 +48,8 @@ class Coordinator:
         self.tls = config.tls()  # None = plaintext (dev mode on loopback)
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self.latency_listeners: list[Callable[[float], None]] = []
+        # Why the last attempt to replace a broken plan found none ("" once a plan commits or the plan is whole).
+        self.no_plan_reason = ""
 
     def observe_latency(self, latency_ms: float) -> None:
         """A head's mean per-token latency since its last report, passed on to the decision loop."""
@@ -99,6 +103,7 @@ class Coordinator:
                 log.error("COMMIT epoch %d incomplete: %s", epoch, errors)
             self.state.mark_committed(epoch)
             self.signed, self.view = signed, view
+            self.no_plan_reason = ""
             log.info("COMMIT epoch %d", epoch)
             return True, "committed", plan
 
@@ -114,9 +119,41 @@ class Coordinator:
         stub = self._stub(self.registry.nodes[node_id].address, node_id)
         await getattr(stub, method)(request, timeout=10)
 
+    def lost_plan_nodes(self) -> list[str]:
+        """Nodes of the committed plan known to be gone (see :meth:`Registry.lost`)."""
+        return [] if self.view is None else [n for n in self.view.node_ids() if self.registry.lost(n)]
+
+    def down_hops(self, segments: Sequence[tuple[Span, str]]) -> list[tuple[str, str]]:
+        """Hops of a chain (segment i's node dials segment i+1's) whose sender reports the link down."""
+        nodes = [node_id for _, node_id in segments]
+        return [(a, b) for a, b in itertools.pairwise(nodes) if a != b and self.registry.link_down(a, b)]
+
+    def current_segments(self) -> list[tuple[Span, str]]:
+        return [] if self.view is None else [(s.span, s.node_id) for s in self.view.segments]
+
+    def route_problem(self) -> str | None:
+        """Why a new generation cannot be routed now (clients get UNAVAILABLE with it), or None.
+
+        Only what is known to be broken counts: a plan node that is merely not re-registered yet
+        after an orchestrator restart, or a middle node whose replacement plan is being installed,
+        does not stop a request (the head waits for the replacement and replays).
+        """
+        if self.view is None:
+            return "no plan yet: waiting for nodes to register"
+        broken = self.lost_plan_nodes() or self.down_hops(self.current_segments())
+        if broken and self.no_plan_reason:
+            return f"no feasible plan: {self.no_plan_reason}"
+        head = self.view.head.node_id
+        if self.registry.lost(head):
+            return f"the head {head} of epoch {self.view.epoch} is not reporting; a replacement plan is being made"
+        return None
+
     def serving(self) -> tuple[bool, str]:
         if self.view is None:
             return False, "no committed plan yet"
+        problem = self.route_problem()
+        if problem is not None:
+            return False, problem
         dead = [n for n in self.view.node_ids() if not self.registry.alive(n)]
         if dead:
             return False, f"plan nodes not reporting: {', '.join(dead)}"

@@ -29,7 +29,8 @@ def cluster_state(nodes: list[NodeRecord], policy: Policy) -> ClusterState:
     """Live nodes with their measured layer cost, memory and utilisation, and every directed link.
 
     A node that has not measured its layer cost yet borrows the median of those that have; a link
-    not yet probed gets the policy's default bandwidth and RTT.
+    not yet probed gets the policy's default bandwidth and RTT. A link its sender reports down (a failed
+    probe: bandwidth 0) is left out, so the solver places no hop on it.
     """
     measured = [r.capacity.layer_decode_ms / 1000.0 for r in nodes if r.capacity.layer_decode_ms > 0]
     fallback = statistics.median(measured) if measured else DEFAULT_LAYER_DECODE_S
@@ -44,15 +45,20 @@ def cluster_state(nodes: list[NodeRecord], policy: Policy) -> ClusterState:
     ids = [r.node_id for r in nodes]
     known = set(ids)
     links: dict[tuple[str, str], LinkProfile] = {}
+    down: set[tuple[str, str]] = set()
     for r in nodes:
         for link in r.links:
-            if link.peer_id in known and link.peer_id != r.node_id and link.bandwidth_bps > 0:
+            if link.peer_id not in known or link.peer_id == r.node_id:
+                continue
+            if link.bandwidth_bps > 0:
                 links[(r.node_id, link.peer_id)] = _link(link.bandwidth_bps, max(link.rtt_ms, 0.0) / 1000.0)
-    if len(links) < len(ids) * (len(ids) - 1):
+            else:
+                down.add((r.node_id, link.peer_id))
+    if len(links) + len(down) < len(ids) * (len(ids) - 1):
         default = _link(policy.default_link_mbps * 1e6, policy.default_rtt_ms / 1000.0)
         for a in ids:
             for b in ids:
-                if a != b:
+                if a != b and (a, b) not in down:
                     links.setdefault((a, b), default)
     return ClusterState(nodes=tuple(profiles), links=links)
 

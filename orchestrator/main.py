@@ -25,7 +25,7 @@ from orchestrator.metrics import MeshCollector
 from orchestrator.model_files import ModelFilesServicer
 from orchestrator.planning import DecisionConfig
 from orchestrator.policy import Policy
-from orchestrator.replanning import best_plan
+from orchestrator.replanning import replace_plan
 from orchestrator.servicer import AdminServicer, OrchestratorServicer
 from orchestrator.static_placement import PlacementError, place
 
@@ -40,31 +40,33 @@ def initial_policy(config: OrchestratorConfig) -> Policy:
 
 
 async def control_loop(co: Coordinator, adapter: Adapter, servicer: OrchestratorServicer) -> None:
-    """Make the first plan once enough nodes are up, replace a plan that lost a node, re-issue the plan to
-    plan nodes that restarted, and run one adaptive decision per monitoring interval."""
+    """Make the first plan once enough nodes are up, replace a plan that lost a node or a link, re-issue the
+    plan to plan nodes that restarted, and run one adaptive decision per monitoring interval."""
     last_problem = ""
     next_decision = 0.0
     while True:
         await asyncio.sleep(min(0.5, adapter.policy.interval_s / 2))
         alive = [r for r in co.registry.alive_nodes() if r.node_id not in adapter.drained]
         try:
-            if co.view is None and len(alive) >= co.config.min_nodes:
-                segments = place(alive, co.model.num_layers, co.config.boundaries, co.config.placement)
-                await co.install(segments)
-            elif co.view is not None and (lost := [n for n in co.view.node_ids() if not co.registry.alive(n)]):
-                epoch = co.view.epoch
-                segments, how = best_plan(adapter)
-                committed, reason, plan = await co.install(segments)
-                adapter.record("node-lost", f"lost {', '.join(lost)}; {how}: {reason}", None, epoch,
-                               plan.epoch if committed and plan else 0)
-            elif (co.view is not None and servicer.stale_nodes
-                  and all(co.registry.alive(n) for n in co.view.node_ids())):
+            if co.view is None:
+                if len(alive) >= co.config.min_nodes:
+                    segments = place(alive, co.model.num_layers, co.config.boundaries, co.config.placement)
+                    await co.install(segments)
+            elif lost := co.lost_plan_nodes():
+                await replace_plan(adapter, "node-lost", f"lost {', '.join(lost)}")
+            elif not all(co.registry.alive(n) for n in co.view.node_ids()):
+                pass  # after a restart: plan nodes still have the rejoin grace to register again
+            elif servicer.stale_nodes:
                 servicer.stale_nodes.clear()
                 log.info("re-issuing the plan to nodes that restarted")
-                await co.install([(s.span, s.node_id) for s in co.view.segments])
-            elif time.monotonic() >= next_decision:
-                next_decision = time.monotonic() + adapter.policy.interval_s
-                await adapter.tick()
+                await co.install(co.current_segments())
+            elif cut := co.down_hops(co.current_segments()):
+                await replace_plan(adapter, "link-lost", "links down: " + ", ".join(f"{a}->{b}" for a, b in cut))
+            else:
+                co.no_plan_reason = ""
+                if time.monotonic() >= next_decision:
+                    next_decision = time.monotonic() + adapter.policy.interval_s
+                    await adapter.tick()
             last_problem = ""
         except PlacementError as exc:
             if str(exc) != last_problem:  # say it once, not every tick

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from common.proto import splitmesh_pb2 as pb
 
+LINK_SETTLE_S = 3.0  # after a node registers, how long others' reports that it is unreachable are ignored
+
 
 @dataclass
 class NodeRecord:
@@ -24,10 +26,12 @@ class NodeRecord:
 
 
 class Registry:
-    def __init__(self, trusted: set[str], dead_after_s: float) -> None:
+    def __init__(self, trusted: set[str], dead_after_s: float, rejoin_grace_s: float = 0.0) -> None:
         self.nodes: dict[str, NodeRecord] = {}
         self._trusted = trusted
         self.dead_after_s = dead_after_s
+        self.rejoin_grace_s = rejoin_grace_s
+        self.started_at = time.monotonic()
 
     def register(self, request: pb.RegisterRequest) -> NodeRecord:
         record = NodeRecord(node_id=request.node_id, address=request.address,
@@ -56,6 +60,28 @@ class Registry:
     def alive(self, node_id: str) -> bool:
         record = self.nodes.get(node_id)
         return record is not None and time.monotonic() - record.last_seen <= self.dead_after_s
+
+    def lost(self, node_id: str) -> bool:
+        """Known to be gone: registered and then silent, or never back within the grace after a restart.
+
+        A node this orchestrator has not heard from since it started is not lost yet: after an
+        orchestrator restart the nodes re-register within seconds, and replacing the plan before
+        they do would re-split a healthy mesh (and tell clients there is no route).
+        """
+        if node_id in self.nodes:
+            return not self.alive(node_id)
+        return time.monotonic() - self.started_at > self.rejoin_grace_s
+
+    def link_down(self, src: str, dst: str) -> bool:
+        """Whether ``src`` reports its link to ``dst`` unreachable (a failed probe reports bandwidth 0).
+
+        Not within LINK_SETTLE_S of ``dst`` registering: a peer that probed ``dst`` while it was down
+        needs a moment to see it back, and that stale mark must not re-plan around a node just returned.
+        """
+        record, peer = self.nodes.get(src), self.nodes.get(dst)
+        if record is None or (peer is not None and time.monotonic() - peer.registered_at < LINK_SETTLE_S):
+            return False
+        return any(link.peer_id == dst and link.bandwidth_bps <= 0 for link in record.links)
 
     def alive_nodes(self) -> list[NodeRecord]:
         return sorted((r for r in self.nodes.values() if self.alive(r.node_id)), key=lambda r: r.node_id)

@@ -77,9 +77,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def GetPlan(self, request: pb.GetPlanRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.GetPlanRequest, pb.SignedPlan]) -> pb.SignedPlan:
-        if self.co.signed is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no plan yet: waiting for nodes to register")
-        assert self.co.signed is not None
+        """The route for a new generation. UNAVAILABLE (the retryable status) with the reason while none
+        exists: no plan yet, the head is gone, or a plan node or link is lost and no feasible plan remains
+        (e.g. no live trusted node for the first segment). Clients fail in milliseconds instead of
+        dialling a dead head; the control loop keeps re-planning, so a later request succeeds by itself."""
+        problem = self.co.route_problem()
+        if problem is not None or self.co.signed is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, problem or "no plan yet")
+            raise AssertionError("unreachable")
         return self.co.signed
 
 

@@ -239,8 +239,15 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    # From the status, not GetPlan: the committed plan is shown even while it cannot route a generation.
     with Client(args.address) as client:
-        console.print(plan_table(client.plan()))
+        status = client.status()
+    if not status.plan.segments:
+        err.print(f"no committed plan: {status.reason}")
+        return 1
+    console.print(plan_table(status.plan))
+    if not status.serving:
+        err.print(f"not serving: {status.reason}")
     return 0
 
 

@@ -56,6 +56,7 @@ class MeshSpec:
     node_stores_empty: bool = False  # give each node its own empty store: weights stream from the orchestrator
     tls: bool = False  # mutual TLS on every channel, with a CA and certificates made in WORKDIR/tls
     encrypt_activations: bool = True  # seal activation frames on every node-to-node hop
+    advertise: dict[str, str] = field(default_factory=dict)  # node id -> address peers dial (e.g. a TCP proxy)
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -78,7 +79,8 @@ class LocalMesh:
         port = spec.orchestrator_port or free_port()
         self.address = f"127.0.0.1:{port}"
         self.node_ids = [f"node-{i}" for i in range(spec.nodes)]
-        self.node_addresses = {n: f"127.0.0.1:{free_port()}" for n in self.node_ids}
+        self.node_addresses = {n: f"127.0.0.1:{free_port()}" for n in self.node_ids}  # where each node listens
+        self.advertise = dict(spec.advertise)  # set before start_node to put something in front of a node
         # With orchestrator metrics on, every node exports its own too, on a port of its own.
         self.node_metrics_ports = {n: free_port() if spec.metrics_port else 0 for n in self.node_ids}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -122,6 +124,8 @@ class LocalMesh:
                 "--threads", str(self.spec.threads), *self._tls_args(),
                 "--encrypt-activations" if self.spec.encrypt_activations else "--no-encrypt-activations",
                 "--metrics-port", str(self.node_metrics_ports[node_id])]
+        if node_id in self.advertise:
+            args += ["--advertise", self.advertise[node_id]]
         self._spawn(node_id, "node_agent", args)
 
     def start(self, timeout_s: float = 180.0) -> pb.StatusReply:

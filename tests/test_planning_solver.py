@@ -172,10 +172,10 @@ def test_busy_node_is_avoided() -> None:
 def test_infeasible_reasons_are_specific() -> None:
     cloud = node("cloud", trusted=False)
     r = solve_resplit(Problem(full_mesh([cloud], 1e9, 1e-3), MODEL, WORK))
-    assert not r.feasible and "no trusted node can hold the first segment" in r.reason
+    assert not r.feasible and r.reason == "no live trusted node for the first segment"
     tiny = node("t", memory=100)
     r = solve_resplit(Problem(full_mesh([tiny], 1e9, 1e-3), MODEL, WORK))
-    assert not r.feasible and "first segment" in r.reason
+    assert not r.feasible and "no trusted node can hold the first segment" in r.reason
     split = [node("a", memory=5000), node("b", memory=5000)]
     r = solve_resplit(Problem(ClusterState(tuple(split), {}), MODEL, WORK))
     assert not r.feasible and "no chain of linked nodes" in r.reason
@@ -189,3 +189,16 @@ def test_migration_keeps_boundaries_and_moves_off_lost_capacity() -> None:
     spans = [Span(0, 4), Span(4, 8)]
     r = solve_migration(Problem(full_mesh([a, b, c], 1e9, 1e-3), MODEL, WORK), spans)
     assert r.plan is not None and r.plan.spans == tuple(spans) and "b" not in r.plan.node_ids
+
+
+def test_pinned_head_keeps_the_first_segment() -> None:
+    # "fast" would head the best plan; a recovery pins the live head instead, and gets the best plan with it.
+    fast, slow = node("fast", decode=1e-4), node("slow", decode=5e-3)
+    cluster = full_mesh([fast, slow, node("m", trusted=False)], 1e9, 1e-3)
+    free = solve_resplit(Problem(cluster, MODEL, WORK))
+    assert free.plan is not None and free.plan.segments[0].node_id == "fast"
+    pinned = solve_resplit(Problem(cluster, MODEL, WORK, head="slow"))
+    assert pinned.plan is not None and pinned.plan.segments[0].node_id == "slow"
+    assert not plan_violations(Problem(cluster, MODEL, WORK), pinned.plan)
+    cloud_head = solve_resplit(Problem(cluster, MODEL, WORK, head="m"))  # untrusted: may not hold layer 0
+    assert not cloud_head.feasible and "first segment" in cloud_head.reason

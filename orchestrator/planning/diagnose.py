@@ -30,6 +30,8 @@ def explain_infeasible(problem: Problem, tables: Tables, spans: list[Span] | Non
         named = [(first, "the first segment"), (last, "the last segment")]
         named += [(Span(i, i + 1), f"layer {i}") for i in range(1, n_layers - 1)]
         for span, label in named:
+            if _who(problem, span) == "trusted node" and not any(n.trusted for n in problem.cluster.nodes):
+                return f"no live trusted node for {label}"
             if not _can_host(tables, span):
                 need = int(tables.mem[span.start, span.end])
                 return f"no {_who(problem, span)} can hold {label} (needs at least {need} bytes)"

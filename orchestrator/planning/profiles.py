@@ -165,3 +165,4 @@ class Problem:
     workload: Workload  # request shape
     weights: CostWeights = CostWeights()  # objective weights and privacy mode
     privacy: PrivacyPolicy = PrivacyPolicy()  # privacy-critical layers
+    head: str | None = None  # pin the first segment to this node (a recovery keeps the sessions it heads)

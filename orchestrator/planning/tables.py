@@ -3,7 +3,7 @@
 ``seg[i, j, v]``   Phi of segment [i, j) on node v (inf when i >= j or it cannot fit in v's memory)
 ``link[u, v]``     Phi of one activation boundary u -> v (inf when u == v or the link is missing)
 ``ring[t, h]``     Phi of returning tokens tail t -> head h (0 when t == h, inf when the link is missing)
-``allowed[v, l]``  whether layer l may sit on node v (hard privacy); ``seg`` is already masked with it
+``allowed[v, l]``  whether layer l may sit on node v (hard privacy, a pinned head); ``seg`` is already masked with it
 Each entry is the same formula as ``costs.evaluate_plan`` split into additive parts.
 """
 
@@ -98,4 +98,8 @@ def build_tables(problem: Problem) -> Tables:
     if wt.privacy_hard:
         for i in critical:
             allowed[untrusted, i] = False
+    if problem.head is not None:
+        others = np.array([n.node_id != problem.head for n in nodes], dtype=bool)
+        seg[0, :, others] = np.inf
+        allowed[others, 0] = False
     return Tables(tuple(ids), seg, link, ring, allowed, mem, capacity)

@@ -1,0 +1,285 @@
+"""Soak: many concurrent streaming sessions against a local mesh while faults keep coming.
+
+A 4-node loopback mesh (node-0 and node-3 trusted, node-1 and node-2 in the middle) serves
+``--sessions`` client threads that restart a greedy generation as soon as one ends, for ``--duration``
+seconds. Every ``--fault-every`` seconds the plan is put back on all four nodes and one middle node gets
+the next fault in turn: kill -9 then restart, SIGSTOP then SIGCONT, or a cut of its data link (a TCP
+proxy in front of it). Checks: no request fails, and every completed generation has exactly the tokens
+of a fault-free run of its prompt. The resident memory of the orchestrator and of every node is sampled
+every ``--sample-every`` seconds; growth is measured over each process's own lifetime (a restarted
+node starts again from its new process).
+
+    .venv/bin/python bench/soak.py                    # 16 sessions, 300 s, a fault every 30 s
+    .venv/bin/python bench/soak.py --duration 60 --fault-every 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.faults import FAULT_KINDS, heal, inject, put_proxies, wait_all_alive, wait_links_up
+from bench.tcp_proxy import TcpProxy
+from splitmesh import Client
+from splitmesh.client import SplitmeshError
+from splitmesh.launcher import LocalMesh, MeshSpec
+
+PROMPTS = [
+    "Explain how a bicycle works.",
+    "Name three rivers in Europe.",
+    "Why is the sky blue?",
+    "Write a haiku about autumn.",
+    "What is a prime number?",
+    "Give two tips for learning to cook.",
+    "Describe a cat in one sentence.",
+    "What does a compiler do?",
+]
+BOUNDARIES = (0, 8, 15, 23, 30)
+PLACEMENT = ("node-0", "node-1", "node-2", "node-3")
+MIDDLE = ("node-1", "node-2")
+
+
+@dataclass
+class Tally:
+    """What the session threads saw; one lock guards it all."""
+
+    completed: int = 0
+    failed: int = 0
+    mismatched: int = 0
+    tokens: int = 0
+    longest_gaps: list[float] = field(default_factory=list)  # per completed generation: its longest token gap
+    errors: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class MemorySample:
+    at: float
+    pid: int
+    rss: int
+
+
+def session_loop(mesh: LocalMesh, worker: int, tokens: int, expected: dict[str, list[int]], stop: threading.Event,
+                 tally: Tally) -> None:
+    with Client(mesh.address, timeout_s=180.0) as client:
+        for turn in itertools.count():
+            if stop.is_set():
+                return
+            prompt = PROMPTS[(worker + turn) % len(PROMPTS)]
+            ids, arrivals = [], [time.perf_counter()]
+            try:
+                for event in client.generate([{"role": "user", "content": prompt}], max_new_tokens=tokens,
+                                             ignore_eos=True):
+                    ids.append(event.token_id)
+                    arrivals.append(time.perf_counter())
+            except SplitmeshError as exc:
+                with tally.lock:
+                    tally.failed += 1
+                    tally.errors[f"{exc.code}: {exc.message[:120]}"] += 1
+                continue
+            with tally.lock:
+                tally.completed += 1
+                tally.tokens += len(ids)
+                tally.mismatched += ids != expected[prompt]
+                tally.longest_gaps.append(max(b - a for a, b in itertools.pairwise(arrivals[1:])) if len(ids) > 1
+                                          else 0.0)
+
+
+def sample_memory(mesh: LocalMesh, samples: dict[str, list[MemorySample]]) -> None:
+    for name, proc in mesh.processes.items():
+        if proc.poll() is not None:
+            continue
+        try:
+            rss = psutil.Process(proc.pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+        samples.setdefault(name, []).append(MemorySample(time.monotonic(), proc.pid, rss))
+
+
+def ensure_base_plan(mesh: LocalMesh) -> None:
+    """Every node back and every link up, then the plan on all four nodes (a live re-split if it moved)."""
+    wait_all_alive(mesh, 120)
+    wait_links_up(mesh, 60)
+    with mesh.client() as client:
+        status = client.status()
+        chain = [(s.start, s.end, s.node_id) for s in status.plan.segments]
+        if chain != [(a, b, n) for a, b, n in zip(BOUNDARIES, BOUNDARIES[1:], PLACEMENT, strict=False)]:
+            for attempt in itertools.count(1):
+                try:
+                    client.resplit(BOUNDARIES, PLACEMENT)
+                    break
+                except SplitmeshError:
+                    if attempt == 5:
+                        raise
+                    time.sleep(1.0)
+    mesh.wait_serving(60)
+
+
+def fault_loop(mesh: LocalMesh, proxies: dict[str, TcpProxy], kinds: list[str], every_s: float, hold_s: float,
+               started: float, stop: threading.Event, log: list[tuple[float, str, str]],
+               broken: list[BaseException]) -> None:
+    """At started + k*every_s, the next kind on the next middle node; each fault is healed after hold_s.
+    A fault that cannot be injected or healed (a node that does not come back) stops the loop and is reported."""
+    try:
+        _faults(mesh, proxies, kinds, every_s, hold_s, started, stop, log)
+    except (TimeoutError, RuntimeError, SplitmeshError) as exc:
+        broken.append(exc)
+
+
+def _faults(mesh: LocalMesh, proxies: dict[str, TcpProxy], kinds: list[str], every_s: float, hold_s: float,
+            started: float, stop: threading.Event, log: list[tuple[float, str, str]]) -> None:
+    for k in itertools.count(1):
+        if stop.wait(max(0.0, started + k * every_s - time.monotonic())):
+            return
+        kind, victim = kinds[(k - 1) % len(kinds)], MIDDLE[(k - 1) % len(MIDDLE)]
+        ensure_base_plan(mesh)
+        if stop.is_set():
+            return
+        log.append((time.monotonic() - started, kind, victim))
+        inject(mesh, proxies, kind, victim)
+        if kind != "kill":
+            time.sleep(hold_s)
+        heal(mesh, proxies, kind, victim)
+
+
+def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[str, float]]:
+    table = Table(title="resident memory (MB)")
+    for column in ("process", "samples", "restarts", "start", "end", "max", "growth over its lifetime"):
+        table.add_column(column, justify="right")
+    figures: dict[str, float] = {}
+    for name, rows in sorted(samples.items()):
+        last = rows[-1]
+        own = [r for r in rows if r.pid == last.pid]  # the process alive at the end, since it started
+        restarts = len({r.pid for r in rows}) - 1
+        start, end, peak = rows[0].rss / 1e6, last.rss / 1e6, max(r.rss for r in rows) / 1e6
+        key = name.replace("-", "_")
+        figures.update({f"{key}_rss_start_mb": round(start, 1), f"{key}_rss_end_mb": round(end, 1),
+                        f"{key}_rss_max_mb": round(peak, 1), f"{key}_restarts": restarts})
+        if restarts:  # a restarted node's first sample may predate its weights: no growth figure
+            growth_text = "n/a (restarted)"
+        else:
+            growth = (last.rss - own[0].rss) / 1e6
+            figures[f"{key}_rss_growth_mb"] = round(growth, 1)
+            growth_text = f"{growth:+.1f} over {own[-1].at - own[0].at:.0f} s"
+        table.add_row(name, str(len(rows)), str(restarts), f"{start:.0f}", f"{end:.0f}", f"{peak:.0f}", growth_text)
+    return table, figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=300.0, help="seconds of load")
+    parser.add_argument("--sessions", type=int, default=16, help="concurrent streaming sessions")
+    parser.add_argument("--tokens", type=int, default=16, help="max_new_tokens per generation")
+    parser.add_argument("--fault-every", type=float, default=30.0, help="seconds between faults")
+    parser.add_argument("--faults", default=",".join(FAULT_KINDS), help=f"rotation of: {', '.join(FAULT_KINDS)}")
+    parser.add_argument("--hold", type=float, default=5.0, help="seconds a node stays stopped or a link cut")
+    parser.add_argument("--sample-every", type=float, default=10.0, help="seconds between memory samples")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    args = parser.parse_args()
+    kinds = [k for k in args.faults.split(",") if k]
+    unknown = set(kinds) - set(FAULT_KINDS)
+    if unknown:
+        parser.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
+    console = Console()
+    spec = MeshSpec(nodes=4, store=Path("~/.cache/splitmesh/store"), workdir=Path(tempfile.mkdtemp(prefix="soak-")),
+                    orchestrator_port=0, trusted=("node-0", "node-3"), boundaries=BOUNDARIES, placement=PLACEMENT,
+                    threads=args.threads)
+    mesh = LocalMesh(spec)
+    proxies = put_proxies(mesh, MIDDLE) if "link-cut" in kinds else {}
+    tally, samples = Tally(), dict[str, list[MemorySample]]()
+    faults: list[tuple[float, str, str]] = []
+    broken: list[BaseException] = []
+    stop = threading.Event()
+    try:
+        with mesh:
+            console.print(f"mesh up (logs in {mesh.workdir}); fault-free outputs of {len(PROMPTS)} prompts ...")
+            with mesh.client() as client:
+                expected = {p: [e.token_id for e in client.generate([{"role": "user", "content": p}],
+                                                                    max_new_tokens=args.tokens, ignore_eos=True)]
+                            for p in PROMPTS}
+            started = time.monotonic()
+            workers = [threading.Thread(target=session_loop, args=(mesh, i, args.tokens, expected, stop, tally),
+                                        name=f"session-{i}") for i in range(args.sessions)]
+            chaos = threading.Thread(target=fault_loop, args=(mesh, proxies, kinds, args.fault_every, args.hold,
+                                                              started, stop, faults, broken),
+                                     name="faults") if kinds else None
+            for thread in [*workers, *([chaos] if chaos else [])]:
+                thread.start()
+            next_sample = started
+            columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task("soak", total=args.duration)
+                while (elapsed := time.monotonic() - started) < args.duration:
+                    if time.monotonic() >= next_sample:
+                        sample_memory(mesh, samples)
+                        next_sample += args.sample_every
+                    with tally.lock:
+                        text = (f"soak: {tally.completed} done, {tally.failed} failed, {tally.mismatched} differ, "
+                                f"{len(faults)} faults")
+                    progress.update(task, completed=elapsed, description=text)
+                    time.sleep(0.5)
+                progress.update(task, completed=args.duration, description="draining in-flight generations")
+                stop.set()
+                for thread in workers:
+                    thread.join()
+                if chaos is not None:
+                    chaos.join()
+            sample_memory(mesh, samples)
+            wall = time.monotonic() - started
+    finally:
+        stop.set()
+        for proxy in proxies.values():
+            proxy.close()
+    gaps = sorted(tally.longest_gaps) or [0.0]
+    summary = Table(title=f"soak: {args.sessions} sessions, {args.duration:.0f} s, 4-node loopback mesh (SmolLM2-135M)")
+    for column in ("figure", "value"):
+        summary.add_column(column, justify="right")
+    fault_counts = Counter(kind for _, kind, _ in faults)
+    rows = [("generations completed", str(tally.completed)), ("failed requests", str(tally.failed)),
+            ("tokens differing from fault-free", str(tally.mismatched)), ("tokens generated", str(tally.tokens)),
+            ("tokens/s (all sessions)", f"{tally.tokens / wall:.1f}"),
+            ("faults", ", ".join(f"{k} x{n}" for k, n in fault_counts.items()) or "none"),
+            ("longest token gap per generation p50 / p95 / max s",
+             f"{statistics.median(gaps):.2f} / {gaps[min(len(gaps) - 1, int(0.95 * len(gaps)))]:.2f} / {gaps[-1]:.2f}")]
+    for row in rows:
+        summary.add_row(*row)
+    console.print(summary)
+    for at, kind, victim in faults:
+        console.print(f"  t={at:6.1f}s  {kind:8s} {victim}")
+    for error, count in tally.errors.most_common():
+        console.print(f"  [red]{count} x {error}[/red]")
+    for exc in broken:
+        console.print(f"  [red]fault injection stopped: {exc!r}[/red]")
+    table, memory = memory_table(samples)
+    console.print(table)
+    ok = tally.failed == 0 and tally.mismatched == 0 and tally.completed > 0 and not broken
+    console.print("[green]PASS[/green]: no failed request, every output identical" if ok else "[red]FAIL[/red]")
+    figures: dict[str, float] = {
+        "duration_s": round(wall, 1), "sessions": args.sessions, "completed": tally.completed, "failed": tally.failed,
+        "mismatched": tally.mismatched, "tokens": tally.tokens, "tokens_per_s": round(tally.tokens / wall, 2),
+        **{f"faults_{k.replace('-', '_')}": n for k, n in fault_counts.items()},
+        "gap_p50_s": round(statistics.median(gaps), 3),
+        "gap_p95_s": round(gaps[min(len(gaps) - 1, int(0.95 * len(gaps)))], 3), "gap_max_s": round(gaps[-1], 3),
+        **memory}
+    print(json.dumps(figures))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
