@@ -50,7 +50,9 @@ def sample(logits: torch.Tensor, config: SamplingConfig, step: int) -> int:
     """Pick the next token id from float32 logits ``[vocab]``."""
     if config.temperature == 0.0:
         return int(torch.argmax(logits))
-    scores = logits / config.temperature
+    # Shift before scaling: the best score becomes exactly 0 and the rest <= 0, so a tiny temperature
+    # sends them to -inf instead of turning every score into inf (and the softmax into NaN).
+    scores = (logits - logits.max()) / config.temperature
     if config.top_k > 0 and config.top_k < scores.numel():
         kth = torch.topk(scores, config.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

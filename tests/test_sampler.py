@@ -37,3 +37,11 @@ def test_top_k_and_top_p_restrict_the_support() -> None:
 def test_invalid_values_are_rejected(bad: SamplingConfig) -> None:
     with pytest.raises(ValueError):
         bad.validate()
+
+
+def test_a_tiny_temperature_is_greedy_not_nan() -> None:
+    """1e-40 is a valid temperature; dividing raw logits by it overflowed to inf and the softmax to NaN."""
+    logits = torch.tensor([3.0, 7.5, -2.0, 7.4])
+    for temperature in (1e-40, 1e-30, 1e-8):
+        for step in range(5):
+            assert sample(logits, SamplingConfig(temperature=temperature, top_p=0.5, top_k=3, seed=1), step) == 1
