@@ -7,7 +7,8 @@ the next fault in turn: kill -9 then restart, SIGSTOP then SIGCONT, or a cut of 
 proxy in front of it). Checks: no request fails, and every completed generation has exactly the tokens
 of a fault-free run of its prompt. The resident memory of the orchestrator and of every node is sampled
 every ``--sample-every`` seconds; growth is measured over each process's own lifetime (a restarted
-node starts again from its new process).
+node starts again from its new process), and memory counts as stable when no process sets a new
+high-water mark in the last third of its life.
 
     .venv/bin/python bench/soak.py                    # 16 sessions, 300 s, a fault every 30 s
     .venv/bin/python bench/soak.py --duration 60 --fault-every 15
@@ -158,11 +159,29 @@ def _faults(mesh: LocalMesh, proxies: dict[str, TcpProxy], kinds: list[str], eve
         heal(mesh, proxies, kind, victim)
 
 
-def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[str, float]]:
+LATE_SHARE = 1 / 3  # the last third of a process's samples ...
+LATE_TOLERANCE = 1.05  # ... may not set a high-water mark above the earlier ones by more than this (and 20 MB)
+
+
+def late_high_water(rows: list[MemorySample]) -> tuple[float, float, bool]:
+    """Max RSS (MB) before and within the last third of one process's samples, and whether it stayed stable.
+
+    Replays and plan changes raise memory in steps, and the allocator keeps its high-water mark; a leak
+    keeps setting new marks, so a stable process sets none late in the run.
+    """
+    cut = max(1, int(len(rows) * (1 - LATE_SHARE)))
+    early = max(r.rss for r in rows[:cut]) / 1e6
+    late = max((r.rss for r in rows[cut:]), default=0) / 1e6
+    return early, late, late <= early * LATE_TOLERANCE + 20.0
+
+
+def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[str, float], bool]:
     table = Table(title="resident memory (MB)")
-    for column in ("process", "samples", "restarts", "start", "end", "max", "growth over its lifetime"):
+    for column in ("process", "samples", "restarts", "start", "end", "max", "growth over its lifetime",
+                   "max: first 2/3 | last 1/3"):
         table.add_column(column, justify="right")
     figures: dict[str, float] = {}
+    stable_all = True
     for name, rows in sorted(samples.items()):
         last = rows[-1]
         own = [r for r in rows if r.pid == last.pid]  # the process alive at the end, since it started
@@ -177,8 +196,13 @@ def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[st
             growth = (last.rss - own[0].rss) / 1e6
             figures[f"{key}_rss_growth_mb"] = round(growth, 1)
             growth_text = f"{growth:+.1f} over {own[-1].at - own[0].at:.0f} s"
-        table.add_row(name, str(len(rows)), str(restarts), f"{start:.0f}", f"{end:.0f}", f"{peak:.0f}", growth_text)
-    return table, figures
+        early, late, stable = late_high_water(own) if len(own) >= 3 else (peak, peak, True)
+        stable_all &= stable
+        figures.update({f"{key}_rss_early_max_mb": round(early, 1), f"{key}_rss_late_max_mb": round(late, 1),
+                        f"{key}_rss_stable": int(stable)})
+        table.add_row(name, str(len(rows)), str(restarts), f"{start:.0f}", f"{end:.0f}", f"{peak:.0f}", growth_text,
+                      f"{early:.0f} | {late:.0f} " + ("stable" if stable else "[red]rising[/red]"))
+    return table, figures, stable_all
 
 
 def main() -> int:
@@ -266,10 +290,11 @@ def main() -> int:
         console.print(f"  [red]{count} x {error}[/red]")
     for exc in broken:
         console.print(f"  [red]fault injection stopped: {exc!r}[/red]")
-    table, memory = memory_table(samples)
+    table, memory, stable = memory_table(samples)
     console.print(table)
-    ok = tally.failed == 0 and tally.mismatched == 0 and tally.completed > 0 and not broken
-    console.print("[green]PASS[/green]: no failed request, every output identical" if ok else "[red]FAIL[/red]")
+    ok = tally.failed == 0 and tally.mismatched == 0 and tally.completed > 0 and not broken and stable
+    console.print("[green]PASS[/green]: no failed request, every output identical, memory stable" if ok
+                  else "[red]FAIL[/red]" + ("" if stable else ": a process set a new memory high-water mark late"))
     figures: dict[str, float] = {
         "duration_s": round(wall, 1), "sessions": args.sessions, "completed": tally.completed, "failed": tally.failed,
         "mismatched": tally.mismatched, "tokens": tally.tokens, "tokens_per_s": round(tally.tokens / wall, 2),

@@ -19,6 +19,8 @@ class NodeConfig:
     store: str = field("~/.cache/splitmesh/store", "model store folder")
     state_dir: str = field("~/.cache/splitmesh/node", "folder for this node's persistent state")
     threads: int = field(0, "torch intra-op threads (0 = all cores)")
+    omp_spin_count: int = field(1000, "how long idle OpenMP workers spin before sleeping (GOMP_SPINCOUNT; short, so a "
+                                      "waiting node hands its cores to the node computing; -1 = libgomp's default)")
     session_idle_timeout_s: float = field(300.0, "a session whose upstream sends nothing this long is closed")
     max_sessions: int = field(64, "concurrent sessions this node serves before RESOURCE_EXHAUSTED")
     max_prompt_tokens: int = field(4096, "longest prompt accepted, in tokens")

@@ -15,6 +15,7 @@ from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from node_agent.capacity import CapacityProbe
 from node_agent.link_probe import LinkProber
+from node_agent.memory import return_freed_memory
 from node_agent.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Reporter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.prober.changed.wait(), self.interval_s)
             self.prober.changed.clear()
+            if self.rt.pool.take_unloaded():  # by now the sessions that held the segment are gone too
+                await asyncio.get_running_loop().run_in_executor(None, return_freed_memory)
 
     async def run(self) -> None:
         backoff = 0.2

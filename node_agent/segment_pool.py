@@ -20,6 +20,7 @@ class SegmentPool:
         self._runners: dict[tuple[str, Span], SegmentRunner] = {}
         self._refs: dict[tuple[str, Span], int] = {}
         self._lock = threading.Lock()
+        self._unloaded = False  # a runner was dropped since the last take_unloaded()
 
     def acquire(self, model_digest: str, span: Span) -> SegmentRunner:
         """Load (blocking; call from the compute thread) or reuse the runner, adding a reference."""
@@ -47,7 +48,14 @@ class SegmentPool:
             self._refs[key] -= 1
             if self._refs[key] == 0:
                 del self._refs[key], self._runners[key]
+                self._unloaded = True
                 log.info("released segment %s", span)
+
+    def take_unloaded(self) -> bool:
+        """Whether a segment was released since the last call (its memory can be handed back now)."""
+        with self._lock:
+            unloaded, self._unloaded = self._unloaded, False
+            return unloaded
 
     def loaded_roles(self) -> list[str]:
         with self._lock:

@@ -42,6 +42,8 @@ def test_stalled_node_is_routed_around(mesh3: LocalMesh) -> None:
             mesh3.signal("node-1", signal.SIGCONT)
         assert [e.token_id for e in events] == expected
         assert events[-1].epoch > events[0].epoch
+        epochs = [e.epoch for e in events]
+        assert epochs == sorted(epochs)  # once on the new plan, no token of the old one (the resumed node's)
         assert all(s.node_id != "node-1" for s in client.plan().segments)
     deadline = time.monotonic() + 30
     with sync_channel(mesh3.node_addresses["node-1"], mesh3.client_tls) as channel:

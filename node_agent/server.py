@@ -1,0 +1,74 @@
+"""A node agent's gRPC server: the Node and health services, metrics, the capacity reporter, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY, start_http_server
+
+from common.grpc_options import SERVER_OPTIONS
+from common.log_format import setup_logging
+from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.transport import TransportError, bind
+from node_agent.config import NodeConfig
+from node_agent.metrics import AgentCollector
+from node_agent.reporter import Reporter
+from node_agent.runtime import NodeRuntime
+from node_agent.servicer import NodeServicer
+
+log = logging.getLogger("node_agent")
+
+
+async def serve(config: NodeConfig) -> None:
+    try:
+        runtime = NodeRuntime(config)
+    except TransportError as exc:
+        raise SystemExit(f"TLS settings: {exc}") from None
+    restored = await asyncio.get_running_loop().run_in_executor(None, runtime.plans.restore_blocking)
+    if restored is not None:
+        log.info("serving the plan of epoch %d again after a restart", restored.epoch)
+    if config.metrics_port:
+        REGISTRY.register(AgentCollector(runtime))
+        start_http_server(config.metrics_port)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_NodeServicer_to_server(NodeServicer(runtime), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = bind(server, config.listen, runtime.tls, insecure=config.insecure)
+    except TransportError as exc:
+        raise SystemExit(str(exc)) from None
+    if port == 0:
+        raise SystemExit(f"cannot listen on {config.listen}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("splitmesh.v1.Node", health_pb2.HealthCheckResponse.SERVING)
+    log.info("node %s serving on %s (pid %d, %s, activations %s)", config.node_id, config.listen, os.getpid(),
+             "mutual TLS" if runtime.tls else "plaintext",
+             "encrypted" if config.encrypt_activations else "in clear at the frame layer")
+    reporter = asyncio.create_task(Reporter(runtime).run())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("node %s stopping", config.node_id)
+    await health_servicer.enter_graceful_shutdown()
+    reporter.cancel()
+    await server.stop(grace=2.0)
+    await runtime.channels.close()
+    runtime.compute.shutdown()
+
+
+def run(config: NodeConfig, openmp: str) -> None:
+    """Serve until SIGINT/SIGTERM; torch's OpenMP settings (``openmp`` says which) are already in place."""
+    setup_logging(config.node_id, config.log_level, config.log_json)
+    log.info("torch threads: %d; OpenMP idle workers: %s", config.threads or os.cpu_count() or 1, openmp)
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    asyncio.run(serve(config))
