@@ -82,30 +82,27 @@ def measure(tb: Testbed, predictor: Predictor, prompts: list[list[int]], warm: l
 
 def sweep(tb: Testbed, predictor: Predictor, prompts: list[list[int]], warm: list[list[int]], settle_s: float,
           progress: Progress) -> tuple[list[dict[str, Any]], bool]:
-    """Static: one mesh, link reshaped per point. Adaptive: a fresh mesh per point, so each starts from static."""
+    """Per bottleneck rate, a fresh static mesh and then a fresh adaptive one (which starts from the static split).
+
+    The pair runs back to back, so slow drift of a shared box hits both modes of a point alike.
+    """
     sc = tb.scenario
     task = progress.add_task("sweep", total=2 * len(sc.sweep_mbps))
     rows: list[dict[str, Any]] = [{"mbps": m} for m in sc.sweep_mbps]
     tokens: dict[tuple[str, float], list[list[int]]] = {}
-    progress.update(task, description="static: starting mesh")
-    with mesh(tb, adaptive=False):
-        for row in rows:
-            progress.update(task, description=f"static @ {row['mbps']:g} Mbit/s")
-            tb.set_rate(sc.bottleneck, row["mbps"])
-            row["static"], res = measure(tb, predictor, prompts, warm, settle_s)
-            tokens[("static", row["mbps"])] = [r.tokens for r in res]
-            progress.advance(task)
     for row in rows:
-        progress.update(task, description=f"adaptive @ {row['mbps']:g} Mbit/s")
         tb.set_rate(sc.bottleneck, row["mbps"])
-        with mesh(tb, adaptive=True):
-            row["adaptive"], res = measure(tb, predictor, prompts, warm, settle_s)
-            tokens[("adaptive", row["mbps"])] = [r.tokens for r in res]
-            row["adaptive_plan"] = plan_text(tb)
-            with tb.client(10.0) as client:
-                row["adaptive_decisions"] = [f"{d.kind}: {d.reason}" for d in client.history(20)
-                                             if d.kind in ("migrate", "resplit")]
-        progress.advance(task)
+        for mode in ("static", "adaptive"):
+            progress.update(task, description=f"{mode} @ {row['mbps']:g} Mbit/s")
+            with mesh(tb, adaptive=mode == "adaptive"):
+                row[mode], res = measure(tb, predictor, prompts, warm, settle_s)
+                tokens[(mode, row["mbps"])] = [r.tokens for r in res]
+                if mode == "adaptive":
+                    row["adaptive_plan"] = plan_text(tb)
+                    with tb.client(10.0) as client:
+                        row["adaptive_decisions"] = [f"{d.kind}: {d.reason}" for d in client.history(20)
+                                                     if d.kind in ("migrate", "resplit")]
+            progress.advance(task)
     tb.set_rate(sc.bottleneck, sc.host(sc.bottleneck).link_mbps)
     reference = next(iter(tokens.values()))
     identical = all(t == reference for t in tokens.values())

@@ -4,7 +4,9 @@ All run in one session, interleaved round by round so machine noise hits them al
 mesh runs twice, with activation encryption on (the default) and off, to price the frame crypto
 (target: encrypted tokens/s >= 0.97x plaintext). The per-hop overhead is measured per step by the
 nodes themselves (see bench/hop_metrics.py): the sender's wait minus the receiver's own time, so
-compute noise cancels; the difference of end-to-end token times is printed beside it. Prints a table,
+compute noise cancels; the difference of end-to-end token times is printed beside it, and so is the
+floor of the transport itself on this box (bench/transport_floor.py: a bare gRPC aio stream between two
+processes with the same pause between round trips). Prints a table,
 the ratios and the per-hop overhead, then one JSON line with every figure.
 
     .venv/bin/python bench/overhead.py --tokens 64 --rounds 5
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import itertools
 
 from bench.hop_metrics import delta, quantile, scrape
+from bench.transport_floor import floors
 from common.chat import chat_token_ids
 from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
 from common.model_store import ModelStore
@@ -79,7 +82,7 @@ def main() -> int:
     prompt_ids = chat_token_ids(tokenizer, PROMPT)
 
     work = Path(tempfile.mkdtemp(prefix="splitmesh-bench-"))
-    one = LocalMesh(MeshSpec(nodes=1, store=store.root, workdir=work / "one", orchestrator_port=0))
+
     def three_segments(name: str, encrypt: bool) -> LocalMesh:
         return LocalMesh(MeshSpec(nodes=3, store=store.root, workdir=work / name, orchestrator_port=0,
                                   trusted=("node-0", "node-2"), boundaries=(0, 10, 20, 30),
@@ -112,6 +115,8 @@ def main() -> int:
         for mesh in meshes:
             mesh.stop()
 
+    with console.status("transport floor: bare gRPC aio round trips between two processes"):
+        floor = floors(store.root, EMBEDDED_MODEL_NAME)
     median_ms = {k: statistics.median(v) * 1000 for k, v in samples.items()}
     tps = {k: 1000.0 / v for k, v in median_ms.items()}
     boundaries = 2  # the 3-segment chain crosses two node boundaries per token (activation out, token id back)
@@ -134,6 +139,7 @@ def main() -> int:
         "per_hop_overhead_ms_median": round(per_hop_ms, 3),
         "per_hop_overhead_ms_by_link": {k: round(v, 3) for k, v in hop_ms.items()},
         "end_to_end_difference_ms_per_boundary": round(end_to_end_per_hop_ms, 3),
+        **floor, "per_hop_vs_floor_with_compute": round(per_hop_ms / floor["floor_with_compute_ms"], 3),
     }
     table = Table(title=f"decode speed, median of {args.rounds} x {args.tokens - 1} steps, SmolLM2-135M fp32 on CPU")
     for column in ("configuration", "ms/token", "tokens/s", "vs single-process"):
@@ -146,6 +152,10 @@ def main() -> int:
     console.print(f"per-hop overhead (node boundary, activation + token back, measured per step by the sender): "
                   f"{per_hop_ms:.3f} ms median (target <= 0.5 ms); by link: "
                   + ", ".join(f"{k} {v:.3f} ms" for k, v in hop_ms.items()))
+    console.print(f"transport floor (bare gRPC aio, no splitmesh code): {floor['floor_back_to_back_ms']:.3f} ms back "
+                  f"to back, {floor['floor_idle_gap_ms']:.3f} ms when both sides sleep a decode step between round "
+                  f"trips, {floor['floor_with_compute_ms']:.3f} ms with a real 10-layer decode step on the server; "
+                  f"the mesh's hop costs {figures['per_hop_vs_floor_with_compute']:.2f}x the last")
     console.print(f"end-to-end: (3-segment - 1-segment ms/token) / {boundaries} boundaries = "
                   f"{end_to_end_per_hop_ms:.3f} ms "
                   f"(includes compute noise); 3-segment / single = {figures['mesh3_vs_single']:.3f} (target >= 0.95)")

@@ -7,8 +7,9 @@ the next fault in turn: kill -9 then restart, SIGSTOP then SIGCONT, or a cut of 
 proxy in front of it). Checks: no request fails, and every completed generation has exactly the tokens
 of a fault-free run of its prompt. The resident memory of the orchestrator and of every node is sampled
 every ``--sample-every`` seconds; growth is measured over each process's own lifetime (a restarted
-node starts again from its new process), and memory counts as stable when no process sets a new
-high-water mark in the last third of its life.
+node starts again from its new process), and memory counts as stable when no process's floor (its
+lowest RSS between the peaks of replays and plan changes) rises from the middle to the last third of its
+life.
 
     .venv/bin/python bench/soak.py                    # 16 sessions, 300 s, a fault every 30 s
     .venv/bin/python bench/soak.py --duration 60 --fault-every 15
@@ -159,26 +160,26 @@ def _faults(mesh: LocalMesh, proxies: dict[str, TcpProxy], kinds: list[str], eve
         heal(mesh, proxies, kind, victim)
 
 
-LATE_SHARE = 1 / 3  # the last third of a process's samples ...
-LATE_TOLERANCE = 1.05  # ... may not set a high-water mark above the earlier ones by more than this (and 20 MB)
+STABLE_TOLERANCE = 1.05  # the last third's floor may sit this much (and 20 MB) above the middle third's
 
 
-def late_high_water(rows: list[MemorySample]) -> tuple[float, float, bool]:
-    """Max RSS (MB) before and within the last third of one process's samples, and whether it stayed stable.
+def settled_floors(rows: list[MemorySample]) -> tuple[float, float, bool]:
+    """Lowest RSS (MB) in the middle and in the last third of one process's samples, and whether it is stable.
 
-    Replays and plan changes raise memory in steps, and the allocator keeps its high-water mark; a leak
-    keeps setting new marks, so a stable process sets none late in the run.
+    Replays after a fault and plan changes load segments and raise memory for a while (the peaks); a leak
+    is what stays behind, so it lifts the floor between faults. The first third is left out: it holds the
+    start, before the first fault has made the node load anything.
     """
-    cut = max(1, int(len(rows) * (1 - LATE_SHARE)))
-    early = max(r.rss for r in rows[:cut]) / 1e6
-    late = max((r.rss for r in rows[cut:]), default=0) / 1e6
-    return early, late, late <= early * LATE_TOLERANCE + 20.0
+    third = max(1, len(rows) // 3)
+    middle = min(r.rss for r in rows[third:2 * third]) / 1e6
+    last = min(r.rss for r in rows[2 * third:]) / 1e6
+    return middle, last, last <= middle * STABLE_TOLERANCE + 20.0
 
 
 def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[str, float], bool]:
     table = Table(title="resident memory (MB)")
     for column in ("process", "samples", "restarts", "start", "end", "max", "growth over its lifetime",
-                   "max: first 2/3 | last 1/3"):
+                   "floor: middle | last third"):
         table.add_column(column, justify="right")
     figures: dict[str, float] = {}
     stable_all = True
@@ -196,12 +197,12 @@ def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[st
             growth = (last.rss - own[0].rss) / 1e6
             figures[f"{key}_rss_growth_mb"] = round(growth, 1)
             growth_text = f"{growth:+.1f} over {own[-1].at - own[0].at:.0f} s"
-        early, late, stable = late_high_water(own) if len(own) >= 3 else (peak, peak, True)
+        middle, late, stable = settled_floors(own) if len(own) >= 3 else (end, end, True)
         stable_all &= stable
-        figures.update({f"{key}_rss_early_max_mb": round(early, 1), f"{key}_rss_late_max_mb": round(late, 1),
+        figures.update({f"{key}_rss_middle_floor_mb": round(middle, 1), f"{key}_rss_last_floor_mb": round(late, 1),
                         f"{key}_rss_stable": int(stable)})
         table.add_row(name, str(len(rows)), str(restarts), f"{start:.0f}", f"{end:.0f}", f"{peak:.0f}", growth_text,
-                      f"{early:.0f} | {late:.0f} " + ("stable" if stable else "[red]rising[/red]"))
+                      f"{middle:.0f} | {late:.0f} " + ("stable" if stable else "[red]rising[/red]"))
     return table, figures, stable_all
 
 
@@ -294,7 +295,7 @@ def main() -> int:
     console.print(table)
     ok = tally.failed == 0 and tally.mismatched == 0 and tally.completed > 0 and not broken and stable
     console.print("[green]PASS[/green]: no failed request, every output identical, memory stable" if ok
-                  else "[red]FAIL[/red]" + ("" if stable else ": a process set a new memory high-water mark late"))
+                  else "[red]FAIL[/red]" + ("" if stable else ": a process's memory floor kept rising"))
     figures: dict[str, float] = {
         "duration_s": round(wall, 1), "sessions": args.sessions, "completed": tally.completed, "failed": tally.failed,
         "mismatched": tally.mismatched, "tokens": tally.tokens, "tokens_per_s": round(tally.tokens / wall, 2),

@@ -14,6 +14,7 @@ from common.proto import splitmesh_pb2 as pb
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEM_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 DEFAULT_CHUNK_BYTES = 1 << 20  # activations above 1 MiB travel in several messages
 MAX_TENSOR_BYTES = 512 << 20
 
@@ -39,12 +40,15 @@ def encode_tensor(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) 
 
 
 def _expected_bytes(chunk: pb.TensorChunk) -> int:
-    if chunk.dtype not in DTYPES:
-        raise TensorError(f"dtype {chunk.dtype!r} not allowed (allowed: {', '.join(DTYPES)})")
-    if not chunk.shape or any(d < 0 for d in chunk.shape) or len(chunk.shape) > 8:
-        raise TensorError(f"bad shape {list(chunk.shape)}")
-    elements = math.prod(chunk.shape)
-    size = elements * torch.empty((), dtype=DTYPES[chunk.dtype]).element_size()
+    return _tensor_bytes(chunk.dtype, list(chunk.shape))
+
+
+def _tensor_bytes(dtype: str, shape: list[int]) -> int:
+    if dtype not in DTYPES:
+        raise TensorError(f"dtype {dtype!r} not allowed (allowed: {', '.join(DTYPES)})")
+    if not shape or any(d < 0 for d in shape) or len(shape) > 8:
+        raise TensorError(f"bad shape {shape}")
+    size = math.prod(shape) * ITEM_BYTES[dtype]
     if size > MAX_TENSOR_BYTES:
         raise TensorError(f"tensor of {size} bytes exceeds the {MAX_TENSOR_BYTES}-byte limit")
     return size
@@ -86,8 +90,7 @@ class TensorAssembler:
 
 
 def decode_bytes(dtype: str, shape: list[int], raw: bytes) -> torch.Tensor:
-    probe = pb.TensorChunk(dtype=dtype, shape=shape)
-    size = _expected_bytes(probe)
+    size = _tensor_bytes(dtype, shape)
     if len(raw) != size:
         raise TensorError(f"tensor carries {len(raw)} bytes, shape {shape} of {dtype} needs {size}")
     if size == 0:

@@ -40,6 +40,19 @@ class HopError(Exception):
         self.details = details
 
 
+def hop_failure(exc: grpc.aio.AioRpcError, peer: str) -> HopError:
+    """What a failed call to the next node means for the session.
+
+    No splitmesh node ends a stream with INTERNAL on purpose; gRPC's core reports it when the connection
+    breaks mid-message (a reset link, a proxy that drops the stream). That is a broken hop, as retryable
+    as UNAVAILABLE, not a bug of the request: the session replays on the next plan instead of failing.
+    """
+    code = exc.code()
+    if code == grpc.StatusCode.INTERNAL:
+        return HopError(grpc.StatusCode.UNAVAILABLE, f"{peer}: the stream broke ({exc.details()})")
+    return HopError(code, f"{peer}: {exc.details()}")
+
+
 class ChannelPool:
     """One long-lived channel per peer, shared by every session; with TLS it accepts only the plan's node."""
 
@@ -80,6 +93,10 @@ class RemoteHop:
             opening.key_envelope = sealer.key_envelope()
         self._call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply] | None = None
         self._seq = 0
+        # Metric children looked up once: the per-step path stays short.
+        self._sent_bytes = ACTIVATION_BYTES.labels(peer=peer)
+        self._hop_seconds = TRANSFER_SECONDS.labels(peer=peer)
+        self._overhead = {kind: HOP_OVERHEAD_SECONDS.labels(peer=peer, kind=kind) for kind in ("decode", "prefill")}
 
     async def _open(self) -> grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]:
         call = self._stub.Forward()
@@ -96,10 +113,10 @@ class RemoteHop:
             async with asyncio.timeout(self._timeout_s):  # no task per step, unlike wait_for
                 reply = await call.read()
             waited = time.perf_counter() - started
-            ACTIVATION_BYTES.labels(peer=self._peer).inc(hidden.numel() * hidden.element_size())
-            TRANSFER_SECONDS.labels(peer=self._peer).inc(waited)
+            self._sent_bytes.inc(hidden.numel() * hidden.element_size())
+            self._hop_seconds.inc(waited)
         except grpc.aio.AioRpcError as exc:
-            raise HopError(exc.code(), f"{self._peer}: {exc.details()}") from exc
+            raise hop_failure(exc, self._peer) from exc
         except asyncio.InvalidStateError:  # the stream ended before we could write: the peer is gone
             raise await self._ended(call) from None
         except TimeoutError:
@@ -109,8 +126,7 @@ class RemoteHop:
         if reply.step != step:
             raise HopError(grpc.StatusCode.INTERNAL, f"{self._peer} answered step {reply.step}, expected {step}")
         if 0.0 <= reply.downstream_s <= waited:  # a peer's figure is only trusted as far as it is plausible
-            kind = "decode" if hidden.shape[1] == 1 else "prefill"
-            HOP_OVERHEAD_SECONDS.labels(peer=self._peer, kind=kind).observe(waited - reply.downstream_s)
+            self._overhead["decode" if hidden.shape[1] == 1 else "prefill"].observe(waited - reply.downstream_s)
         return int(reply.token_id)
 
     def _requests(self, step: int, position: int, hidden: torch.Tensor) -> list[pb.ForwardRequest]:
@@ -128,7 +144,7 @@ class RemoteHop:
 
     async def _ended(self, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]) -> HopError:
         code = await call.code()
-        if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
+        if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):  # see hop_failure
             code = grpc.StatusCode.UNAVAILABLE
         return HopError(code, f"{self._peer} closed the stream: {await call.details()}")
 
@@ -161,7 +177,7 @@ class SessionPipeline:
         self._compute = compute
         self._on_compute = on_compute
         self._layers = sum(len(r.span) for r in runners)
-        self._segment_label = f"{runners[0].span.start}-{runners[-1].span.end}"
+        self._segment_seconds = SEGMENT_SECONDS.labels(segment=f"{runners[0].span.start}-{runners[-1].span.end}")
         nxt = first + len(runners)
         self.remote: RemoteHop | None = None
         if nxt < len(view.segments):
@@ -181,7 +197,7 @@ class SessionPipeline:
         for runner, cache in zip(self.runners, self._caches, strict=True):
             hidden, seconds = runner.run_timed(cache, hidden, position)
             in_layers += seconds
-        SEGMENT_SECONDS.labels(segment=self._segment_label).observe(time.perf_counter() - started)
+        self._segment_seconds.observe(time.perf_counter() - started)
         if self._on_compute is not None:
             self._on_compute(self._layers, int(hidden.shape[1]), in_layers)
         return hidden
