@@ -11,7 +11,7 @@ from orchestrator.policy import Policy
 from orchestrator.registry import NodeRecord
 
 DEFAULT_LAYER_DECODE_S = 2e-3  # before any node has measured a layer: a small CPU model's layer
-PREFILL_PER_TOKEN_FRACTION = 0.25  # prefill amortises weight reads across tokens
+PREFILL_PER_TOKEN_FRACTION = 0.25  # prefill amortises weight reads across tokens (when no node has measured it)
 
 
 def model_profile(model: StoredModel) -> ModelProfile:
@@ -28,16 +28,22 @@ def _utilisation(record: NodeRecord) -> float:
 def cluster_state(nodes: list[NodeRecord], policy: Policy) -> ClusterState:
     """Live nodes with their measured layer cost, memory and utilisation, and every directed link.
 
-    A node that has not measured its layer cost yet borrows the median of those that have; a link
+    A node that has not measured its layer cost yet borrows the median of those that have; one that
+    has decoded but never run a prefill (it hosted nothing yet, or only decode steps) gets its decode
+    cost times the median prefill/decode ratio the other nodes measured, because a fixed fraction was
+    off by 3-4x on this model and made every migration to a fresh node look slower than it is. A link
     not yet probed gets the policy's default bandwidth and RTT. A link its sender reports down (a failed
     probe: bandwidth 0) is left out, so the solver places no hop on it.
     """
     measured = [r.capacity.layer_decode_ms / 1000.0 for r in nodes if r.capacity.layer_decode_ms > 0]
     fallback = statistics.median(measured) if measured else DEFAULT_LAYER_DECODE_S
+    ratios = [r.capacity.layer_prefill_ms_per_token / r.capacity.layer_decode_ms for r in nodes
+              if r.capacity.layer_prefill_ms_per_token > 0 and r.capacity.layer_decode_ms > 0]
+    prefill_ratio = statistics.median(ratios) if ratios else PREFILL_PER_TOKEN_FRACTION
     profiles = []
     for r in nodes:
         decode = r.capacity.layer_decode_ms / 1000.0 or fallback
-        prefill = (r.capacity.layer_prefill_ms_per_token / 1000.0) or decode * PREFILL_PER_TOKEN_FRACTION
+        prefill = (r.capacity.layer_prefill_ms_per_token / 1000.0) or decode * prefill_ratio
         memory = r.capacity.memory_available_bytes
         profiles.append(NodeProfile(node_id=r.node_id, trusted=r.trusted, memory_bytes=int(memory),
                                     decode_s_per_layer=decode, prefill_s_per_layer_token=prefill,
