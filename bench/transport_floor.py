@@ -31,7 +31,8 @@ from common.proto import splitmesh_pb2_grpc as pb_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Node"].full_name
 HIDDEN = 576
-SPAN = (10, 20)
+SPAN = (10, 20)  # the segment whose decode step the server runs
+IDLE_GAP_S = 0.013  # about one 10-layer decode step of the embedded model here
 
 
 def _serve(port: int, store_root: str, model: str, compute: bool, ready: mp.synchronize.Event) -> None:
@@ -113,9 +114,6 @@ def measure(store_root: Path, model: str, compute: bool, gap_s: float = 0.0, cou
         server.terminate()
         server.join(10)
     return statistics.median(overheads) * 1000
-
-
-IDLE_GAP_S = 0.013  # about one 10-layer decode step of the embedded model here
 
 
 def floors(store_root: Path, model: str) -> dict[str, float]:
