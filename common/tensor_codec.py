@@ -39,10 +39,6 @@ def encode_tensor(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) 
     ]
 
 
-def _expected_bytes(chunk: pb.TensorChunk) -> int:
-    return _tensor_bytes(chunk.dtype, list(chunk.shape))
-
-
 def _tensor_bytes(dtype: str, shape: list[int]) -> int:
     if dtype not in DTYPES:
         raise TensorError(f"dtype {dtype!r} not allowed (allowed: {', '.join(DTYPES)})")
@@ -68,7 +64,7 @@ class TensorAssembler:
 
     def add(self, chunk: pb.TensorChunk) -> torch.Tensor | None:
         if self._first is None:
-            self._size = _expected_bytes(chunk)
+            self._size = _tensor_bytes(chunk.dtype, list(chunk.shape))
             if chunk.chunk_count < 1 or chunk.chunk_index != 0:
                 raise TensorError(f"first chunk must have index 0 of >= 1, got {chunk.chunk_index}/{chunk.chunk_count}")
             self._first = chunk

@@ -11,11 +11,8 @@ imported.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-
-log = logging.getLogger(__name__)
 
 OPENMP_WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 

@@ -40,16 +40,18 @@ class HopError(Exception):
         self.details = details
 
 
-def hop_failure(exc: grpc.aio.AioRpcError, peer: str) -> HopError:
-    """What a failed call to the next node means for the session.
-
-    No splitmesh node ends a stream with INTERNAL on purpose; gRPC's core reports it when the connection
+def broken_hop_code(code: grpc.StatusCode) -> grpc.StatusCode:
+    """No splitmesh node ends a stream with INTERNAL on purpose; gRPC's core reports it when the connection
     breaks mid-message (a reset link, a proxy that drops the stream). That is a broken hop, as retryable
-    as UNAVAILABLE, not a bug of the request: the session replays on the next plan instead of failing.
-    """
+    as UNAVAILABLE, not a bug of the request: the session replays on the next plan instead of failing."""
+    return grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.INTERNAL else code
+
+
+def hop_failure(exc: grpc.aio.AioRpcError, peer: str) -> HopError:
+    """What a failed call to the next node means for the session (see :func:`broken_hop_code`)."""
     code = exc.code()
     if code == grpc.StatusCode.INTERNAL:
-        return HopError(grpc.StatusCode.UNAVAILABLE, f"{peer}: the stream broke ({exc.details()})")
+        return HopError(broken_hop_code(code), f"{peer}: the stream broke ({exc.details()})")
     return HopError(code, f"{peer}: {exc.details()}")
 
 
@@ -143,8 +145,8 @@ class RemoteHop:
         return requests
 
     async def _ended(self, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]) -> HopError:
-        code = await call.code()
-        if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):  # see hop_failure
+        code = broken_hop_code(await call.code())
+        if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
             code = grpc.StatusCode.UNAVAILABLE
         return HopError(code, f"{self._peer} closed the stream: {await call.details()}")
 

@@ -69,6 +69,7 @@ async def serve(config: NodeConfig) -> None:
 def run(config: NodeConfig, openmp: str) -> None:
     """Serve until SIGINT/SIGTERM; torch's OpenMP settings (``openmp`` says which) are already in place."""
     setup_logging(config.node_id, config.log_level, config.log_json)
-    log.info("torch threads: %d; OpenMP idle workers: %s", config.threads or os.cpu_count() or 1, openmp)
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    threads = config.threads or os.cpu_count() or 1
+    log.info("torch threads: %d; OpenMP idle workers: %s", threads, openmp)
+    torch.set_num_threads(threads)
     asyncio.run(serve(config))
