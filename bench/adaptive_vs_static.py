@@ -75,7 +75,8 @@ def measure(tb: Testbed, predictor: Predictor, prompts: list[list[int]], warm: l
                              predictor=predictor)
         wall = time.monotonic() - t0
         inputs = predictor.inputs(predictor.snapshot(client))
-    summary: dict[str, Any] = {**summarise(results, wall, sc.sla_request_ms).as_dict(), "model_inputs": inputs}
+    summary: dict[str, Any] = {**summarise(results, wall, sc.sla_request_ms).as_dict(), "model_inputs": inputs,
+                               "per_request": [r.as_row() for r in results]}
     tb.check_mesh()
     return summary, results
 
@@ -270,6 +271,12 @@ def main() -> int:
                 console.print(f"           {d['kind']} -> epoch {d['epoch_after']}: {d['reason']}")
         figures["plot_timeline"] = str(plot_timeline(tl["runs"], tl["events"], out))
         console.print(f"plot: {figures['plot_timeline']}")
+    if "sweep" in figures:
+        per_request = {f"{mode} @ {r['mbps']:g} Mbit/s": r[mode].pop("per_request") for r in figures["sweep"]
+                       for mode in ("static", "adaptive")}
+        figures["per_request"] = str(out / "requests.json")
+        (out / "requests.json").write_text(json.dumps(finite(per_request), indent=1, default=str))
+        console.print(f"per-request figures and cost-model inputs: {figures['per_request']}")
     print(json.dumps(finite(figures), default=str))
     return 0
 

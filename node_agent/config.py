@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config import field
+from common.config import ConfigError, field
 from common.frame_crypto import MAX_FRAMES_PER_KEY
 from common.tls import TlsConfig
 from common.transport import DEFAULT_ORCHESTRATOR_ID, resolve_tls
@@ -31,6 +31,9 @@ class NodeConfig:
     recovery_timeout_s: float = field(20.0, "how long a session waits for a replacement plan after a failure")
     probe_interval_s: float = field(5.0, "how often to measure RTT and bandwidth to every plan peer (0 = off)")
     probe_bytes: int = field(1 << 20, "payload of the bandwidth probe (large enough to outlast shaper bursts)")
+    probe_bandwidth_window: int = field(2, "probe rounds whose highest bandwidth is reported (one reading shared "
+                                           "with a prefill reads low; a real drop shows after this many rounds)")
+    probe_rtt_window: int = field(5, "probe rounds whose lowest RTT is reported (a reading behind a queue reads high)")
     report_interval_ms: int = field(1000, "capacity report period (overridden by the orchestrator)")
     plan_public_key: str = field("", "pinned orchestrator Ed25519 public key (hex); empty = learn at registration")
     encrypt_activations: bool = field(True, "seal activation frames per hop (AES-256-GCM, HPKE key exchange); "
@@ -46,6 +49,10 @@ class NodeConfig:
     metrics_port: int = field(0, "HTTP port for Prometheus /metrics (0 = off)")
     log_level: str = field("INFO", "logging level")
     log_json: bool = field(False, "log one JSON object per line")
+
+    def __post_init__(self) -> None:
+        if self.probe_bandwidth_window < 1 or self.probe_rtt_window < 1:
+            raise ConfigError("probe_bandwidth_window and probe_rtt_window must be at least 1 (probe rounds)")
 
     @property
     def advertised_address(self) -> str:

@@ -1,8 +1,9 @@
 """Measures the links from this node to its peers, and notices within a second when one breaks.
 
 Every ``probe_interval_s`` each other node of the committed plan gets an RTT probe (empty) and a
-bandwidth probe (padded); the figures go into the capacity reports, so the orchestrator's bandwidth
-trigger and cost model see real links.
+bandwidth probe (padded); the best of each link's recent readings (``node_agent.link_estimate``) goes into
+the capacity reports, so the orchestrator's bandwidth trigger and cost model see real links, not the
+moments a probe shared them with a prefill.
 
 A link can break while both ends stay alive and keep reporting (a cut cable, a firewall, a dead
 proxy): the orchestrator then still sees every node alive, and only the sender of the broken hop can
@@ -28,6 +29,7 @@ from common.certs import Identity
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.transport import aio_channel
+from node_agent.link_estimate import LinkEstimate
 from node_agent.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class LinkProber:
         self.changed = asyncio.Event()  # a link went down or came back: report now
         self._payload = bytes(runtime.config.probe_bytes)
         self._quick_at: dict[str, float] = {}
+        self._estimates: dict[str, LinkEstimate] = {}
 
     async def _probe(self, peer: str, address: str) -> pb.LinkStatus | None:
         """Measured figures, a down status when the peer cannot be reached, None for any other failure.
@@ -81,10 +84,21 @@ class LinkProber:
             return down_status(peer) if exc.code() in LINK_DOWN_CODES else None
         return pb.LinkStatus(peer_id=peer, bandwidth_bps=len(self._payload) * 8 / transfer, rtt_ms=rtt * 1000)
 
+    def _estimate(self, peer: str) -> LinkEstimate:
+        if peer not in self._estimates:
+            cfg = self.rt.config
+            self._estimates[peer] = LinkEstimate(cfg.probe_bandwidth_window, cfg.probe_rtt_window)
+        return self._estimates[peer]
+
     def _record(self, peer: str, address: str, status: pb.LinkStatus | None) -> None:
         if status is None:
             self.links.pop(peer, None)
             return
+        if status.bandwidth_bps > 0:
+            bandwidth, rtt = self._estimate(peer).add(status.bandwidth_bps, status.rtt_ms)
+            status = pb.LinkStatus(peer_id=peer, bandwidth_bps=bandwidth, rtt_ms=rtt)
+        else:
+            self._estimate(peer).reset()
         self.links[peer] = status
         if status.bandwidth_bps <= 0:
             if peer not in self.down:
@@ -104,7 +118,10 @@ class LinkProber:
             if peer not in in_plan and now - since > DOWN_MEMORY_S:
                 del self.down[peer]
                 self.links.pop(peer, None)
-        return {**{peer: address for peer, (address, _) in self.down.items()}, **in_plan}
+        targets = {**{peer: address for peer, (address, _) in self.down.items()}, **in_plan}
+        for peer in set(self._estimates) - set(targets):  # a peer that left the plan starts afresh if it returns
+            del self._estimates[peer]
+        return targets
 
     async def probe_once(self) -> None:
         for peer, address in sorted(self.targets().items()):

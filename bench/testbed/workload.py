@@ -29,11 +29,20 @@ class RequestResult:
     total_s: float = math.inf  # call to last token
     epochs: tuple[int, int] = (0, 0)  # plan epoch of the first and the last token
     predicted: Prediction | None = None  # cost model on the plan committed at the start
+    model_inputs: dict[str, object] | None = None  # what the cost model was given for ``predicted``
     error: str = ""
 
     @property
     def ok(self) -> bool:
         return not self.error
+
+    def as_row(self) -> dict[str, object]:
+        """Measured and predicted figures of this request (ms) with the cost model's inputs, for the JSON record."""
+        p = self.predicted
+        return {"started_s": round(self.started_s, 2), "epochs": list(self.epochs), "error": self.error,
+                "ttft_ms": _ms(self.ttft_s), "per_token_ms": _ms(self.per_token_s),
+                "predicted_ttft_ms": _ms(p.ttft_s) if p else None,
+                "predicted_per_token_ms": _ms(p.per_token_s) if p else None, "model_inputs": self.model_inputs}
 
     @property
     def per_token_s(self) -> float:
@@ -48,7 +57,9 @@ def run_request(client: Client, index: int, prompt: list[int], max_new: int, t0:
     result = RequestResult(index, time.monotonic() - t0, len(prompt))
     if predictor is not None:
         try:
-            result.predicted = predictor.predict(predictor.snapshot(client), len(prompt), max_new)
+            snap = predictor.snapshot(client)
+            result.predicted = predictor.predict(snap, len(prompt), max_new)
+            result.model_inputs = predictor.inputs(snap)
         except SplitmeshError:
             result.predicted = None
     started = time.monotonic()
@@ -123,6 +134,10 @@ class Summary:
     def as_dict(self) -> dict[str, float | int]:
         return {k: (round(v, 2) if isinstance(v, float) and math.isfinite(v) else v)
                 for k, v in self.__dict__.items()}
+
+
+def _ms(seconds: float) -> float | None:
+    return round(seconds * 1e3, 2) if math.isfinite(seconds) else None
 
 
 def _mean(values: Sequence[float]) -> float:

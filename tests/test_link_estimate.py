@@ -1,0 +1,95 @@
+"""A link's report is the best of its recent probe readings: one reading spoiled by shared traffic does not
+move it, a real change does once the window has seen it, and a link that went down starts afresh."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+
+from common.proto import splitmesh_pb2 as pb
+from node_agent.config import NodeConfig
+from node_agent.link_estimate import LinkEstimate
+from node_agent.link_probe import LinkProber, down_status
+from node_agent.runtime import NodeRuntime
+
+MBIT = 1e6
+
+
+def test_one_low_bandwidth_reading_is_ignored_two_in_a_row_are_reported() -> None:
+    est = LinkEstimate(bandwidth_window=2, rtt_window=5)
+    assert est.add(200 * MBIT, 0.4) == (200 * MBIT, 0.4)
+    assert est.add(43 * MBIT, 0.5)[0] == 200 * MBIT  # a probe that shared the link with a prefill
+    assert est.add(198 * MBIT, 0.4)[0] == 198 * MBIT
+    assert est.add(20 * MBIT, 0.4)[0] == 198 * MBIT  # the link really dropped: not yet sure
+    assert est.add(21 * MBIT, 0.4)[0] == 21 * MBIT  # every reading in the window sees it
+
+
+def test_rtt_is_the_lowest_of_the_window_and_a_lasting_rise_shows_after_it() -> None:
+    est = LinkEstimate(bandwidth_window=2, rtt_window=3)
+    est.add(50 * MBIT, 0.5)
+    assert est.add(50 * MBIT, 25.0)[1] == 0.5  # queued behind a prefill in the shaper
+    assert est.add(50 * MBIT, 30.0)[1] == 0.5
+    assert est.add(50 * MBIT, 20.0)[1] == 20.0  # three high readings: the path itself is slower now
+
+
+def test_windows_of_one_report_the_latest_reading() -> None:
+    est = LinkEstimate(bandwidth_window=1, rtt_window=1)
+    est.add(100 * MBIT, 1.0)
+    assert est.add(10 * MBIT, 9.0) == (10 * MBIT, 9.0)
+
+
+def test_empty_windows_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        LinkEstimate(bandwidth_window=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        NodeConfig(probe_rtt_window=0)
+
+
+def _prober(view: SimpleNamespace | None = None) -> LinkProber:
+    """A prober of node a whose committed plan is ``view`` (default: a and b)."""
+    view = view or SimpleNamespace(addresses={"a": "-", "b": "addr-b"})
+    runtime = SimpleNamespace(node_id="a", plans=SimpleNamespace(committed=view),
+                              config=SimpleNamespace(probe_bytes=1024, probe_bandwidth_window=2, probe_rtt_window=5))
+    return LinkProber(cast(NodeRuntime, runtime))
+
+
+def _reading(mbps: float, rtt_ms: float) -> pb.LinkStatus:
+    return pb.LinkStatus(peer_id="b", bandwidth_bps=mbps * MBIT, rtt_ms=rtt_ms)
+
+
+def test_the_prober_reports_the_estimate_not_the_latest_reading() -> None:
+    async def run() -> None:  # the prober's change event needs a running loop
+        prober = _prober()
+        prober._record("b", "addr-b", _reading(200, 0.4))
+        prober._record("b", "addr-b", _reading(43, 12.0))
+        assert prober.links["b"].bandwidth_bps == 200 * MBIT and prober.links["b"].rtt_ms == pytest.approx(0.4)
+        assert not prober.changed.is_set()  # no early report for a spoiled reading
+    asyncio.run(run())
+
+
+def test_a_link_that_went_down_forgets_its_old_readings() -> None:
+    async def run() -> None:
+        prober = _prober()
+        prober._record("b", "addr-b", _reading(200, 0.4))
+        prober._record("b", "addr-b", down_status("b"))
+        assert prober.links["b"].bandwidth_bps == 0 and "b" in prober.down  # down is reported at once
+        prober._record("b", "addr-b", _reading(20, 3.0))  # it came back over a slower path
+        assert prober.links["b"].bandwidth_bps == 20 * MBIT and prober.links["b"].rtt_ms == pytest.approx(3.0)
+        assert "b" not in prober.down
+    asyncio.run(run())
+
+
+def test_a_peer_that_left_the_plan_starts_afresh() -> None:
+    async def run() -> None:
+        view = SimpleNamespace(addresses={"a": "-", "b": "addr-b"})
+        prober = _prober(view)
+        prober._record("b", "addr-b", _reading(200, 0.4))
+        view.addresses = {"a": "-"}
+        assert prober.targets() == {}
+        view.addresses = {"a": "-", "b": "addr-b2"}
+        prober._record("b", "addr-b2", _reading(30, 2.0))
+        assert prober.links["b"].bandwidth_bps == 30 * MBIT
+    asyncio.run(run())
