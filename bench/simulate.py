@@ -5,6 +5,8 @@ Every figure is computed here from the scenario's stated hardware and network as
 Prints the assumptions, a Table-II-style comparison per backhaul bandwidth, the decisions of the timeline
 scenario, saves a latency-vs-bandwidth PNG under --out, and ends with one JSON line of all figures. Run:
     python -m bench.simulate [--scenario bench/scenarios/papers.json] [--out bench/out/]
+With ``--measured FIGURES`` it runs a recorded testbed experiment instead (bench.testbed.offline): the cost
+model and the decision engine on the inputs the live mesh measured, next to the measured latencies.
 """
 
 from __future__ import annotations
@@ -196,8 +198,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scenario", default="bench/scenarios/papers.json")
     ap.add_argument("--out", default="bench/out/")
+    ap.add_argument("--measured", type=Path, default=None,
+                    help="figures.json of a bench.adaptive_vs_static run: simulate its scenario on its measured inputs")
+    ap.add_argument("--store", type=Path, default=Path("~/.cache/splitmesh/store"),
+                    help="model store holding the testbed scenario's model (with --measured)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    if args.measured is not None:
+        from bench.testbed import offline
+
+        offline.main(args.measured, args.store)
+        return
     sc = json.loads(Path(args.scenario).read_text())
     model = ModelProfile.from_config_dict(sc["model"]["config"], sc["model"]["dtype_bytes"])
     nodes, notes = derive_nodes(sc, model)

@@ -76,7 +76,8 @@ class Predictor:
         """The cost model's inputs as reported at ``snap``: what a wrong prediction must be traced back to."""
         nodes = {n.node_id: {"decode_ms_per_layer": round(n.decode_s_per_layer * 1e3, 3),
                              "prefill_ms_per_layer_token": round(n.prefill_s_per_layer_token * 1e3, 4),
-                             "utilisation": round(n.utilisation, 3)} for n in snap.cluster.nodes}
+                             "utilisation": round(n.utilisation, 3),
+                             "memory_mb": round(n.memory_bytes / 2**20)} for n in snap.cluster.nodes}
         links = {f"{a}->{b}": {"mbps": round(link.bandwidth_bps / 1e6, 2), "rtt_ms": round(link.rtt_s * 1e3, 2)}
                  for (a, b), link in sorted(snap.cluster.links.items())}
         return {"epoch": snap.epoch, "nodes": nodes, "links": links}
