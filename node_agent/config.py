@@ -27,7 +27,8 @@ class NodeConfig:
     max_new_tokens: int = field(2048, "largest max_new_tokens a request may ask for")
     chunk_bytes: int = field(1 << 20, "activation bytes per wire message")
     hop_timeout_s: float = field(30.0, "deadline for one step's reply from the next node")
-    stall_reroute_s: float = field(2.0, "a step waiting this long moves to a newer plan if one is committed")
+    stall_reroute_s: float = field(2.0, "a step waiting this long moves to a newer plan if one is committed and a "
+                                        "node on its path does not answer a probe (a working node keeps its step)")
     recovery_timeout_s: float = field(20.0, "how long a session waits for a replacement plan after a failure")
     probe_interval_s: float = field(5.0, "how often to measure RTT and bandwidth to every plan peer (0 = off)")
     probe_bytes: int = field(1 << 20, "payload of the bandwidth probe (large enough to outlast shaper bursts)")

@@ -40,3 +40,21 @@ class LinkEstimate:
     def reset(self) -> None:
         self._bandwidths.clear()
         self._rtts.clear()
+
+
+MIN_TIMED_DIFFERENCE_S = 2e-3  # below this the two transfers differ by scheduling noise, not by the link
+
+
+def probe_bandwidth(small_bytes: int, small_s: float, full_bytes: int, full_s: float, rtt_s: float) -> float:
+    """Bit/s from two timed transfers of different sizes, each started after the link sat idle.
+
+    A token-bucket shaper (tc tbf, a carrier's policer) sends the first ``burst`` bytes of a transfer at line
+    rate, so bytes / time over a single transfer reads high: a 256 KiB probe through a 50 Mbit/s tbf with a
+    64 KiB bucket read 66 Mbit/s and kept the bandwidth trigger quiet. The difference of two transfers that
+    both start with a full bucket cancels the burst, the RTT and every fixed per-call cost. When the two are
+    too close to time apart (a fast link), the larger transfer alone is used.
+    """
+    extra = full_s - small_s
+    if full_bytes > small_bytes and extra >= MIN_TIMED_DIFFERENCE_S:
+        return (full_bytes - small_bytes) * 8 / extra
+    return full_bytes * 8 / max(full_s - rtt_s, 1e-6)

@@ -16,6 +16,8 @@ import torch
 
 from common.log_format import EPOCH, SESSION
 from common.plan_view import PlanView
+from common.proto import splitmesh_pb2 as pb
+from common.proto import splitmesh_pb2_grpc as pb_grpc
 from node_agent.pipeline import HopError, SessionPipeline
 from node_agent.runtime import NodeRuntime
 from node_agent.sampler import SamplingConfig
@@ -23,6 +25,7 @@ from node_agent.sampler import SamplingConfig
 log = logging.getLogger(__name__)
 
 STALL_POLL_S = 0.1  # how often a waiting step looks for a plan that routes around a stalled peer
+STALL_PROBE_TIMEOUT_S = 1.0  # a downstream node that does not answer an empty probe this fast counts as stalled
 RECOVERABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
                          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED})
 
@@ -108,23 +111,56 @@ class RingSession:
         """The step's token, or None after moving to a newer plan because the step stalled.
 
         A paused node (SIGSTOP, an overloaded box) neither answers nor breaks the stream; once the
-        orchestrator has committed a plan without it, waiting longer only delays the session.
+        orchestrator has committed a newer plan, waiting longer only delays the session. But a step can
+        also be slow because it is working (a long prompt's prefill takes seconds), and a plan change for
+        speed is no reason to throw that work away: so after ``stall_reroute_s`` the step moves only if a
+        node on its downstream path does not answer an empty probe; otherwise it asks again every
+        ``stall_reroute_s`` (and a broken hop still fails at once).
         """
         assert self.pipeline is not None
         task = asyncio.ensure_future(self.pipeline.step(step, self.cached, inputs))
+        check_at = started + self.rt.config.stall_reroute_s
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=STALL_POLL_S)
                 if done:
                     return task.result()
                 newer = self._newer_plan()
-                if newer is not None and time.perf_counter() - started > self.rt.config.stall_reroute_s:
-                    log.warning("session %s step %d stalled for %.1fs; moving to epoch %d", self.session_id[:8],
-                                step, time.perf_counter() - started, newer.epoch)
-                    task.cancel()
-                    self.close()
-                    await self.open(newer)
-                    return None
+                if newer is None or time.perf_counter() < check_at:
+                    continue
+                silent = await self._silent_downstream()
+                if task.done():
+                    return task.result()
+                if not silent:
+                    check_at = time.perf_counter() + self.rt.config.stall_reroute_s
+                    log.info("session %s step %d running for %.1fs on epoch %d; every node on its path answers, "
+                             "so it finishes there", self.session_id[:8], step, time.perf_counter() - started,
+                             self.view.epoch if self.view else 0)
+                    continue
+                log.warning("session %s step %d stalled for %.1fs (%s not answering); moving to epoch %d",
+                            self.session_id[:8], step, time.perf_counter() - started, ", ".join(silent), newer.epoch)
+                task.cancel()
+                self.close()
+                await self.open(newer)
+                return None
         finally:
             if not task.done():
                 task.cancel()
+
+    async def _silent_downstream(self) -> list[str]:
+        """Nodes after this one on the session's plan that do not answer an empty probe in time."""
+        view = self.view
+        if view is None:
+            return []
+        peers = sorted({s.node_id for s in view.segments if s.node_id != self.rt.node_id})
+
+        async def answers(peer: str) -> bool:
+            stub = pb_grpc.NodeStub(self.rt.channels.get(view.addresses[peer], peer))
+            try:
+                await stub.Probe(pb.ProbeRequest(), timeout=STALL_PROBE_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                return False
+            return True
+
+        alive = await asyncio.gather(*(answers(p) for p in peers))
+        return [p for p, ok in zip(peers, alive, strict=True) if not ok]
