@@ -1,9 +1,10 @@
 """Measures the links from this node to its peers, and notices within a second when one breaks.
 
-Every ``probe_interval_s`` each other node of the committed plan gets an RTT probe (empty) and a
-bandwidth probe (padded); the best of each link's recent readings (``node_agent.link_estimate``) goes into
-the capacity reports, so the orchestrator's bandwidth trigger and cost model see real links, not the
-moments a probe shared them with a prefill.
+Every ``probe_interval_s`` each other node of the committed plan gets three RTT probes (empty) and two
+bandwidth probes (half and all of ``probe_bytes``; their difference cancels a shaper's burst). The best
+of each link's recent readings (``node_agent.link_estimate``) goes into the capacity reports, so the
+orchestrator's bandwidth trigger and cost model see real links, not the moments a probe shared them
+with a prefill.
 
 A link can break while both ends stay alive and keep reporting (a cut cable, a firewall, a dead
 proxy): the orchestrator then still sees every node alive, and only the sender of the broken hop can
@@ -29,7 +30,7 @@ from common.certs import Identity
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.transport import aio_channel
-from node_agent.link_estimate import LinkEstimate
+from node_agent.link_estimate import LinkEstimate, probe_bandwidth
 from node_agent.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ QUICK_RETRY_S = 1.0  # at most one quick probe per peer this often
 DOWN_MEMORY_S = 60.0  # a peer outside the plan whose link is down is re-probed this long, then forgotten
 LINK_DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 CONNECTED = frozenset({grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING})
+BUCKET_REFILL_S = 0.05  # idle time before each padded probe: refills a 64 KiB shaper bucket at >= 10.5 Mbit/s
 
 
 def down_status(peer: str) -> pb.LinkStatus:
@@ -76,13 +78,22 @@ class LinkProber:
                 await stub.Probe(pb.ProbeRequest(), timeout=5)
                 rtts.append(time.perf_counter() - started)
             rtt = min(rtts)
-            started = time.perf_counter()
-            await stub.Probe(pb.ProbeRequest(payload=self._payload), timeout=30)
-            transfer = max(time.perf_counter() - started - rtt, 1e-6)
+            half = self._payload[: len(self._payload) // 2]
+            small_s = await self._timed_transfer(stub, half)
+            full_s = await self._timed_transfer(stub, self._payload)
         except grpc.aio.AioRpcError as exc:
             log.debug("probe to %s failed: %s", peer, exc.code().name)
             return down_status(peer) if exc.code() in LINK_DOWN_CODES else None
-        return pb.LinkStatus(peer_id=peer, bandwidth_bps=len(self._payload) * 8 / transfer, rtt_ms=rtt * 1000)
+        bandwidth = probe_bandwidth(len(half), small_s, len(self._payload), full_s, rtt)
+        return pb.LinkStatus(peer_id=peer, bandwidth_bps=bandwidth, rtt_ms=rtt * 1000)
+
+    @staticmethod
+    async def _timed_transfer(stub: pb_grpc.NodeStub, payload: bytes) -> float:
+        """Seconds for one padded probe, sent after ``BUCKET_REFILL_S`` of silence so a shaper's bucket is full."""
+        await asyncio.sleep(BUCKET_REFILL_S)
+        started = time.perf_counter()
+        await stub.Probe(pb.ProbeRequest(payload=payload), timeout=30)
+        return time.perf_counter() - started
 
     def _estimate(self, peer: str) -> LinkEstimate:
         if peer not in self._estimates:

@@ -11,7 +11,7 @@ import pytest
 
 from common.proto import splitmesh_pb2 as pb
 from node_agent.config import NodeConfig
-from node_agent.link_estimate import LinkEstimate
+from node_agent.link_estimate import LinkEstimate, probe_bandwidth
 from node_agent.link_probe import LinkProber, down_status
 from node_agent.runtime import NodeRuntime
 
@@ -93,3 +93,23 @@ def test_a_peer_that_left_the_plan_starts_afresh() -> None:
         prober._record("b", "addr-b2", _reading(30, 2.0))
         assert prober.links["b"].bandwidth_bps == 30 * MBIT
     asyncio.run(run())
+
+
+def _through_shaper(size: int, rate_bps: float, burst: int, rtt_s: float) -> float:
+    """Seconds a transfer of ``size`` bytes takes through a token bucket that starts full."""
+    return rtt_s + max(0, size - burst) * 8 / rate_bps
+
+
+def test_two_transfers_cancel_a_shapers_burst_where_one_reads_high() -> None:
+    rate, burst, rtt, full = 50 * MBIT, 64 * 1024, 0.4e-3, 256 * 1024
+    small_s, full_s = _through_shaper(full // 2, rate, burst, rtt), _through_shaper(full, rate, burst, rtt)
+    single = full * 8 / (full_s - rtt)  # what one padded probe reads
+    assert single > 1.3 * rate
+    assert probe_bandwidth(full // 2, small_s, full, full_s, rtt) == pytest.approx(rate)
+
+
+def test_too_close_to_time_apart_falls_back_to_the_larger_transfer() -> None:
+    # a fast link: 128 KiB more takes 0.1 ms, well inside scheduling noise
+    assert probe_bandwidth(128 * 1024, 1.0e-3, 256 * 1024, 1.1e-3, 0.5e-3) == pytest.approx(256 * 1024 * 8 / 0.6e-3)
+    # the larger transfer came back first (noise): never a negative or infinite bandwidth
+    assert probe_bandwidth(128 * 1024, 30e-3, 256 * 1024, 20e-3, 1e-3) == pytest.approx(256 * 1024 * 8 / 19e-3)
