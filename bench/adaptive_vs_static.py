@@ -15,11 +15,12 @@ import argparse
 import json
 import logging
 import math
+import statistics
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,32 @@ def plan_text(tb: Testbed) -> str:
         return " ".join(f"[{s.start},{s.end})@{s.node_id}" for s in client.status().plan.segments)
 
 
+@dataclass
+class Measured:
+    """One mode's requests at one point, from one or more fresh meshes."""
+
+    results: list[RequestResult]
+    wall_s: float
+    inputs: dict[str, Any]  # the cost model's inputs after the first mesh's requests
+    run_means_ms: list[float]  # mean request latency of each mesh
+
+    def add(self, other: Measured) -> None:
+        self.results += other.results
+        self.wall_s += other.wall_s
+        self.run_means_ms += other.run_means_ms
+
+    def summary(self, sla_ms: float) -> dict[str, Any]:
+        out: dict[str, Any] = {**summarise(self.results, self.wall_s, sla_ms).as_dict(), "model_inputs": self.inputs,
+                               "per_request": [r.as_row() for r in self.results],
+                               "run_means_ms": [round(m, 1) for m in self.run_means_ms]}
+        if len(self.run_means_ms) > 1:
+            out["spread_pct"] = round(100 * (max(self.run_means_ms) - min(self.run_means_ms))
+                                      / statistics.fmean(self.run_means_ms), 1)
+        return out
+
+
 def measure(tb: Testbed, predictor: Predictor, prompts: list[list[int]], warm: list[list[int]],
-            settle_s: float) -> tuple[dict[str, Any], list[RequestResult]]:
+            settle_s: float) -> Measured:
     sc = tb.scenario
     with tb.client() as client:
         if warm:
@@ -75,38 +100,47 @@ def measure(tb: Testbed, predictor: Predictor, prompts: list[list[int]], warm: l
                              predictor=predictor)
         wall = time.monotonic() - t0
         inputs = predictor.inputs(predictor.snapshot(client))
-    summary: dict[str, Any] = {**summarise(results, wall, sc.sla_request_ms).as_dict(), "model_inputs": inputs,
-                               "per_request": [r.as_row() for r in results]}
     tb.check_mesh()
-    return summary, results
+    ok = [r.total_s * 1e3 for r in results if r.ok]
+    return Measured(results, wall, inputs, [statistics.fmean(ok) if ok else math.nan])
 
 
 def sweep(tb: Testbed, predictor: Predictor, prompts: list[list[int]], warm: list[list[int]], settle_s: float,
-          progress: Progress) -> tuple[list[dict[str, Any]], bool]:
-    """Per bottleneck rate, a fresh static mesh and then a fresh adaptive one (which starts from the static split).
+          progress: Progress, bracket: bool = True) -> tuple[list[dict[str, Any]], bool]:
+    """Per bottleneck rate, a fresh static mesh, a fresh adaptive one (which starts from the static split) and,
+    with ``bracket``, a second static mesh after it.
 
-    The pair runs back to back, so slow drift of a shared box hits both modes of a point alike.
+    The runs of a point go back to back, and the static ones bracket the adaptive one: drift of a shared box
+    over the few minutes of a point then cancels in the static mean, and the two static means' spread is the
+    noise any difference at that point must beat.
     """
     sc = tb.scenario
-    task = progress.add_task("sweep", total=2 * len(sc.sweep_mbps))
+    modes = ("static", "adaptive", "static") if bracket else ("static", "adaptive")
+    task = progress.add_task("sweep", total=len(modes) * len(sc.sweep_mbps))
     rows: list[dict[str, Any]] = [{"mbps": m} for m in sc.sweep_mbps]
-    tokens: dict[tuple[str, float], list[list[int]]] = {}
+    tokens: list[list[list[int]]] = []
     for row in rows:
         tb.set_rate(sc.bottleneck, row["mbps"])
-        for mode in ("static", "adaptive"):
+        measured: dict[str, Measured] = {}
+        for mode in modes:
             progress.update(task, description=f"{mode} @ {row['mbps']:g} Mbit/s")
             with mesh(tb, adaptive=mode == "adaptive"):
-                row[mode], res = measure(tb, predictor, prompts, warm, settle_s)
-                tokens[(mode, row["mbps"])] = [r.tokens for r in res]
+                run = measure(tb, predictor, prompts, warm, settle_s)
+                tokens.append([r.tokens for r in run.results])
+                if mode in measured:
+                    measured[mode].add(run)
+                else:
+                    measured[mode] = run
                 if mode == "adaptive":
                     row["adaptive_plan"] = plan_text(tb)
                     with tb.client(10.0) as client:
                         row["adaptive_decisions"] = [f"{d.kind}: {d.reason}" for d in client.history(20)
                                                      if d.kind in ("migrate", "resplit")]
             progress.advance(task)
+        for mode, run in measured.items():
+            row[mode] = run.summary(sc.sla_request_ms)
     tb.set_rate(sc.bottleneck, sc.host(sc.bottleneck).link_mbps)
-    reference = next(iter(tokens.values()))
-    identical = all(t == reference for t in tokens.values())
+    identical = all(t == tokens[0] for t in tokens)
     return rows, identical
 
 
@@ -193,6 +227,8 @@ def main() -> int:
     ap.add_argument("--settle-s", type=float, default=0.0, help="wait after warm-up (default: 3 probe periods + 2 s)")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-timeline", action="store_true")
+    ap.add_argument("--no-bracket", action="store_true",
+                    help="one static mesh per point instead of one before and one after the adaptive mesh")
     ap.add_argument("--workdir", default="", help="logs and state (default: a fresh /tmp/smtb-* folder)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR, format="%(name)s %(message)s", stream=sys.stderr)
@@ -240,7 +276,7 @@ def main() -> int:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=Console(stderr=True)) as progress:
             if not args.skip_sweep:
-                rows, identical = sweep(tb, predictor, prompts, warm, settle_s, progress)
+                rows, identical = sweep(tb, predictor, prompts, warm, settle_s, progress, bracket=not args.no_bracket)
                 figures["sweep"] = rows
                 figures["greedy_tokens_identical"] = identical
             if not args.skip_timeline:
