@@ -6,9 +6,9 @@ queue (RTT reads high). On the testbed one such reading put a 200 Mbit/s link at
 bandwidth trigger; RTTs read under a prefill reached 25 ms on a sub-millisecond link and made the cost
 model's decode step 1.4x too slow. So the estimate is the best of the recent readings: the highest bandwidth
 of the last ``bandwidth_window`` rounds and the lowest RTT of the last ``rtt_window`` (the propagation delay,
-as in TCP's min-RTT filters). A real drop still shows once every reading in the window sees it, a window's
-probe rounds after it happened; a link that went down forgets its history, since the path that comes back
-may differ.
+as in TCP's min-RTT filters). A link is reported only once its window is full (until then the orchestrator
+assumes its default link); a real drop shows once every reading in the window sees it; a link that went
+down forgets its history, since the path that comes back may differ.
 """
 
 from __future__ import annotations
@@ -31,10 +31,13 @@ class LinkEstimate:
         self._bandwidths = deque(maxlen=self.bandwidth_window)
         self._rtts = deque(maxlen=self.rtt_window)
 
-    def add(self, bandwidth_bps: float, rtt_ms: float) -> tuple[float, float]:
-        """Record one probe round; return the (bandwidth bit/s, RTT ms) to report."""
+    def add(self, bandwidth_bps: float, rtt_ms: float) -> tuple[float, float] | None:
+        """Record one probe round; return the (bandwidth bit/s, RTT ms) to report, or None while the bandwidth
+        window is not full yet (a first reading alone may be the spoiled one)."""
         self._bandwidths.append(bandwidth_bps)
         self._rtts.append(rtt_ms)
+        if len(self._bandwidths) < self.bandwidth_window:
+            return None
         return max(self._bandwidths), min(self._rtts)
 
     def reset(self) -> None:

@@ -106,11 +106,14 @@ class LinkProber:
             self.links.pop(peer, None)
             return
         if status.bandwidth_bps > 0:
-            bandwidth, rtt = self._estimate(peer).add(status.bandwidth_bps, status.rtt_ms)
-            status = pb.LinkStatus(peer_id=peer, bandwidth_bps=bandwidth, rtt_ms=rtt)
+            estimate = self._estimate(peer).add(status.bandwidth_bps, status.rtt_ms)
+            if estimate is None:  # not enough readings yet: report nothing (the link is not known to be down)
+                self.links.pop(peer, None)
+            else:
+                self.links[peer] = pb.LinkStatus(peer_id=peer, bandwidth_bps=estimate[0], rtt_ms=estimate[1])
         else:
             self._estimate(peer).reset()
-        self.links[peer] = status
+            self.links[peer] = status
         if status.bandwidth_bps <= 0:
             if peer not in self.down:
                 log.warning("link to %s (%s) is down", peer, address)

@@ -20,24 +20,40 @@ MBIT = 1e6
 
 def test_one_low_bandwidth_reading_is_ignored_two_in_a_row_are_reported() -> None:
     est = LinkEstimate(bandwidth_window=2, rtt_window=5)
+    assert est.add(200 * MBIT, 0.4) is None  # one reading is not enough to report
+    assert est.add(43 * MBIT, 0.5) == (200 * MBIT, 0.4)  # a probe that shared the link with a prefill
+    assert _bandwidth(est.add(198 * MBIT, 0.4)) == 198 * MBIT
+    assert _bandwidth(est.add(20 * MBIT, 0.4)) == 198 * MBIT  # the link really dropped: not yet sure
+    assert _bandwidth(est.add(21 * MBIT, 0.4)) == 21 * MBIT  # every reading in the window sees it
+
+
+def test_a_spoiled_first_reading_is_never_reported() -> None:
+    est = LinkEstimate(bandwidth_window=2, rtt_window=5)
+    assert est.add(8 * MBIT, 30.0) is None  # the first probe overlapped a prefill on a 200 Mbit/s link
     assert est.add(200 * MBIT, 0.4) == (200 * MBIT, 0.4)
-    assert est.add(43 * MBIT, 0.5)[0] == 200 * MBIT  # a probe that shared the link with a prefill
-    assert est.add(198 * MBIT, 0.4)[0] == 198 * MBIT
-    assert est.add(20 * MBIT, 0.4)[0] == 198 * MBIT  # the link really dropped: not yet sure
-    assert est.add(21 * MBIT, 0.4)[0] == 21 * MBIT  # every reading in the window sees it
+
+
+def _bandwidth(estimate: tuple[float, float] | None) -> float:
+    assert estimate is not None
+    return estimate[0]
+
+
+def _rtt(estimate: tuple[float, float] | None) -> float:
+    assert estimate is not None
+    return estimate[1]
 
 
 def test_rtt_is_the_lowest_of_the_window_and_a_lasting_rise_shows_after_it() -> None:
     est = LinkEstimate(bandwidth_window=2, rtt_window=3)
     est.add(50 * MBIT, 0.5)
-    assert est.add(50 * MBIT, 25.0)[1] == 0.5  # queued behind a prefill in the shaper
-    assert est.add(50 * MBIT, 30.0)[1] == 0.5
-    assert est.add(50 * MBIT, 20.0)[1] == 20.0  # three high readings: the path itself is slower now
+    assert _rtt(est.add(50 * MBIT, 25.0)) == 0.5  # queued behind a prefill in the shaper
+    assert _rtt(est.add(50 * MBIT, 30.0)) == 0.5
+    assert _rtt(est.add(50 * MBIT, 20.0)) == 20.0  # three high readings: the path itself is slower now
 
 
 def test_windows_of_one_report_the_latest_reading() -> None:
     est = LinkEstimate(bandwidth_window=1, rtt_window=1)
-    est.add(100 * MBIT, 1.0)
+    assert est.add(100 * MBIT, 1.0) == (100 * MBIT, 1.0)
     assert est.add(10 * MBIT, 9.0) == (10 * MBIT, 9.0)
 
 
@@ -64,6 +80,7 @@ def test_the_prober_reports_the_estimate_not_the_latest_reading() -> None:
     async def run() -> None:  # the prober's change event needs a running loop
         prober = _prober()
         prober._record("b", "addr-b", _reading(200, 0.4))
+        assert "b" not in prober.links  # one round is not enough: the orchestrator keeps its default link
         prober._record("b", "addr-b", _reading(43, 12.0))
         assert prober.links["b"].bandwidth_bps == 200 * MBIT and prober.links["b"].rtt_ms == pytest.approx(0.4)
         assert not prober.changed.is_set()  # no early report for a spoiled reading
@@ -77,8 +94,9 @@ def test_a_link_that_went_down_forgets_its_old_readings() -> None:
         prober._record("b", "addr-b", down_status("b"))
         assert prober.links["b"].bandwidth_bps == 0 and "b" in prober.down  # down is reported at once
         prober._record("b", "addr-b", _reading(20, 3.0))  # it came back over a slower path
-        assert prober.links["b"].bandwidth_bps == 20 * MBIT and prober.links["b"].rtt_ms == pytest.approx(3.0)
-        assert "b" not in prober.down
+        assert "b" not in prober.down and "b" not in prober.links  # back (not down), not measured enough yet
+        prober._record("b", "addr-b", _reading(21, 3.5))
+        assert prober.links["b"].bandwidth_bps == 21 * MBIT and prober.links["b"].rtt_ms == pytest.approx(3.0)
     asyncio.run(run())
 
 
@@ -91,7 +109,9 @@ def test_a_peer_that_left_the_plan_starts_afresh() -> None:
         assert prober.targets() == {}
         view.addresses = {"a": "-", "b": "addr-b2"}
         prober._record("b", "addr-b2", _reading(30, 2.0))
-        assert prober.links["b"].bandwidth_bps == 30 * MBIT
+        assert "b" not in prober.links  # the 200 Mbit/s of its old path does not count
+        prober._record("b", "addr-b2", _reading(31, 2.0))
+        assert prober.links["b"].bandwidth_bps == 31 * MBIT
     asyncio.run(run())
 
 

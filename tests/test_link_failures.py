@@ -138,7 +138,7 @@ async def _cut_and_repair() -> None:
     channels = ChannelPool()
     runtime = SimpleNamespace(node_id="a", tls=None, channels=channels,
                               config=SimpleNamespace(probe_bytes=1 << 16, probe_interval_s=60.0,
-                                                     probe_bandwidth_window=2, probe_rtt_window=5),
+                                                     probe_bandwidth_window=1, probe_rtt_window=5),
                               plans=SimpleNamespace(committed=SimpleNamespace(addresses={"a": "-", "b": address})))
     prober = LinkProber(cast(NodeRuntime, runtime))
     task = asyncio.create_task(prober.run())  # one full round now, then only the watch until the next
