@@ -145,12 +145,14 @@ def sweep(tb: Testbed, predictor: Predictor, prompts: list[list[int]], warm: lis
 
 
 def timeline(tb: Testbed, predictor: Predictor, prompts: list[list[int]], warm: list[list[int]], settle_s: float,
-             progress: Progress) -> dict[str, Any]:
+             progress: Progress, bracket: bool = True) -> dict[str, Any]:
+    """The scenario's timeline once static, once adaptive and, with ``bracket``, static again (as in the sweep)."""
     sc = tb.scenario
     start = sc.timeline_start_mbps or sc.host(sc.bottleneck).link_mbps
     out: dict[str, Any] = {"start_mbps": start, "duration_s": sc.timeline_duration_s, "runs": {}}
-    task = progress.add_task("timeline", total=2)
-    for mode in ("static", "adaptive"):
+    modes = ("static", "adaptive", STATIC_AFTER) if bracket else ("static", "adaptive")
+    task = progress.add_task("timeline", total=len(modes))
+    for mode in modes:
         progress.update(task, description=f"timeline: {mode}")
         tb.set_rate(sc.bottleneck, start)
         with mesh(tb, adaptive=mode == "adaptive"), tb.client() as client:
@@ -193,6 +195,29 @@ def timeline(tb: Testbed, predictor: Predictor, prompts: list[list[int]], warm: 
     return out
 
 
+STATIC_AFTER = "static (after)"
+PHASE_LAG_S = 15.0  # requests starting this long after the first event count as "after" (detection + switch)
+
+
+def phases(runs: dict[str, dict[str, Any]], event_s: float) -> dict[str, dict[str, float]]:
+    """Mean request latency per run before the first event (ended before it) and after it (started
+    ``PHASE_LAG_S`` later), and adaptive over the static runs' mean in both phases: the ratio before the event
+    is the box's drift between the runs (the plans are the same), the one after is the adaptive loop's effect."""
+    out: dict[str, dict[str, float]] = {}
+    for mode, run in runs.items():
+        ok = [r for r in run["requests"] if not r["error"]]
+        before = [r["total_ms"] for r in ok if r["end_s"] < event_s]
+        after = [r["total_ms"] for r in ok if r["start_s"] >= event_s + PHASE_LAG_S]
+        out[mode] = {"before_ms": statistics.fmean(before) if before else math.nan,
+                     "after_ms": statistics.fmean(after) if after else math.nan}
+    statics = [v for k, v in out.items() if k != "adaptive"]
+    if "adaptive" in out and statics:
+        for phase in ("before_ms", "after_ms"):
+            ref = statistics.fmean(v[phase] for v in statics)
+            out.setdefault("adaptive / static", {})[phase] = out["adaptive"][phase] / ref if ref else math.nan
+    return out
+
+
 def finite(value: Any) -> Any:
     """NaN/inf (no measurement, failed request) become null, so the JSON line is strict JSON."""
     if isinstance(value, float):
@@ -228,7 +253,7 @@ def main() -> int:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-timeline", action="store_true")
     ap.add_argument("--no-bracket", action="store_true",
-                    help="one static mesh per point instead of one before and one after the adaptive mesh")
+                    help="one static mesh per point (and timeline), not one before and one after the adaptive one")
     ap.add_argument("--workdir", default="", help="logs and state (default: a fresh /tmp/smtb-* folder)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR, format="%(name)s %(message)s", stream=sys.stderr)
@@ -280,7 +305,8 @@ def main() -> int:
                 figures["sweep"] = rows
                 figures["greedy_tokens_identical"] = identical
             if not args.skip_timeline:
-                figures["timeline"] = timeline(tb, predictor, prompts, warm, settle_s, progress)
+                figures["timeline"] = timeline(tb, predictor, prompts, warm, settle_s, progress,
+                                              bracket=not args.no_bracket)
         figures["logs"] = str(tb.procs.logdir)
 
     if "sweep" in figures:
@@ -305,6 +331,15 @@ def main() -> int:
                           + " -> ".join(f"e{e} {p}" for e, p in run["plans"]))
             for d in run["decisions"]:
                 console.print(f"           {d['kind']} -> epoch {d['epoch_after']}: {d['reason']}")
+        if tl["events"]:
+            tl["phases"] = phases(tl["runs"], tl["events"][0][0])
+            console.print(f"  mean request ms ended before the first event / started {PHASE_LAG_S:.0f} s after it: "
+                          + "; ".join(f"{mode} {v['before_ms']:.0f} / {v['after_ms']:.0f}"
+                                      for mode, v in tl["phases"].items() if mode != "adaptive / static"))
+            ratio = tl["phases"].get("adaptive / static")
+            if ratio:
+                console.print(f"  adaptive / static: before {ratio['before_ms']:.2f} (same plan: the box's drift "
+                              f"between the runs), after {ratio['after_ms']:.2f}")
         figures["plot_timeline"] = str(plot_timeline(tl["runs"], tl["events"], out))
         console.print(f"plot: {figures['plot_timeline']}")
     if "sweep" in figures:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from common.model_store import ModelStore
-from splitmesh import Client
+from splitmesh import Client, TokenEvent
 from splitmesh.launcher import LocalMesh, MeshSpec
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def test_a_working_prefill_finishes_on_its_plan_and_the_session_moves_after(mesh
         expected = [e.token_id for e in client.generate(prompt, max_new_tokens=6, ignore_eos=True)]
         before = client.plan().epoch
         started = time.monotonic()
-        events = []
+        events: list[TokenEvent] = []
         first_token_at: list[float] = []
 
         def consume() -> None:

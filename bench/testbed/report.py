@@ -106,7 +106,7 @@ def plot_timeline(runs: dict[str, dict[str, Any]], events: list[tuple[float, str
 
     path = out / "testbed_timeline.png"
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[2, 1])
-    for (mode, run), marker in zip(runs.items(), ("o", "s"), strict=False):
+    for (mode, run), marker in zip(runs.items(), ("o", "s", "^"), strict=False):
         reqs = [r for r in run["requests"] if not r["error"]]
         top.plot([r["end_s"] for r in reqs], [r["total_ms"] for r in reqs], marker + "-", label=f"{mode}: request")
         top.plot([r["end_s"] for r in reqs], [r["ttft_ms"] for r in reqs], marker + ":", alpha=0.6,
