@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import grpc
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 STALL_POLL_S = 0.1  # how often a waiting step looks for a plan that routes around a stalled peer
 STALL_PROBE_TIMEOUT_S = 1.0  # a downstream node that does not answer an empty probe this fast counts as stalled
+STALL_PROBE_INTERVAL_S = 0.5  # while a step waits, its path is probed at most this often
 RECOVERABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
                          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED})
 
@@ -113,39 +115,49 @@ class RingSession:
         A paused node (SIGSTOP, an overloaded box) neither answers nor breaks the stream; once the
         orchestrator has committed a newer plan, waiting longer only delays the session. But a step can
         also be slow because it is working (a long prompt's prefill takes seconds), and a plan change for
-        speed is no reason to throw that work away: so after ``stall_reroute_s`` the step moves only if a
-        node on its downstream path does not answer an empty probe; otherwise it asks again every
-        ``stall_reroute_s`` (and a broken hop still fails at once).
+        speed is no reason to throw that work away. So a step older than ``stall_reroute_s`` moves only if
+        a node on its downstream path did not answer an empty probe. The probes start one probe timeout
+        before that age and repeat while the step waits, so a verdict is ready when the newer plan arrives
+        and a paused node costs no more time than before (a broken hop still fails at once).
         """
         assert self.pipeline is not None
         task = asyncio.ensure_future(self.pipeline.step(step, self.cached, inputs))
-        check_at = started + self.rt.config.stall_reroute_s
+        reroute_s = self.rt.config.stall_reroute_s
+        probe: asyncio.Future[list[str]] | None = None
+        probe_started = -math.inf
+        silent: list[str] | None = None  # the latest probe's verdict: downstream nodes that did not answer
+        kept_logged = False
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=STALL_POLL_S)
                 if done:
                     return task.result()
+                now = time.perf_counter()
+                if probe is not None and probe.done():
+                    silent, probe = probe.result(), None
+                if (probe is None and now - started >= reroute_s - STALL_PROBE_TIMEOUT_S
+                        and now - probe_started >= STALL_PROBE_INTERVAL_S):
+                    probe, probe_started = asyncio.ensure_future(self._silent_downstream()), now
                 newer = self._newer_plan()
-                if newer is None or time.perf_counter() < check_at:
+                if newer is None or now - started < reroute_s or silent is None:
                     continue
-                silent = await self._silent_downstream()
-                if task.done():
-                    return task.result()
                 if not silent:
-                    check_at = time.perf_counter() + self.rt.config.stall_reroute_s
-                    log.info("session %s step %d running for %.1fs on epoch %d; every node on its path answers, "
-                             "so it finishes there", self.session_id[:8], step, time.perf_counter() - started,
-                             self.view.epoch if self.view else 0)
+                    if not kept_logged:
+                        log.info("session %s step %d running for %.1fs on epoch %d; every node on its path "
+                                 "answers, so it finishes there", self.session_id[:8], step, now - started,
+                                 self.view.epoch if self.view else 0)
+                        kept_logged = True
                     continue
                 log.warning("session %s step %d stalled for %.1fs (%s not answering); moving to epoch %d",
-                            self.session_id[:8], step, time.perf_counter() - started, ", ".join(silent), newer.epoch)
+                            self.session_id[:8], step, now - started, ", ".join(silent), newer.epoch)
                 task.cancel()
                 self.close()
                 await self.open(newer)
                 return None
         finally:
-            if not task.done():
-                task.cancel()
+            for pending in (task, probe):
+                if pending is not None and not pending.done():
+                    pending.cancel()
 
     async def _silent_downstream(self) -> list[str]:
         """Nodes after this one on the session's plan that do not answer an empty probe in time."""
