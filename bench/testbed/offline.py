@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.model_store import ModelStore
-from common.spans import Span
+from common.spans import spans_from_boundaries
 from orchestrator.environment import model_profile
 from orchestrator.planning import (
     ClusterState,
@@ -79,13 +79,8 @@ def run_policy(scenario: Scenario, prompt_tokens: int, decode_tokens: int) -> Po
     return apply_policy(Policy(), {**shape, **scenario.static_policy, **scenario.policy})
 
 
-def plan_text(plan: Plan) -> str:
-    return " ".join(f"[{s.span.start},{s.span.end})@{s.node_id}" for s in plan.segments)
-
-
 def check_point(row: dict[str, Any], scenario: Scenario, model: ModelProfile, policy: Policy) -> PointCheck:
-    static = Plan.of([(Span(a, b), node) for a, b, node in
-                      zip(scenario.boundaries, scenario.boundaries[1:], scenario.placement, strict=False)])
+    static = Plan.of(list(zip(spans_from_boundaries(scenario.boundaries), scenario.placement, strict=True)))
     cluster = cluster_from_inputs(row["static"]["model_inputs"], scenario)
     workload = policy.workload()
     problem = Problem(cluster, model, workload, policy.decision.weights, policy.decision.privacy)
@@ -97,7 +92,7 @@ def check_point(row: dict[str, Any], scenario: Scenario, model: ModelProfile, po
                       static_simulated_ms=static_cost.request_s * 1e3,
                       adaptive_measured_ms=row["adaptive"]["request_ms"],
                       adaptive_simulated_ms=chosen_cost.request_s * 1e3, measured_plan=row["adaptive_plan"],
-                      simulated_plan=plan_text(chosen), simulated_decision=f"{decision.kind}: {decision.reason}")
+                      simulated_plan=str(chosen), simulated_decision=f"{decision.kind}: {decision.reason}")
 
 
 def check_run(figures_path: Path, store: Path) -> tuple[Scenario, list[PointCheck]]:
