@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TRUST_DOMAIN = "splitmesh"
-KINDS = ("node", "orchestrator", "client")
+KINDS = ("node", "orchestrator", "operator", "client")  # operator: people and automation that change the mesh
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 CA_DAYS = 3650
 CERT_DAYS = 397
