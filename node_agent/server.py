@@ -7,12 +7,11 @@ import logging
 import os
 import signal
 
-import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY, start_http_server
 
-from common.grpc_options import SERVER_OPTIONS
+from common.authz import ORCHESTRATOR, authorized_server
 from common.log_format import setup_logging
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.transport import TransportError, bind
@@ -36,7 +35,7 @@ async def serve(config: NodeConfig) -> None:
     if config.metrics_port:
         REGISTRY.register(AgentCollector(runtime))
         start_http_server(config.metrics_port)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = authorized_server(tls_on=runtime.tls is not None, pinned={ORCHESTRATOR: config.orchestrator_id})
     pb_grpc.add_NodeServicer_to_server(NodeServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from common.authz import require_peer
 from common.certs import Identity
 from common.frame_crypto import FrameCryptoError
 from common.model_store import StoreError
@@ -17,6 +16,7 @@ from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.sealed_frames import SealedHopReceiver
+from common.tls import peer_identity
 from node_agent.forward_stream import ActivationReader, StreamError, crypto_status
 from node_agent.generation import RequestError, generate, prepare_request
 from node_agent.pipeline import HopError
@@ -32,12 +32,6 @@ log = logging.getLogger(__name__)
 class NodeServicer(pb_grpc.NodeServicer):
     def __init__(self, runtime: NodeRuntime) -> None:
         self.rt = runtime
-        self._tls_on = runtime.tls is not None
-
-    async def _require_orchestrator(self, context: grpc.aio.ServicerContext[object, object], what: str) -> None:
-        """Plans come only from the configured orchestrator's certificate (their signature is checked too)."""
-        await require_peer(context, tls_on=self._tls_on, kinds=("orchestrator",),
-                           node_id=self.rt.config.orchestrator_id, what=what)
 
     # ------------------------------------------------------------ generation
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802 - gRPC method name
@@ -84,7 +78,7 @@ class NodeServicer(pb_grpc.NodeServicer):
     async def Forward(self, request_iterator: AsyncIterator[pb.ForwardRequest],  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.ForwardRequest, pb.ForwardReply],
                       ) -> AsyncIterator[pb.ForwardReply]:
-        caller = await require_peer(context, tls_on=self._tls_on, kinds=("node",), what="Forward")
+        caller = peer_identity(context)  # a node (common.authz); it must feed this segment (_check_open)
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
@@ -162,7 +156,6 @@ class NodeServicer(pb_grpc.NodeServicer):
     # ------------------------------------------------------------ plans
     async def Prepare(self, request: pb.SignedPlan,  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.SignedPlan, pb.PrepareReply]) -> pb.PrepareReply:
-        await self._require_orchestrator(context, "Prepare")
         try:
             view = self.rt.plans.verify(request)
         except PlanRejected as exc:
@@ -193,14 +186,12 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def Commit(self, request: pb.CommitRequest,  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.CommitRequest, pb.CommitReply]) -> pb.CommitReply:
-        await self._require_orchestrator(context, "Commit")
         if not self.rt.plans.commit(request.epoch):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"epoch {request.epoch} was not prepared here")
         return pb.CommitReply()
 
     async def Abort(self, request: pb.CommitRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext[pb.CommitRequest, pb.CommitReply]) -> pb.CommitReply:
-        await self._require_orchestrator(context, "Abort")
         self.rt.plans.abort(request.epoch)
         return pb.CommitReply()
 

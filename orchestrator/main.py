@@ -9,12 +9,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY, start_http_server
 
+from common.authz import authorized_server
 from common.config import parse
-from common.grpc_options import SERVER_OPTIONS
 from common.log_format import setup_logging
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.transport import bind
@@ -76,7 +75,7 @@ async def control_loop(co: Coordinator, adapter: Adapter, servicer: Orchestrator
 
 async def serve(config: OrchestratorConfig) -> None:
     co = Coordinator(config)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = authorized_server(tls_on=co.tls is not None)
     adapter = Adapter(co, initial_policy(config))
     co.latency_listeners.append(adapter.observe_latency)
     if config.metrics_port:

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from common.authz import require_peer
 from common.plan_signing import key_id
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.tls import peer_identity
 from orchestrator.adaptation import Adapter
 from orchestrator.coordinator import Coordinator
 from orchestrator.planning import Plan
@@ -30,8 +30,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     async def Register(self, request: pb.RegisterRequest,  # noqa: N802 - gRPC method name
                        context: grpc.aio.ServicerContext[pb.RegisterRequest, pb.RegisterReply]) -> pb.RegisterReply:
         # The certificate must name the node it registers: trust (from our config) binds to that identity.
-        await require_peer(context, tls_on=self.co.tls is not None, kinds=("node",), node_id=request.node_id,
-                           what=f"Register as {request.node_id!r}")
+        # (That the caller holds a node certificate at all is common.authz's table.)
+        caller = peer_identity(context)
+        if caller is not None and caller.node_id != request.node_id:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"node {caller.node_id} may not register as {request.node_id!r}")
         if not request.node_id or not request.address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
         if len(request.x25519_public_key) not in (0, 32):
@@ -53,7 +56,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def Report(self, request_iterator: AsyncIterator[pb.NodeReport],  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.NodeReport, pb.ReportAck]) -> pb.ReportAck:
-        caller = await require_peer(context, tls_on=self.co.tls is not None, kinds=("node",), what="Report")
+        caller = peer_identity(context)  # a node (common.authz); it may report only about itself
         node_id = ""
         registration = 0.0
         try:
@@ -166,10 +169,14 @@ class AdminServicer(pb_grpc.AdminServicer):
             reply.plan.CopyFrom(installed)
         return reply
 
-    async def Policy(self, request: pb.PolicyRequest,  # noqa: N802
-                     context: grpc.aio.ServicerContext[pb.PolicyRequest, pb.PolicyReply]) -> pb.PolicyReply:
+    async def GetPolicy(self, request: pb.GetPolicyRequest,  # noqa: N802
+                        context: grpc.aio.ServicerContext[pb.GetPolicyRequest, pb.PolicyReply]) -> pb.PolicyReply:
+        return pb.PolicyReply(values=policy_values(self.adapter.policy))
+
+    async def SetPolicy(self, request: pb.SetPolicyRequest,  # noqa: N802
+                        context: grpc.aio.ServicerContext[pb.SetPolicyRequest, pb.PolicyReply]) -> pb.PolicyReply:
         if not request.set:
-            return pb.PolicyReply(values=policy_values(self.adapter.policy))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SetPolicy needs at least one name=value")
         try:
             values = self.adapter.set_policy(dict(request.set))
         except ValueError as exc:

@@ -12,7 +12,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from common.transport import DEFAULT_CLIENT_ID, ENV_CLIENT_ID, ENV_TLS_DIR, TransportError
+from common.transport import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_OPERATOR_ID,
+    ENV_CLIENT_ID,
+    ENV_OPERATOR_ID,
+    ENV_TLS_DIR,
+    TransportError,
+    operator_tls_from_env,
+)
 from splitmesh import gateway
 from splitmesh.certs_cli import register as register_certs
 from splitmesh.client import DEFAULT_ADDRESS, Client, SplitmeshError
@@ -252,7 +260,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_resplit(args: argparse.Namespace) -> int:
-    with Client(args.address) as client:
+    with Client(args.address, tls=operator_tls_from_env()) as client:
         reply = client.resplit(args.boundaries or (), args.place or (), dry_run=args.dry_run)
     title = "dry run: plan that would be installed" if args.dry_run else f"committed epoch {reply.plan.epoch}"
     console.print(plan_table(reply.plan, title))
@@ -269,7 +277,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    with Client(args.address) as client:
+    with Client(args.address, tls=operator_tls_from_env()) as client:
         reply = client.drain(args.node, undo=args.undo)
     if reply.committed:
         console.print(plan_table(reply.plan, f"{args.node} drained: committed epoch {reply.plan.epoch}"))
@@ -289,7 +297,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
     if args.action == "set" and not updates:
         err.print("error: policy set needs at least one KEY=VALUE")
         return 2
-    with Client(args.address) as client:
+    with Client(args.address, tls=operator_tls_from_env() if updates else None) as client:
         values = client.policy(updates)
     console.print(policy_table(values))
     return 0
@@ -304,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-id", default=None,
                         help=f"name of the client certificate in --tls-dir (default {DEFAULT_CLIENT_ID}, "
                              f"env {ENV_CLIENT_ID})")
+    parser.add_argument("--operator-id", default=None,
+                        help=f"name of the operator certificate in --tls-dir that resplit, drain and policy set "
+                             f"present (default {DEFAULT_OPERATOR_ID}, env {ENV_OPERATOR_ID})")
     sub = parser.add_subparsers(dest="command", required=True)
     register_certs(sub)
 
@@ -405,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[ENV_TLS_DIR] = args.tls_dir
     if args.tls_id:
         os.environ[ENV_CLIENT_ID] = args.tls_id
+    if args.operator_id:
+        os.environ[ENV_OPERATOR_ID] = args.operator_id
     try:
         code: int = args.func(args)
         return code

@@ -139,7 +139,11 @@ class Client:
         return reply
 
     def policy(self, updates: dict[str, str] | None = None) -> dict[str, str]:
-        reply: pb.PolicyReply = self._call(self.admin.Policy, pb.PolicyRequest(set=updates or {}))
+        """The policy, after applying ``updates`` when given (changing it needs an operator certificate)."""
+        if updates:
+            reply: pb.PolicyReply = self._call(self.admin.SetPolicy, pb.SetPolicyRequest(set=updates))
+        else:
+            reply = self._call(self.admin.GetPolicy, pb.GetPolicyRequest())
         return dict(reply.values)
 
     def _call(self, method: Callable[..., R], request: object) -> R:

@@ -2,8 +2,8 @@
 
 Used by ``splitmesh up``/``demo`` and by the test fixtures, so tests run exactly what users run.
 With ``MeshSpec.tls`` the mesh gets its own CA and certificates (orchestrator, every node, one
-client) in ``WORKDIR/tls`` and every channel is mutual TLS; ``LocalMesh.client_tls`` is what an
-SDK or test presents.
+client, one operator) in ``WORKDIR/tls`` and every channel is mutual TLS; ``LocalMesh.client_tls`` is what an
+SDK or test presents (``LocalMesh.operator()`` presents the operator's to change the mesh).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from common.certs import Identity
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.tls import TlsConfig
-from common.transport import DEFAULT_CLIENT_ID, DEFAULT_ORCHESTRATOR_ID, TLS_ENV, sync_channel
+from common.transport import DEFAULT_CLIENT_ID, DEFAULT_OPERATOR_ID, DEFAULT_ORCHESTRATOR_ID, TLS_ENV, sync_channel
 from splitmesh.client import Client
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,11 @@ class MeshSpec:
 
 
 def ensure_local_pki(directory: Path, node_ids: Sequence[str]) -> TlsConfig:
-    """A CA plus orchestrator, node and client certificates (kept if present); returns the client's files."""
+    """A CA plus orchestrator, node, client and operator certificates (kept if present); returns the client's."""
     if not (directory / "ca.crt").exists():
         certs.init_ca(directory)
-    wanted = [(DEFAULT_ORCHESTRATOR_ID, "orchestrator"), (DEFAULT_CLIENT_ID, "client")]
+    wanted = [(DEFAULT_ORCHESTRATOR_ID, "orchestrator"), (DEFAULT_CLIENT_ID, "client"),
+              (DEFAULT_OPERATOR_ID, "operator")]
     for name, kind in [*wanted, *((n, "node") for n in node_ids)]:
         if not (directory / f"{name}.crt").exists():
             certs.issue(directory, name, kind)
@@ -94,6 +95,11 @@ class LocalMesh:
     def client(self, timeout_s: float = 600.0) -> Client:
         """An SDK client for this mesh, with the mesh's client certificate when TLS is on."""
         return Client(self.address, timeout_s, tls=self.client_tls)
+
+    def operator(self, timeout_s: float = 600.0) -> Client:
+        """An SDK client presenting the mesh's operator certificate (Resplit, Drain, SetPolicy) when TLS is on."""
+        tls = TlsConfig.from_dir(self.tls_dir, DEFAULT_OPERATOR_ID) if self.spec.tls else None
+        return Client(self.address, timeout_s, tls=tls)
 
     def _spawn(self, name: str, module: str, args: list[str]) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -548,6 +548,8 @@ class NodeState(_message.Message):
     LINKS_FIELD_NUMBER: _builtins.int
     ACTIVE_SESSIONS_FIELD_NUMBER: _builtins.int
     PLAN_EPOCH_FIELD_NUMBER: _builtins.int
+    REFUSED_REPORTS_FIELD_NUMBER: _builtins.int
+    REFUSED_REASON_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     trusted: _builtins.bool
@@ -556,6 +558,10 @@ class NodeState(_message.Message):
     """seconds since the last report"""
     active_sessions: _builtins.int
     plan_epoch: _builtins.int
+    refused_reports: _builtins.int
+    """reports refused as implausible (NaN, negative, out of physical bounds)"""
+    refused_reason: _builtins.str
+    """why the last one was refused ("" = none ever)"""
     @_builtins.property
     def capacity(self) -> Global___Capacity: ...
     @_builtins.property
@@ -572,10 +578,12 @@ class NodeState(_message.Message):
         links: _abc.Iterable[Global___LinkStatus] | None = ...,
         active_sessions: _builtins.int = ...,
         plan_epoch: _builtins.int = ...,
+        refused_reports: _builtins.int = ...,
+        refused_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "address", b"address", "alive", b"alive", "capacity", b"capacity", "last_seen_s", b"last_seen_s", "links", b"links", "node_id", b"node_id", "plan_epoch", b"plan_epoch", "trusted", b"trusted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "address", b"address", "alive", b"alive", "capacity", b"capacity", "last_seen_s", b"last_seen_s", "links", b"links", "node_id", b"node_id", "plan_epoch", b"plan_epoch", "refused_reason", b"refused_reason", "refused_reports", b"refused_reports", "trusted", b"trusted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -842,8 +850,27 @@ class DrainReply(_message.Message):
 Global___DrainReply: _TypeAlias = DrainReply  # noqa: Y015
 
 @_typing.final
-class PolicyRequest(_message.Message):
-    """Empty `set` reads the policy; otherwise the named values change (validated as a whole)."""
+class GetPolicyRequest(_message.Message):
+    """Reading and changing the policy are separate RPCs so that authorization decides by method alone:
+    any operator or client may read it, only operators may change it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyRequest: _TypeAlias = GetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetPolicyRequest(_message.Message):
+    """The named values change, validated as a whole: one bad value changes nothing (INVALID_ARGUMENT)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -881,7 +908,7 @@ class PolicyRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PolicyRequest: _TypeAlias = PolicyRequest  # noqa: Y015
+Global___SetPolicyRequest: _TypeAlias = SetPolicyRequest  # noqa: Y015
 
 @_typing.final
 class PolicyReply(_message.Message):

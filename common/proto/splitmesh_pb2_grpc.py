@@ -332,9 +332,14 @@ class AdminStub:
                 request_serializer=splitmesh__pb2.DrainRequest.SerializeToString,
                 response_deserializer=splitmesh__pb2.DrainReply.FromString,
                 _registered_method=True)
-        self.Policy = channel.unary_unary(
-                '/splitmesh.v1.Admin/Policy',
-                request_serializer=splitmesh__pb2.PolicyRequest.SerializeToString,
+        self.GetPolicy = channel.unary_unary(
+                '/splitmesh.v1.Admin/GetPolicy',
+                request_serializer=splitmesh__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=splitmesh__pb2.PolicyReply.FromString,
+                _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/splitmesh.v1.Admin/SetPolicy',
+                request_serializer=splitmesh__pb2.SetPolicyRequest.SerializeToString,
                 response_deserializer=splitmesh__pb2.PolicyReply.FromString,
                 _registered_method=True)
 
@@ -366,7 +371,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Policy(self, request, context):
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -395,9 +406,14 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=splitmesh__pb2.DrainRequest.FromString,
                     response_serializer=splitmesh__pb2.DrainReply.SerializeToString,
             ),
-            'Policy': grpc.unary_unary_rpc_method_handler(
-                    servicer.Policy,
-                    request_deserializer=splitmesh__pb2.PolicyRequest.FromString,
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=splitmesh__pb2.GetPolicyRequest.FromString,
+                    response_serializer=splitmesh__pb2.PolicyReply.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=splitmesh__pb2.SetPolicyRequest.FromString,
                     response_serializer=splitmesh__pb2.PolicyReply.SerializeToString,
             ),
     }
@@ -520,7 +536,7 @@ class Admin:
             _registered_method=True)
 
     @staticmethod
-    def Policy(request,
+    def GetPolicy(request,
             target,
             options=(),
             channel_credentials=None,
@@ -533,8 +549,35 @@ class Admin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/splitmesh.v1.Admin/Policy',
-            splitmesh__pb2.PolicyRequest.SerializeToString,
+            '/splitmesh.v1.Admin/GetPolicy',
+            splitmesh__pb2.GetPolicyRequest.SerializeToString,
+            splitmesh__pb2.PolicyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmesh.v1.Admin/SetPolicy',
+            splitmesh__pb2.SetPolicyRequest.SerializeToString,
             splitmesh__pb2.PolicyReply.FromString,
             options,
             channel_credentials,

@@ -118,7 +118,8 @@ class AdminStub:
     Resplit: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.ResplitRequest, _splitmesh_pb2.ResplitReply]
     History: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.HistoryRequest, _splitmesh_pb2.HistoryReply]
     Drain: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.DrainRequest, _splitmesh_pb2.DrainReply]
-    Policy: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.PolicyRequest, _splitmesh_pb2.PolicyReply]
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.GetPolicyRequest, _splitmesh_pb2.PolicyReply]
+    SetPolicy: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.SetPolicyRequest, _splitmesh_pb2.PolicyReply]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -127,7 +128,8 @@ class AdminAsyncStub(AdminStub):
     Resplit: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.ResplitRequest, _splitmesh_pb2.ResplitReply]  # type: ignore[assignment]
     History: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.HistoryRequest, _splitmesh_pb2.HistoryReply]  # type: ignore[assignment]
     Drain: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.DrainRequest, _splitmesh_pb2.DrainReply]  # type: ignore[assignment]
-    Policy: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.PolicyRequest, _splitmesh_pb2.PolicyReply]  # type: ignore[assignment]
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.GetPolicyRequest, _splitmesh_pb2.PolicyReply]  # type: ignore[assignment]
+    SetPolicy: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.SetPolicyRequest, _splitmesh_pb2.PolicyReply]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -159,9 +161,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_splitmesh_pb2.DrainReply, _abc.Awaitable[_splitmesh_pb2.DrainReply]]: ...
 
     @_abc_1.abstractmethod
-    def Policy(
+    def GetPolicy(
         self,
-        request: _splitmesh_pb2.PolicyRequest,
+        request: _splitmesh_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitmesh_pb2.PolicyReply, _abc.Awaitable[_splitmesh_pb2.PolicyReply]]: ...
+
+    @_abc_1.abstractmethod
+    def SetPolicy(
+        self,
+        request: _splitmesh_pb2.SetPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_splitmesh_pb2.PolicyReply, _abc.Awaitable[_splitmesh_pb2.PolicyReply]]: ...
 
