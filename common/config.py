@@ -63,11 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             parser.add_argument(flag, default=None, help=help_text)
 
 
-def build(cls: type[T], args: argparse.Namespace, env: Mapping[str, str] | None = None,
-          section: str | None = None) -> T:
-    """Merge file, environment and parsed flags into an instance of ``cls``."""
+def gather(cls: type[Any], args: argparse.Namespace, env: Mapping[str, str] | None = None,
+           section: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The raw values set in the file, the environment and the flags, and where each came from
+    ("config file", "environment" or "command line"); fields set nowhere are absent from both."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     config_path: Path | None = getattr(args, "config", None) or (
         Path(env[ENV_PREFIX + "CONFIG"]) if ENV_PREFIX + "CONFIG" in env else None)
     if config_path is not None:
@@ -76,27 +78,46 @@ def build(cls: type[T], args: argparse.Namespace, env: Mapping[str, str] | None 
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_path}: {exc}") from exc
         values.update(doc.get(section, doc) if section else doc)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        sources.update(dict.fromkeys(values, "config file"))
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
     for name in names:
         env_value = env.get(ENV_PREFIX + name.upper())
         if env_value is not None:
-            values[name] = env_value
+            values[name], sources[name] = env_value, "environment"
         flag_value = getattr(args, name, None)
         if flag_value is not None:
-            values[name] = flag_value
+            values[name], sources[name] = flag_value, "command line"
+    return values, sources
+
+
+def build(cls: type[T], args: argparse.Namespace, env: Mapping[str, str] | None = None,
+          section: str | None = None) -> T:
+    """Merge file, environment and parsed flags into an instance of ``cls``."""
+    return build_with_sources(cls, args, env, section)[0]
+
+
+def build_with_sources(cls: type[T], args: argparse.Namespace, env: Mapping[str, str] | None = None,
+                       section: str | None = None) -> tuple[T, dict[str, str]]:
+    """:func:`build`, and where each explicitly set field came from (see :func:`gather`)."""
+    values, sources = gather(cls, args, env, section)
+    hints = typing.get_type_hints(cls)
     converted = {k: _convert(v, hints[k], k) for k, v in values.items()}
-    return cls(**converted)
+    return cls(**converted), sources
 
 
 def parse(cls: type[T], argv: Sequence[str] | None, description: str, section: str | None = None) -> T:
+    return parse_with_sources(cls, argv, description, section)[0]
+
+
+def parse_with_sources(cls: type[T], argv: Sequence[str] | None, description: str,
+                       section: str | None = None) -> tuple[T, dict[str, str]]:
     parser = argparse.ArgumentParser(description=description)
     add_arguments(parser, cls)
     args = parser.parse_args(argv)
     try:
-        return build(cls, args, section=section)
+        return build_with_sources(cls, args, section=section)
     except ConfigError as exc:
         parser.error(str(exc))

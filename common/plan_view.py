@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.privacy import segment_is_critical
 from common.proto import splitmesh_pb2 as pb
 from common.spans import Span, check_cover
 
@@ -66,11 +67,10 @@ class PlanView:
         if bad_keys:
             raise PlanError(f"X25519 keys of {bad_keys} are not 32 bytes")
         segments = []
-        last = len(plan.segments) - 1
         for i, (s, span) in enumerate(zip(plan.segments, spans, strict=True)):
             if s.node_id not in addresses:
                 raise PlanError(f"segment {i} is placed on unlisted node {s.node_id!r}")
-            critical = s.privacy_critical or i in (0, last)
+            critical = s.privacy_critical or segment_is_critical(span, plan.num_layers)
             if critical and not trusted[s.node_id]:
                 raise PlanError(f"privacy-critical segment {i} {span} is placed on untrusted node {s.node_id!r}")
             segments.append(Segment(i, span, s.node_id, critical))

@@ -1,7 +1,7 @@
-"""The live side of the papers' Algorithm 1: every interval, build E(t), ask the decision engine, act.
+"""The live side of the papers' Algorithm 1: every interval, build E(t) and ask the decision engine.
 
-The engine is pure (orchestrator.planning); this module feeds it the registry's measurements, installs
-what it decides through the same two-phase switch the operator uses, and records every decision.
+The engine is pure (orchestrator.planning); this module feeds it the registry's measurements. What it
+decides is installed and recorded by the controller, through the same two-phase switch the operator uses.
 """
 
 from __future__ import annotations
@@ -10,17 +10,14 @@ import json
 import logging
 import time
 
-from prometheus_client import Counter
-
-from common.proto import splitmesh_pb2 as pb
 from orchestrator.coordinator import Coordinator
 from orchestrator.environment import cluster_state, model_profile
 from orchestrator.planning import ClusterState, Decision, DecisionEngine, Plan, evaluate_plan
 from orchestrator.planning.profiles import Problem
-from orchestrator.policy import Policy, apply_policy, policy_from_json, policy_to_json, policy_values
+from orchestrator.policy import Policy, apply_policy, policy_to_json, policy_values
+from orchestrator.registry import NodeRecord
 
 log = logging.getLogger(__name__)
-DECISIONS = Counter("splitmesh_decisions_total", "Decisions of the adaptive loop and operator actions", ["kind"])
 
 
 def _inputs(cluster: ClusterState, ewma_ms: float | None) -> str:
@@ -34,10 +31,12 @@ def _inputs(cluster: ClusterState, ewma_ms: float | None) -> str:
 
 
 class Adapter:
+    """The decision engine fed with live measurements, the policy and the drained nodes; it decides, and the
+    controller (orchestrator.controller) installs and records."""
+
     def __init__(self, co: Coordinator, policy: Policy) -> None:
         self.co = co
-        saved = co.state.get_meta("policy")
-        self.policy = policy_from_json(saved, policy) if saved else policy
+        self.policy = policy
         self.engine = DecisionEngine(self.policy.decision)
         self.model = model_profile(co.model)
         self.drained: set[str] = set(json.loads(co.state.get_meta("drained") or "[]"))
@@ -45,10 +44,12 @@ class Adapter:
 
     # -- operator controls ---------------------------------------------------
     def set_policy(self, updates: dict[str, str]) -> dict[str, str]:
-        self.policy = apply_policy(self.policy, updates)
-        self.engine.config = self.policy.decision
-        self.co.state.set_meta("policy", policy_to_json(self.policy))
-        return policy_values(self.policy)
+        """Validate the whole new policy first (PolicyError changes and persists nothing), then switch to it."""
+        policy = apply_policy(self.policy, updates)
+        self.co.state.set_meta("policy", policy_to_json(policy))
+        self.policy = policy
+        self.engine.config = policy.decision
+        return policy_values(policy)
 
     def set_drained(self, node_id: str, drained: bool) -> None:
         (self.drained.add if drained else self.drained.discard)(node_id)
@@ -57,61 +58,35 @@ class Adapter:
     def observe_latency(self, ms: float) -> None:
         self.engine.observe_latency(ms)
 
-    def schedulable(self) -> list[str]:
-        return [r.node_id for r in self.co.registry.alive_nodes() if r.node_id not in self.drained]
+    def schedulable(self) -> list[NodeRecord]:
+        """Alive nodes the operator has not drained: the only ones any new plan may use."""
+        return [r for r in self.co.registry.alive_nodes() if r.node_id not in self.drained]
 
     def cluster(self) -> ClusterState:
-        nodes = [r for r in self.co.registry.alive_nodes() if r.node_id not in self.drained]
-        return cluster_state(nodes, self.policy)
+        return cluster_state(self.schedulable(), self.policy)
 
-    def current_plan(self) -> Plan | None:
-        view = self.co.view
-        return None if view is None else Plan.of([(s.span, s.node_id) for s in view.segments])
+    def problem(self, head: str | None = None) -> Problem:
+        p = self.policy
+        return Problem(self.cluster(), self.model, p.workload(), p.decision.weights, p.decision.privacy, head=head)
 
     def predicted_ms(self, plan: Plan | None) -> float:
         """Predicted decode step of ``plan`` on the current cluster (0 when it cannot be evaluated)."""
         if plan is None:
             return 0.0
-        problem = Problem(self.cluster(), self.model, self.policy.workload(), self.policy.decision.weights,
-                          self.policy.decision.privacy)
         try:
-            return evaluate_plan(problem, plan).decode_step_ms
+            return evaluate_plan(self.problem(), plan).decode_step_ms
         except (KeyError, ValueError):
             return 0.0
 
-    # -- the loop --------------------------------------------------------------
-    async def tick(self) -> Decision | None:
-        """One monitoring cycle; installs the engine's plan when it decides to change."""
-        if self.co.view is None or not self.policy.adaptive:
+    def decide(self) -> tuple[Decision, ClusterState] | None:
+        """One monitoring cycle's decision on the committed plan (None while there is none or the loop is off)."""
+        current = self.co.current_plan()
+        if current is None or not self.policy.adaptive:
             return None
         cluster = self.cluster()
-        current = self.current_plan()
         decision = self.engine.decide(time.monotonic(), cluster, self.model, self.policy.workload(), current)
         self.last = decision
-        epoch_before = self.co.view.epoch
-        epoch_after = 0
-        if decision.plan is not None and decision.kind in ("migrate", "resplit"):
-            committed, reason, plan = await self.co.install([(s.span, s.node_id) for s in decision.plan.segments])
-            if committed and plan is not None:
-                epoch_after = plan.epoch
-            else:
-                log.warning("adaptive %s not installed: %s", decision.kind, reason)
-        if decision.kind != "keep" or decision.triggers:
-            self.record(decision.kind, decision.reason, cluster, epoch_before, epoch_after,
-                        triggers=", ".join(map(str, decision.triggers)),
-                        old=decision.old_cost.phi if decision.old_cost else 0.0,
-                        new=decision.new_cost.phi if decision.new_cost else 0.0,
-                        old_ms=decision.old_cost.decode_step_ms if decision.old_cost else 0.0,
-                        new_ms=decision.new_cost.decode_step_ms if decision.new_cost else 0.0)
-        return decision
+        return decision, cluster
 
-    def record(self, kind: str, reason: str, cluster: ClusterState | None, epoch_before: int, epoch_after: int, *,
-               triggers: str = "", old: float = 0.0, new: float = 0.0, old_ms: float = 0.0,
-               new_ms: float = 0.0) -> None:
-        self.co.state.record_decision(pb.DecisionRecord(
-            at_ms=int(time.time() * 1000), kind=kind, triggers=triggers, reason=reason, predicted_cost_old=old,
-            predicted_cost_new=new, epoch_before=epoch_before, epoch_after=epoch_after,
-            inputs_json=_inputs(cluster or self.cluster(), self.engine.ewma_ms), predicted_latency_old_ms=old_ms,
-            predicted_latency_new_ms=new_ms))
-        DECISIONS.labels(kind=kind).inc()
-        log.info("decision %s: %s", kind, reason)
+    def inputs(self, cluster: ClusterState | None) -> str:
+        return _inputs(cluster or self.cluster(), self.engine.ewma_ms)

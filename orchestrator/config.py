@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from common.config import field
 from common.tls import TlsConfig
 from common.transport import DEFAULT_ORCHESTRATOR_ID, resolve_tls
+from orchestrator.policy import Policy
+
+_P = Policy()  # the policy settings below start from the policy model's defaults and are validated by it
 
 
 @dataclass(frozen=True)
@@ -32,14 +35,18 @@ class OrchestratorConfig:
                                         "before they count as lost and the plan is replaced")
     plan_ttl_s: int = field(86400, "validity of a signed plan")
     prepare_timeout_s: float = field(60.0, "deadline for every node to load and ACK a plan")
-    adaptive: bool = field(True, "run the adaptive decision loop (Algorithm 1)")
-    decision_interval_s: float = field(1.0, "monitoring period: one decision per interval")
-    latency_max_ms: float = field(150.0, "L_max: EWMA per-token latency that triggers a decision")
-    utilisation_max: float = field(0.85, "U_max: node utilisation that triggers a decision")
-    bandwidth_min_mbps: float = field(50.0, "B_min: link bandwidth (Mbit/s) that triggers a decision")
-    cooldown_s: float = field(30.0, "T_cool: minimum time between voluntary plan changes")
-    hysteresis: float = field(0.05, "a new plan must cut the predicted cost by more than this fraction")
-    ewma_alpha: float = field(0.3, "smoothing of the end-to-end latency EWMA")
+    # The policy section: given here (file, environment or flag) it wins over the policy persisted by
+    # `splitmesh policy set`; not given, the persisted value wins over these defaults (orchestrator/policy_source.py).
+    adaptive: bool = field(_P.adaptive, "run the adaptive decision loop (Algorithm 1)")
+    decision_interval_s: float = field(_P.interval_s, "monitoring period: one decision per interval (>= 0.1 s)")
+    latency_max_ms: float = field(_P.latency_max_ms, "L_max: EWMA per-token latency that triggers a decision")
+    utilisation_max: float = field(_P.utilisation_max, "U_max: node utilisation that triggers a decision, (0, 1]")
+    bandwidth_min_mbps: float = field(_P.bandwidth_min_bps / 1e6, "B_min: link bandwidth (Mbit/s) that triggers "
+                                                                  "a decision")
+    cooldown_s: float = field(_P.cooldown_s, "T_cool: minimum time between voluntary plan changes")
+    hysteresis: float = field(_P.hysteresis, "a new plan must cut the predicted cost by more than this fraction, "
+                                             "[0, 1)")
+    ewma_alpha: float = field(_P.ewma_alpha, "smoothing of the end-to-end latency EWMA, (0, 1]")
     metrics_port: int = field(0, "HTTP port for Prometheus /metrics (0 = off)")
     log_level: str = field("INFO", "logging level")
     log_json: bool = field(False, "log one JSON object per line")

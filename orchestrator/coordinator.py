@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
@@ -15,11 +15,12 @@ from common.certs import Identity
 from common.model_store import ModelStore, StoredModel
 from common.plan_signing import load_or_create_signing_key, public_bytes, sign_plan
 from common.plan_view import PLAN_KIND, PlanView
+from common.privacy import segment_is_critical
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
-from common.spans import Span
 from common.transport import aio_channel
 from orchestrator.config import OrchestratorConfig
+from orchestrator.planning import Plan
 from orchestrator.registry import Registry
 from orchestrator.state_store import StateStore
 
@@ -63,27 +64,30 @@ class Coordinator:
             self._channels[key] = aio_channel(address, self.tls, Identity("node", node_id))
         return pb_grpc.NodeStub(self._channels[key])
 
-    def build_plan(self, segments: Sequence[tuple[Span, str]], epoch: int) -> pb.Plan:
+    def build_plan(self, candidate: Plan, epoch: int, extra_critical: Iterable[int] = ()) -> pb.Plan:
+        """The wire plan; segments holding a critical layer (common.privacy) are marked for the nodes to enforce."""
         now_ms = int(time.time() * 1000)
-        last = len(segments) - 1
-        used = {node_id for _, node_id in segments}
+        extra = frozenset(extra_critical)
+        used = set(candidate.node_ids)
         nodes = [pb.PlanNode(node_id=r.node_id, address=r.address, trusted=r.trusted,
                              x25519_public_key=r.x25519_public_key)
                  for r in sorted(self.registry.nodes.values(), key=lambda r: r.node_id) if r.node_id in used]
         return pb.Plan(kind=PLAN_KIND, cluster_id=self.config.cluster_id, epoch=epoch, model_digest=self.model.digest,
                        num_layers=self.model.num_layers, issued_at_ms=now_ms,
                        expires_at_ms=now_ms + self.config.plan_ttl_s * 1000, nodes=nodes,
-                       segments=[pb.PlanSegment(start=s.start, end=s.end, node_id=n, privacy_critical=i in (0, last))
-                                 for i, (s, n) in enumerate(segments)])
+                       segments=[pb.PlanSegment(start=s.span.start, end=s.span.end, node_id=s.node_id,
+                                                privacy_critical=segment_is_critical(s.span, self.model.num_layers,
+                                                                                     extra))
+                                 for s in candidate.segments])
 
-    async def install(self, segments: Sequence[tuple[Span, str]]) -> tuple[bool, str, pb.Plan | None]:
-        """Two-phase switch to a plan with these segments; the old plan stays if any node NACKs."""
+    async def install(self, candidate: Plan, extra_critical: Iterable[int] = ()) -> tuple[bool, str, pb.Plan | None]:
+        """Two-phase switch to ``candidate``; the old plan stays if any node NACKs. Only the controller calls it."""
         async with self._lock:
-            missing = [n for _, n in segments if n not in self.registry.nodes]
+            missing = [n for n in candidate.node_ids if n not in self.registry.nodes]
             if missing:
                 return False, f"unknown nodes {missing}", None
             epoch = self.state.next_epoch()
-            plan = self.build_plan(segments, epoch)
+            plan = self.build_plan(candidate, epoch, extra_critical)
             view = PlanView.parse(plan)
             signed = sign_plan(plan, self.signing_key)
             self.state.record_plan(signed, epoch)
@@ -123,13 +127,14 @@ class Coordinator:
         """Nodes of the committed plan known to be gone (see :meth:`Registry.lost`)."""
         return [] if self.view is None else [n for n in self.view.node_ids() if self.registry.lost(n)]
 
-    def down_hops(self, segments: Sequence[tuple[Span, str]]) -> list[tuple[str, str]]:
+    def down_hops(self, plan: Plan | None) -> list[tuple[str, str]]:
         """Hops of a chain (segment i's node dials segment i+1's) whose sender reports the link down."""
-        nodes = [node_id for _, node_id in segments]
+        nodes = plan.node_ids if plan is not None else ()
         return [(a, b) for a, b in itertools.pairwise(nodes) if a != b and self.registry.link_down(a, b)]
 
-    def current_segments(self) -> list[tuple[Span, str]]:
-        return [] if self.view is None else [(s.span, s.node_id) for s in self.view.segments]
+    def current_plan(self) -> Plan | None:
+        """The committed plan as the planner's one plan type (None before the first commit)."""
+        return None if self.view is None else Plan.of([(s.span, s.node_id) for s in self.view.segments])
 
     def route_problem(self) -> str | None:
         """Why a new generation cannot be routed now (clients get UNAVAILABLE with it), or None.
@@ -140,7 +145,7 @@ class Coordinator:
         """
         if self.view is None:
             return "no plan yet: waiting for nodes to register"
-        broken = self.lost_plan_nodes() or self.down_hops(self.current_segments())
+        broken = self.lost_plan_nodes() or self.down_hops(self.current_plan())
         if broken and self.no_plan_reason:
             return f"no feasible plan: {self.no_plan_reason}"
         head = self.view.head.node_id

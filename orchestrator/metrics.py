@@ -1,24 +1,25 @@
 """Prometheus metrics of the orchestrator: E(t) as measured, the plan, and what the loop decided.
 
 Gauges about nodes and links are read from the registry at scrape time, so monitoring adds no work
-to the decision loop; decisions are counted as they happen (orchestrator.adaptation.DECISIONS).
+to the decision loop; decisions and failed control ticks are counted as they happen (orchestrator.controller).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from orchestrator.adaptation import Adapter
+from orchestrator.controller import Controller
 from orchestrator.coordinator import Coordinator
 
 
 class MeshCollector(Collector):
-    def __init__(self, co: Coordinator, adapter: Adapter) -> None:
+    def __init__(self, co: Coordinator, controller: Controller) -> None:
         self.co = co
-        self.adapter = adapter
+        self.controller = controller
+        self.adapter = controller.adapter
 
     def collect(self) -> Iterator[Metric]:
         epoch = GaugeMetricFamily("splitmesh_plan_epoch", "Epoch of the committed plan")
@@ -49,7 +50,15 @@ class MeshCollector(Collector):
             for link in r.links:
                 bandwidth.add_metric([r.node_id, link.peer_id], link.bandwidth_bps)
                 rtt.add_metric([r.node_id, link.peer_id], link.rtt_ms)
-        yield from (alive, util, memory, layer, sessions, bandwidth, rtt)
+        refused = CounterMetricFamily("splitmesh_node_refused_reports", "Registrations and reports refused as "
+                                      "implausible (NaN, negative, out of bounds); their figures were dropped",
+                                      labels=["node"])
+        for node_id, flag in self.co.registry.refused.items():
+            refused.add_metric([node_id], flag.count)
+        yield from (alive, util, memory, layer, sessions, bandwidth, rtt, refused)
+        loop_up = GaugeMetricFamily("splitmesh_control_loop_up", "1 while the control loop ticks (gRPC health SERVING)")
+        loop_up.add_metric([], 1.0 if self.controller.health()[0] else 0.0)
+        yield loop_up
         triggers = GaugeMetricFamily("splitmesh_trigger_fired", "1 when a trigger fired at the last decision",
                                      labels=["trigger"])
         fired = {t.name for t in self.adapter.last.triggers} if self.adapter.last else set()

@@ -25,9 +25,18 @@ class NodeRecord:
     x25519_public_key: bytes = b""  # the node's frame-encryption key, copied into every plan
 
 
+@dataclass
+class Refusals:
+    """Registrations and reports of one node refused as implausible: the node is flagged, its figures dropped."""
+
+    count: int = 0
+    reason: str = ""  # the last refusal's reason
+
+
 class Registry:
     def __init__(self, trusted: set[str], dead_after_s: float, rejoin_grace_s: float = 0.0) -> None:
         self.nodes: dict[str, NodeRecord] = {}
+        self.refused: dict[str, Refusals] = {}  # only for registered node ids, so a flood of made-up ids costs nothing
         self._trusted = trusted
         self.dead_after_s = dead_after_s
         self.rejoin_grace_s = rejoin_grace_s
@@ -50,6 +59,13 @@ class Registry:
         record.active_sessions = report.active_sessions
         record.plan_epoch = report.plan_epoch
         return record
+
+    def refuse(self, node_id: str, reason: str) -> None:
+        """Flag a registered node whose registration or report was refused (shown by Status and the metrics)."""
+        if node_id in self.nodes:
+            flag = self.refused.setdefault(node_id, Refusals())
+            flag.count += 1
+            flag.reason = reason
 
     def lost_stream(self, node_id: str, registered_at: float) -> None:
         """The report stream of one registration ended: that registration is dead."""

@@ -1,10 +1,11 @@
-"""The Orchestrator (nodes) and Admin (CLI, SDK) gRPC services."""
+"""The Orchestrator (nodes) and Admin (CLI, SDK) gRPC services: thin translations to the controller."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -12,20 +13,24 @@ from common.plan_signing import key_id
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.tls import peer_identity
-from orchestrator.adaptation import Adapter
+from orchestrator.controller import ControlError, Controller
 from orchestrator.coordinator import Coordinator
-from orchestrator.planning import Plan
-from orchestrator.policy import policy_values
-from orchestrator.replanning import best_plan
-from orchestrator.static_placement import PlacementError, place
+from orchestrator.policy import PolicyError, policy_values
+from orchestrator.report_checks import registration_problem, report_problem
 
 log = logging.getLogger(__name__)
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, controller: Controller) -> None:
         self.co = coordinator
-        self.stale_nodes: set[str] = set()  # plan nodes that came back without the committed plan
+        self.controller = controller
+
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any], node_id: str, what: str,
+                      problem: str) -> None:
+        self.co.registry.refuse(node_id, f"{what}: {problem}")
+        log.warning("refused the %s of node %r: %s", what, node_id[:64], problem)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} refused: {problem}")
 
     async def Register(self, request: pb.RegisterRequest,  # noqa: N802 - gRPC method name
                        context: grpc.aio.ServicerContext[pb.RegisterRequest, pb.RegisterReply]) -> pb.RegisterReply:
@@ -35,19 +40,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         if caller is not None and caller.node_id != request.node_id:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"node {caller.node_id} may not register as {request.node_id!r}")
-        if not request.node_id or not request.address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
-        if len(request.x25519_public_key) not in (0, 32):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"x25519_public_key must be 32 bytes, got {len(request.x25519_public_key)}")
+        problem = registration_problem(request)
+        if problem is not None:
+            await self._refuse(context, request.node_id, "registration", problem)
         if self.co.model.digest not in request.model_digests:
             log.warning("node %s lacks model %s in its store", request.node_id, self.co.model.digest[:12])
         record = self.co.registry.register(request)
         self.co.state.remember_node(request.node_id, request.address)
-        view = self.co.view
-        if view is not None and request.node_id in view.node_ids() and (
-                request.plan_epoch != view.epoch or request.address != view.addresses[request.node_id]):
-            self.stale_nodes.add(request.node_id)  # restarted without the plan, or at a new address
+        self.controller.note_registration(request)
         log.info("node %s registered at %s (trusted=%s, epoch %d)", request.node_id, request.address,
                  record.trusted, request.plan_epoch)
         return pb.RegisterReply(trusted=record.trusted, cluster_id=self.co.config.cluster_id,
@@ -64,10 +64,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 if caller is not None and report.node_id != caller.node_id:
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                         f"node {caller.node_id} may not report as {report.node_id!r}")
+                if report.node_id not in self.co.registry.nodes:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {report.node_id!r} must register")
+                problem = report_problem(report)
+                if problem is not None:  # nothing of it is stored: the cost model never sees it
+                    await self._refuse(context, report.node_id, "report", problem)
                 record = self.co.registry.report(report)
                 if record is None:
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {report.node_id!r} must register")
-                    raise AssertionError("unreachable")
+                    raise AssertionError("unreachable: checked above")
                 node_id, registration = record.node_id, record.registered_at
                 if report.tokens:
                     self.co.observe_latency(report.token_latency_ms)
@@ -92,21 +96,26 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, coordinator: Coordinator, adapter: Adapter) -> None:
+    """Translates Admin calls to the controller; who may call which is common.authz's table."""
+
+    def __init__(self, coordinator: Coordinator, controller: Controller) -> None:
         self.co = coordinator
-        self.adapter = adapter
+        self.controller = controller
 
     async def Status(self, request: pb.StatusRequest,  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.StatusRequest, pb.StatusReply]) -> pb.StatusReply:
         serving, reason = self.co.serving()
         now = time.monotonic()
+        refused = self.co.registry.refused
         nodes = [pb.NodeState(node_id=r.node_id, address=r.address, trusted=r.trusted,
                               alive=self.co.registry.alive(r.node_id), last_seen_s=now - r.last_seen,
                               capacity=r.capacity, links=r.links, active_sessions=r.active_sessions,
-                              plan_epoch=r.plan_epoch)
+                              plan_epoch=r.plan_epoch,
+                              refused_reports=refused[r.node_id].count if r.node_id in refused else 0,
+                              refused_reason=refused[r.node_id].reason if r.node_id in refused else "")
                  for r in sorted(self.co.registry.nodes.values(), key=lambda r: r.node_id)]
         reply = pb.StatusReply(serving=serving, reason=reason, nodes=nodes,
-                               ewma_latency_ms=self.adapter.engine.ewma_ms or 0.0,
+                               ewma_latency_ms=self.controller.adapter.engine.ewma_ms or 0.0,
                                model_name=self.co.model.manifest.name)
         if self.co.signed is not None:
             reply.plan.ParseFromString(self.co.signed.plan_bytes)
@@ -114,31 +123,11 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def Resplit(self, request: pb.ResplitRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.ResplitRequest, pb.ResplitReply]) -> pb.ResplitReply:
-        alive = [r for r in self.co.registry.alive_nodes() if r.node_id not in self.adapter.drained]
         try:
-            if request.boundaries or request.placement:
-                segments = place(alive, self.co.model.num_layers, list(request.boundaries), list(request.placement))
-                how = "operator"
-            else:
-                segments, how = best_plan(self.adapter)
-        except PlacementError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return await self.controller.resplit(list(request.boundaries), list(request.placement), request.dry_run)
+        except ControlError as exc:
+            await context.abort(exc.code, exc.message)
             raise AssertionError("unreachable") from exc
-        before = self.adapter.predicted_ms(self.adapter.current_plan())
-        after = self.adapter.predicted_ms(Plan.of(segments))
-        if request.dry_run:
-            return pb.ResplitReply(committed=False, plan=self.co.build_plan(segments, 0), reason=f"dry run: {how}",
-                                   predicted_ms_old=before, predicted_ms_new=after)
-        epoch_before = self.co.view.epoch if self.co.view else 0
-        committed, reason, installed = await self.co.install(segments)
-        self.adapter.record("operator", f"resplit requested ({how}): {reason}", None, epoch_before,
-                            installed.epoch if committed and installed else 0, old_ms=before, new_ms=after)
-        if not committed:
-            await context.abort(grpc.StatusCode.ABORTED, f"plan aborted, previous plan stays: {reason}")
-        reply = pb.ResplitReply(committed=True, reason=reason, predicted_ms_old=before, predicted_ms_new=after)
-        if installed is not None:
-            reply.plan.CopyFrom(installed)
-        return reply
 
     async def History(self, request: pb.HistoryRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.HistoryRequest, pb.HistoryReply]) -> pb.HistoryReply:
@@ -146,42 +135,23 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def Drain(self, request: pb.DrainRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext[pb.DrainRequest, pb.DrainReply]) -> pb.DrainReply:
-        if request.node_id not in self.co.registry.nodes:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown node {request.node_id!r}")
-        self.adapter.set_drained(request.node_id, not request.undo)
-        if request.undo or self.co.view is None or request.node_id not in self.co.view.node_ids():
-            return pb.DrainReply(committed=False, reason="no plan change needed")
         try:
-            segments, how = best_plan(self.adapter)
-        except PlacementError as exc:
-            self.adapter.set_drained(request.node_id, False)
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot drain {request.node_id}: {exc}")
+            return await self.controller.drain(request.node_id, request.undo)
+        except ControlError as exc:
+            await context.abort(exc.code, exc.message)
             raise AssertionError("unreachable") from exc
-        epoch_before = self.co.view.epoch
-        committed, reason, installed = await self.co.install(segments)
-        self.adapter.record("operator", f"drain {request.node_id} ({how}): {reason}", None, epoch_before,
-                            installed.epoch if committed and installed else 0)
-        if not committed:
-            self.adapter.set_drained(request.node_id, False)
-            await context.abort(grpc.StatusCode.ABORTED, f"drain aborted, previous plan stays: {reason}")
-        reply = pb.DrainReply(committed=True, reason=reason)
-        if installed is not None:
-            reply.plan.CopyFrom(installed)
-        return reply
 
     async def GetPolicy(self, request: pb.GetPolicyRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext[pb.GetPolicyRequest, pb.PolicyReply]) -> pb.PolicyReply:
-        return pb.PolicyReply(values=policy_values(self.adapter.policy))
+        return pb.PolicyReply(values=policy_values(self.controller.adapter.policy))
 
     async def SetPolicy(self, request: pb.SetPolicyRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext[pb.SetPolicyRequest, pb.PolicyReply]) -> pb.PolicyReply:
         if not request.set:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SetPolicy needs at least one name=value")
         try:
-            values = self.adapter.set_policy(dict(request.set))
-        except ValueError as exc:
+            values = self.controller.set_policy(dict(request.set))
+        except PolicyError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from exc
-        self.adapter.record("operator", f"policy set: {dict(request.set)}", None,
-                            self.co.view.epoch if self.co.view else 0, 0)
         return pb.PolicyReply(values=values)

@@ -6,9 +6,11 @@ one, closing the token ring at the head); middle segments spread over the other 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from common.spans import Span, check_cover, even_boundaries, spans_from_boundaries
+from common.privacy import segment_is_critical
+from common.spans import check_cover, even_boundaries, spans_from_boundaries
+from orchestrator.planning import Plan
 from orchestrator.registry import NodeRecord
 
 
@@ -17,7 +19,9 @@ class PlacementError(ValueError):
 
 
 def place(nodes: Sequence[NodeRecord], num_layers: int, boundaries: Sequence[int] = (),
-          placement: Sequence[str] = ()) -> list[tuple[Span, str]]:
+          placement: Sequence[str] = (), extra_critical: Iterable[int] = ()) -> Plan:
+    """A plan for ``nodes``: the operator's split and placement when given (checked), else an even split."""
+    extra = frozenset(extra_critical)
     if not nodes:
         raise PlacementError("no live nodes")
     by_id = {n.node_id: n for n in nodes}
@@ -39,9 +43,9 @@ def place(nodes: Sequence[NodeRecord], num_layers: int, boundaries: Sequence[int
         for i, node_id in enumerate(placement):
             if node_id not in by_id:
                 raise PlacementError(f"segment {i}: node {node_id!r} is not registered and alive")
-            if i in (0, last) and not by_id[node_id].trusted:
+            if segment_is_critical(spans[i], num_layers, extra) and not by_id[node_id].trusted:
                 raise PlacementError(f"segment {i} is privacy-critical; node {node_id!r} is not trusted")
-        return list(zip(spans, placement, strict=True))
+        return Plan.of(list(zip(spans, placement, strict=True)))
     trusted = [n.node_id for n in nodes if n.trusted]
     if not trusted:
         raise PlacementError("no trusted node is alive: the first and last segments need one")
@@ -50,4 +54,9 @@ def place(nodes: Sequence[NodeRecord], num_layers: int, boundaries: Sequence[int
     middle_pool = [n.node_id for n in nodes if not n.trusted] + [t for t in trusted if t not in (head, tail)]
     middle_pool = middle_pool or [head]
     chosen = [head] + [middle_pool[(i - 1) % len(middle_pool)] for i in range(1, last)] + ([tail] if last else [])
-    return list(zip(spans, chosen, strict=True))
+    plan = Plan.of(list(zip(spans, chosen, strict=True)))
+    exposed = [s for s in plan.segments
+               if not by_id[s.node_id].trusted and segment_is_critical(s.span, num_layers, extra)]
+    if exposed:
+        raise PlacementError(f"segment {exposed[0].span} is privacy-critical and only untrusted nodes are left for it")
+    return plan

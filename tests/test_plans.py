@@ -9,6 +9,7 @@ from common.plan_signing import PlanSignatureError, key_id, sign_plan, verify_si
 from common.plan_view import PLAN_KIND, PlanError, PlanView
 from common.proto import splitmesh_pb2 as pb
 from common.spans import Span
+from orchestrator.planning import Plan
 from orchestrator.registry import NodeRecord
 from orchestrator.static_placement import PlacementError, place
 
@@ -57,10 +58,10 @@ def _nodes(*specs: tuple[str, bool]) -> list[NodeRecord]:
 
 def test_automatic_placement_keeps_ends_on_trusted_nodes() -> None:
     plan = place(_nodes(("a", True), ("b", False), ("c", False)), 30)
-    assert [n for _, n in plan] == ["a", "b", "c", "a"]  # one trusted node: the ring closes at the head
+    assert plan.node_ids == ("a", "b", "c", "a")  # one trusted node: the ring closes at the head
     plan = place(_nodes(("a", True), ("b", False), ("c", True)), 30)
-    assert [n for _, n in plan] == ["a", "b", "c"]
-    assert place(_nodes(("a", True)), 30) == [(Span(0, 30), "a")]
+    assert plan.node_ids == ("a", "b", "c")
+    assert place(_nodes(("a", True)), 30) == Plan.of([(Span(0, 30), "a")])
     with pytest.raises(PlacementError, match="no trusted node"):
         place(_nodes(("a", False)), 30)
     with pytest.raises(PlacementError, match="not trusted"):

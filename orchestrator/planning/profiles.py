@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.privacy import critical_layers
+
 
 @dataclass(frozen=True)
 class NodeProfile:
@@ -153,7 +155,7 @@ class PrivacyPolicy:
     extra_critical_layers: frozenset[int] = frozenset()  # further layer indices that must stay trusted
 
     def critical_layers(self, num_layers: int) -> frozenset[int]:
-        return frozenset({0, num_layers - 1} | {i for i in self.extra_critical_layers if 0 <= i < num_layers})
+        return critical_layers(num_layers, self.extra_critical_layers)
 
 
 @dataclass(frozen=True)
