@@ -59,8 +59,10 @@ class Adapter:
         self.engine.observe_latency(ms)
 
     def schedulable(self) -> list[NodeRecord]:
-        """Alive nodes the operator has not drained: the only ones any new plan may use."""
-        return [r for r in self.co.registry.alive_nodes() if r.node_id not in self.drained]
+        """Alive nodes the operator has not drained and whose latest report was not refused: the only ones any
+        new plan may use."""
+        registry = self.co.registry
+        return [r for r in registry.alive_nodes() if r.node_id not in self.drained and not registry.suspect(r.node_id)]
 
     def cluster(self) -> ClusterState:
         return cluster_state(self.schedulable(), self.policy)

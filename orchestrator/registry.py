@@ -31,6 +31,7 @@ class Refusals:
 
     count: int = 0
     reason: str = ""  # the last refusal's reason
+    suspect: bool = True  # the node's latest registration or report was refused: no new plan uses it
 
 
 class Registry:
@@ -54,6 +55,8 @@ class Registry:
         if record is None:
             return None
         record.last_seen = time.monotonic()
+        if report.node_id in self.refused:
+            self.refused[report.node_id].suspect = False
         record.capacity = report.capacity
         record.links = list(report.links)
         record.active_sessions = report.active_sessions
@@ -66,6 +69,12 @@ class Registry:
             flag = self.refused.setdefault(node_id, Refusals())
             flag.count += 1
             flag.reason = reason
+            flag.suspect = True
+
+    def suspect(self, node_id: str) -> bool:
+        """Whether the node's latest registration or report was refused (until an accepted report clears it)."""
+        flag = self.refused.get(node_id)
+        return flag is not None and flag.suspect
 
     def lost_stream(self, node_id: str, registered_at: float) -> None:
         """The report stream of one registration ended: that registration is dead."""
