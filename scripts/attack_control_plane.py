@@ -44,7 +44,8 @@ def code(call: Callable[[], object]) -> str:
 def set_policy(admin: pb_grpc.AdminStub, values: dict[str, str]) -> Callable[[], object]:
     if hasattr(pb, "SetPolicyRequest"):
         return lambda: admin.SetPolicy(pb.SetPolicyRequest(set=values), timeout=30)
-    return lambda: admin.Policy(pb.PolicyRequest(set=values), timeout=30)  # before the split
+    legacy = getattr(pb, "PolicyRequest")  # noqa: B009 - the checkout before GetPolicy/SetPolicy existed
+    return lambda: admin.Policy(legacy(set=values), timeout=30)  # type: ignore[attr-defined]
 
 
 def tls_attacks(root: Path, results: dict[str, str]) -> None:

@@ -53,7 +53,7 @@ def _capacity(**changes: float) -> pb.Capacity:
 ])
 def test_impossible_capacities_are_named(field: str, value: float) -> None:
     problem = capacity_problem(_capacity(**{field: int(value) if field.startswith("memory") else value}))
-    assert problem is not None and field.split("_bytes")[0] in problem
+    assert problem is not None and field.split("_bytes", maxsplit=1)[0] in problem
 
 
 def test_plausible_reports_and_down_links_pass() -> None:
@@ -86,7 +86,8 @@ def test_a_failing_tick_is_logged_counted_and_the_loop_goes_on(store: ModelStore
 
     async def status() -> int:
         request = health_pb2.HealthCheckRequest(service="")
-        return (await health_servicer.Check(request, None)).status  # type: ignore[arg-type]
+        reply: health_pb2.HealthCheckResponse = await health_servicer.Check(request, None)
+        return int(reply.status)
 
     async def scenario() -> None:
         before = TICK_ERRORS._value.get()
