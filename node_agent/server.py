@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY, start_http_server
 from common.grpc_options import SERVER_OPTIONS
 from common.log_format import setup_logging
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.request_decoding import MalformedRequests
 from common.transport import TransportError, bind
 from node_agent.config import NodeConfig
 from node_agent.metrics import AgentCollector
@@ -36,7 +37,7 @@ async def serve(config: NodeConfig) -> None:
     if config.metrics_port:
         REGISTRY.register(AgentCollector(runtime))
         start_http_server(config.metrics_port)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[MalformedRequests()])
     pb_grpc.add_NodeServicer_to_server(NodeServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
