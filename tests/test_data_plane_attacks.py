@@ -74,7 +74,7 @@ def _sessions_drain(mesh: LocalMesh, node_id: str) -> int:
         deadline = time.monotonic() + 20
         while (active := node.Info(pb.NodeInfoRequest(), timeout=10).active_sessions) and time.monotonic() < deadline:
             time.sleep(0.1)
-    return active
+    return int(active)
 
 
 def _generate(mesh: LocalMesh, prompt: list[int], out: list[object]) -> threading.Thread:

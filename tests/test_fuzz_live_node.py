@@ -119,7 +119,7 @@ def unary_fuzz(method: str) -> Callable[[LocalMesh], None]:
                     getattr(pb_grpc.NodeStub(channel), method)(request, timeout=30)
             except grpc.RpcError as exc:
                 assert exc.code() in DOCUMENTED, (method, exc.code(), exc.details())
-    return fuzz  # type: ignore[no-any-return]
+    return fuzz
 
 
 @FUZZ

@@ -183,7 +183,7 @@ def test_only_the_owner_or_the_orchestrator_cancels(owner: Identity | None, call
         generations = Generations()
         victim = asyncio.ensure_future(asyncio.sleep(60))
         generation = generations.add("s1", owner)
-        generation.task = victim  # type: ignore[assignment]
+        generation.task = victim
         result = generations.cancel("s1", caller)
         unknown = generations.cancel("s2", caller)
         await asyncio.sleep(0)
@@ -272,7 +272,7 @@ def test_tokenizing_runs_off_the_event_loop() -> None:
     async def run() -> threading.Thread:
         loop_thread = threading.current_thread()
         with pytest.raises(Aborted, match="tokens"):
-            async for _ in servicer.Generate(_request(), context):  # type: ignore[arg-type]
+            async for _ in servicer.Generate(_request(), context):
                 pass
         return loop_thread
 
