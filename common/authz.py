@@ -21,6 +21,7 @@ import grpc
 
 from common.certs import CertificateIdentityError, Identity
 from common.grpc_options import SERVER_OPTIONS
+from common.request_decoding import MalformedRequests
 from common.tls import peer_identity
 
 log = logging.getLogger(__name__)
@@ -144,5 +145,7 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped i
 
 
 def authorized_server(*, tls_on: bool, pinned: Mapping[str, str] | None = None) -> grpc.aio.Server:
-    """The one way a splitmesh process makes its gRPC server: shared options, :class:`Authorizer` installed."""
-    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Authorizer(tls_on=tls_on, pinned=pinned)])
+    """The one way a splitmesh process makes its gRPC server: shared options, :class:`Authorizer` installed, and
+    undecodable requests answered INVALID_ARGUMENT (:class:`MalformedRequests`)."""
+    return grpc.aio.server(options=SERVER_OPTIONS,
+                           interceptors=[Authorizer(tls_on=tls_on, pinned=pinned), MalformedRequests()])

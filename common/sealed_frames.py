@@ -17,15 +17,18 @@ goes through the same :class:`TensorAssembler` checks as a plaintext one.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from common.frame_crypto import MAX_FRAMES_PER_KEY, Direction, HopOpener, HopSealer
 from common.proto import splitmesh_pb2 as pb
+from common.tensor_budget import BufferBudget
 from common.tensor_codec import TensorAssembler, TensorError, encode_tensor
 
 POSITION = struct.Struct(">I")
+FrameAdmit = Callable[[int, int, str, list[int]], None]  # (step, position, dtype, shape) of a tensor's first chunk
 
 
 class PlaintextFrameError(TensorError):
@@ -66,18 +69,32 @@ class SealedHopReceiver:
     """
 
     def __init__(self, private_key: X25519PrivateKey, envelope: bytes, session_id: str, epoch: int,
-                 hop: int) -> None:
+                 hop: int, budget: BufferBudget | None = None) -> None:
         self._opener = HopOpener(private_key, envelope, session=session_id, epoch=epoch,
                                  direction=Direction.FORWARD, hop=hop)
-        self._assembler = TensorAssembler()
+        self._assembler = TensorAssembler(budget)
         self._tensor_context: tuple[int, int] = (0, 0)  # (step, position) of the tensor being assembled
 
     def rekey(self, envelope: bytes) -> None:
         """Switch to the sender's next key generation (an old or foreign envelope is refused)."""
         self._opener = self._opener.rekeyed(envelope)
 
-    def add(self, frame: pb.ActivationFrame) -> tuple[int, int, torch.Tensor] | None:
-        """(step, position, tensor) once the frame completes a tensor, else None."""
+    @property
+    def in_progress(self) -> bool:
+        """A tensor is partly received."""
+        return self._assembler.in_progress
+
+    def discard(self) -> None:
+        """Drop a partly received tensor (the stream ended)."""
+        self._assembler.discard()
+
+    def add(self, frame: pb.ActivationFrame, admit: FrameAdmit | None = None,
+            ) -> tuple[int, int, torch.Tensor] | None:
+        """(step, position, tensor) once the frame completes a tensor, else None.
+
+        ``admit`` sees the step, position, dtype and shape of each tensor's first chunk before any of
+        it is buffered, and raises TensorError to refuse it.
+        """
         if not frame.header or frame.HasField("tensor"):
             raise PlaintextFrameError("plaintext activation frame on an encrypted stream")
         if frame.step or frame.seq or frame.position:
@@ -90,7 +107,9 @@ class SealedHopReceiver:
             self._tensor_context = (header.step, position)
         elif (header.step, position) != self._tensor_context:
             raise TensorError("chunk step/position differ from the first chunk of its tensor")
+        step = header.step
+        check = None if admit is None else (lambda dtype, shape: admit(step, position, dtype, shape))
         tensor = self._assembler.add(pb.TensorChunk(
             dtype=header.dtype, shape=header.shape, data=plaintext[POSITION.size:], chunk_index=header.chunk_index,
-            chunk_count=header.chunk_count))
+            chunk_count=header.chunk_count), check)
         return None if tensor is None else (header.step, position, tensor)

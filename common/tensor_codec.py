@@ -7,10 +7,15 @@ chunk order, expected hidden size and finiteness, and raises :class:`TensorError
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.proto import splitmesh_pb2 as pb
+
+if TYPE_CHECKING:
+    from common.tensor_budget import BufferBudget
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -50,39 +55,85 @@ def _tensor_bytes(dtype: str, shape: list[int]) -> int:
     return size
 
 
-class TensorAssembler:
-    """Collects the chunks of one tensor in order and yields it when complete."""
+Admit = Callable[[str, list[int]], None]  # checks a declared dtype and shape; raises TensorError to refuse
 
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
+
+class TensorAssembler:
+    """Collects the chunks of one tensor in order and yields it when complete.
+
+    Everything about the tensor is checked on its FIRST chunk, before anything is buffered: dtype,
+    shape and byte size, the caller's ``admit`` (expected shape, row limits) and the node's ``budget``.
+    Chunks are then copied into one buffer of the declared size, so reassembly is linear in the size
+    and holds the bytes once; an empty chunk (of a non-empty tensor) or more chunks than bytes is refused.
+    """
+
+    def __init__(self, budget: BufferBudget | None = None) -> None:
+        self._budget = budget
         self._first: pb.TensorChunk | None = None
+        self._buffer = bytearray()
         self._size = 0
+        self._received = 0
+        self._next = 0
 
     @property
     def in_progress(self) -> bool:
         return self._first is not None
 
-    def add(self, chunk: pb.TensorChunk) -> torch.Tensor | None:
+    def add(self, chunk: pb.TensorChunk, admit: Admit | None = None) -> torch.Tensor | None:
+        try:
+            return self._add(chunk, admit)
+        except TensorError:
+            self.discard()
+            raise
+
+    def _start(self, chunk: pb.TensorChunk, admit: Admit | None) -> None:
+        size = _tensor_bytes(chunk.dtype, list(chunk.shape))
+        if chunk.chunk_count < 1 or chunk.chunk_index != 0:
+            raise TensorError(f"first chunk must have index 0 of >= 1, got {chunk.chunk_index}/{chunk.chunk_count}")
+        if chunk.chunk_count > max(1, size):
+            raise TensorError(f"{chunk.chunk_count} chunks for a tensor of {size} bytes")
+        if admit is not None:
+            admit(chunk.dtype, list(chunk.shape))
+        if self._budget is not None:
+            self._budget.reserve(size)
+        self._first, self._size, self._buffer = chunk, size, bytearray(size)
+
+    def _add(self, chunk: pb.TensorChunk, admit: Admit | None) -> torch.Tensor | None:
         if self._first is None:
-            self._size = _tensor_bytes(chunk.dtype, list(chunk.shape))
-            if chunk.chunk_count < 1 or chunk.chunk_index != 0:
-                raise TensorError(f"first chunk must have index 0 of >= 1, got {chunk.chunk_index}/{chunk.chunk_count}")
-            self._first = chunk
+            self._start(chunk, admit)
         else:
-            first = self._first
+            known = self._first
             header = (chunk.dtype, list(chunk.shape), chunk.chunk_count)
-            if header != (first.dtype, list(first.shape), first.chunk_count):
+            if header != (known.dtype, list(known.shape), known.chunk_count):
                 raise TensorError("chunk header differs from the first chunk of its tensor")
-            if chunk.chunk_index != len(self._parts):
-                raise TensorError(f"chunk {chunk.chunk_index} arrived, expected {len(self._parts)}")
-        self._parts.append(chunk.data)
-        if sum(len(p) for p in self._parts) > self._size:
+            if chunk.chunk_index != self._next:
+                raise TensorError(f"chunk {chunk.chunk_index} arrived, expected {self._next}")
+        first = self._first
+        assert first is not None
+        data = chunk.data
+        if not data and self._size:
+            raise TensorError(f"chunk {chunk.chunk_index} of a {self._size}-byte tensor is empty")
+        end = self._received + len(data)
+        if end > self._size:
             raise TensorError("chunks carry more bytes than the shape allows")
-        if len(self._parts) < self._first.chunk_count:
+        self._buffer[self._received:end] = data
+        self._received, self._next = end, self._next + 1
+        if self._next < first.chunk_count:
             return None
-        first, parts = self._first, self._parts
-        self.__init__()  # type: ignore[misc]  # ready for the next tensor
-        return decode_bytes(first.dtype, list(first.shape), b"".join(parts))
+        if self._received != self._size:
+            raise TensorError(f"tensor carries {self._received} bytes, shape {list(first.shape)} of "
+                              f"{first.dtype} needs {self._size}")
+        buffer, dtype, shape = self._buffer, DTYPES[first.dtype], list(first.shape)
+        self.discard()  # ready for the next tensor; the buffer now belongs to the tensor
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def discard(self) -> None:
+        """Drop a partly received tensor and give its bytes back to the budget (a stream ended or failed)."""
+        if self._first is not None and self._budget is not None:
+            self._budget.release(self._size)
+        self._first, self._buffer, self._size, self._received, self._next = None, bytearray(), 0, 0, 0
 
 
 def decode_bytes(dtype: str, shape: list[int], raw: bytes) -> torch.Tensor:

@@ -22,8 +22,16 @@ class NodeConfig:
     omp_spin_count: int = field(1000, "how long idle OpenMP workers spin before sleeping (GOMP_SPINCOUNT; short, so a "
                                       "waiting node hands its cores to the node computing; -1 = libgomp's default)")
     session_idle_timeout_s: float = field(300.0, "a session whose upstream sends nothing this long is closed")
-    max_sessions: int = field(64, "concurrent sessions this node serves before RESOURCE_EXHAUSTED")
+    frame_timeout_s: float = field(5.0, "a Forward stream must send its first frame this soon after its open, and "
+                                        "each chunk of a tensor this soon after the one before, or it is closed")
+    max_sessions: int = field(64, "concurrent sessions this node serves before RESOURCE_EXHAUSTED (one per "
+                                  "generation, however many of its segments the node hosts)")
+    max_buffer_bytes: int = field(256 << 20, "bytes of partly received tensors this node buffers across all its "
+                                             "streams; a tensor that does not fit is refused RESOURCE_EXHAUSTED")
     max_prompt_tokens: int = field(4096, "longest prompt accepted, in tokens")
+    max_prompt_bytes: int = field(256 << 10, "longest prompt (or all chat messages together) accepted, in UTF-8 "
+                                             "bytes, checked before tokenizing")
+    max_messages: int = field(1024, "most chat messages one request may carry")
     max_new_tokens: int = field(2048, "largest max_new_tokens a request may ask for")
     chunk_bytes: int = field(1 << 20, "activation bytes per wire message")
     hop_timeout_s: float = field(30.0, "deadline for one step's reply from the next node")
@@ -54,6 +62,12 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if self.probe_bandwidth_window < 1 or self.probe_rtt_window < 1:
             raise ConfigError("probe_bandwidth_window and probe_rtt_window must be at least 1 (probe rounds)")
+        if not (self.frame_timeout_s > 0 and self.session_idle_timeout_s > 0):
+            raise ConfigError("frame_timeout_s and session_idle_timeout_s must be positive")
+        if min(self.max_sessions, self.max_buffer_bytes, self.max_prompt_tokens, self.max_prompt_bytes,
+               self.max_messages, self.max_new_tokens) < 1:
+            raise ConfigError("max_sessions, max_buffer_bytes, max_prompt_tokens, max_prompt_bytes, max_messages "
+                              "and max_new_tokens must be at least 1")
 
     @property
     def advertised_address(self) -> str:

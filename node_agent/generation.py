@@ -57,54 +57,107 @@ def _eos_ids(tokenizer: PreTrainedTokenizerBase | None, config_eos: object) -> f
     return frozenset(ids)
 
 
-def prepare_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase | None, *, vocab_size: int,
-                    max_positions: int, max_prompt_tokens: int, max_new_tokens_limit: int,
-                    config_eos: object) -> PreparedRequest:
-    """Validate everything up front so a bad request fails before any node does work."""
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one head accepts in a GenerateRequest (node config plus the model's own limits)."""
+
+    vocab_size: int
+    max_positions: int  # the model's max_position_embeddings: prompt + new tokens never exceed it
+    max_prompt_tokens: int
+    max_new_tokens: int
+    max_prompt_bytes: int  # UTF-8 bytes of the prompt, or of all chat messages together
+    max_messages: int
+
+
+def _text_bytes(texts: list[str], limit: int) -> int:
+    """UTF-8 size of ``texts``, stopping early once past ``limit`` (a char is at least one byte)."""
+    total = 0
+    for text in texts:
+        total += len(text) if total + len(text) > limit else len(text.encode("utf-8"))
+        if total > limit:
+            break
+    return total
+
+
+def check_request(request: pb.GenerateRequest, has_tokenizer: bool, limits: RequestLimits) -> None:
+    """Everything that can be judged without tokenizing, in time linear in the request and never more:
+    run on the event loop before the request takes any other work (or a tokenizer thread)."""
     which = request.WhichOneof("input")
     if which is None:
         raise RequestError("request has no input: set prompt, messages or token_ids")
-    if which in ("prompt", "messages") and tokenizer is None:
+    if which in ("prompt", "messages") and not has_tokenizer:
         raise RequestError("this model was imported without a tokenizer: send token_ids")
+    if which == "prompt":
+        size = _text_bytes([request.prompt], limits.max_prompt_bytes)
+        if size > limits.max_prompt_bytes:
+            raise RequestError(f"prompt exceeds the {limits.max_prompt_bytes}-byte limit")
+        if not request.prompt.strip():
+            raise RequestError("prompt is empty")
+    elif which == "messages":
+        messages = request.messages.messages
+        if not messages:
+            raise RequestError("messages is empty")
+        if len(messages) > limits.max_messages:
+            raise RequestError(f"{len(messages)} messages, the limit is {limits.max_messages}")
+        size = _text_bytes([t for m in messages for t in (m.role, m.content)], limits.max_prompt_bytes)
+        if size > limits.max_prompt_bytes:
+            raise RequestError(f"messages exceed the {limits.max_prompt_bytes}-byte limit")
+        bad_roles = {m.role for m in messages} - {"system", "user", "assistant"}
+        if bad_roles:
+            raise RequestError(f"unknown message roles: {sorted(bad_roles)}")
+    else:
+        ids = request.token_ids.ids
+        if not ids:
+            raise RequestError("token_ids is empty")
+        if len(ids) > limits.max_prompt_tokens:
+            raise RequestError(f"prompt has {len(ids)} tokens, the limit is {limits.max_prompt_tokens}")
+        bad = [i for i in ids if i >= limits.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary of {limits.vocab_size}")
+    if not 1 <= request.max_new_tokens <= limits.max_new_tokens:
+        raise RequestError(f"max_new_tokens must be in 1..{limits.max_new_tokens}, got {request.max_new_tokens}")
+    if request.max_new_tokens >= limits.max_positions:
+        raise RequestError(f"max_new_tokens ({request.max_new_tokens}) leaves no room for a prompt in the "
+                           f"model's {limits.max_positions} positions")
+    if len(request.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in request.stop):
+        raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_LENGTH} chars")
+    if request.stop and not has_tokenizer:
+        raise RequestError("stop strings need a tokenizer")
+    _sampling_of(request)
+
+
+def tokenize_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase | None,
+                     limits: RequestLimits, config_eos: object) -> PreparedRequest:
+    """The request as token ids, after :func:`check_request`; seconds for a large input, so run it
+    on a worker thread, never on the event loop."""
+    which = request.WhichOneof("input")
     ids: list[int]
     if which == "prompt":
         assert tokenizer is not None
-        if not request.prompt.strip():
-            raise RequestError("prompt is empty")
         ids = text_token_ids(tokenizer, request.prompt)
     elif which == "messages":
-        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-        if not messages:
-            raise RequestError("messages is empty")
         assert tokenizer is not None
-        bad_roles = {m["role"] for m in messages} - {"system", "user", "assistant"}
-        if bad_roles:
-            raise RequestError(f"unknown message roles: {sorted(bad_roles)}")
         if tokenizer.chat_template is None:
             raise RequestError("this model has no chat template: send a prompt")
-        ids = chat_token_ids(tokenizer, messages)
+        ids = chat_token_ids(tokenizer, [{"role": m.role, "content": m.content} for m in request.messages.messages])
     else:
         ids = list(request.token_ids.ids)
-        if not ids:
-            raise RequestError("token_ids is empty")
-        bad = [i for i in ids if i >= vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary of {vocab_size}")
     if not ids:
         raise RequestError("input encodes to no tokens")
-    if len(ids) > max_prompt_tokens:
-        raise RequestError(f"prompt has {len(ids)} tokens, the limit is {max_prompt_tokens}")
-    if not 1 <= request.max_new_tokens <= max_new_tokens_limit:
-        raise RequestError(f"max_new_tokens must be in 1..{max_new_tokens_limit}, got {request.max_new_tokens}")
-    if len(ids) + request.max_new_tokens > max_positions:
+    if len(ids) > limits.max_prompt_tokens:
+        raise RequestError(f"prompt has {len(ids)} tokens, the limit is {limits.max_prompt_tokens}")
+    if len(ids) + request.max_new_tokens > limits.max_positions:
         raise RequestError(f"prompt ({len(ids)}) + max_new_tokens ({request.max_new_tokens}) exceeds the model's "
-                           f"{max_positions} positions")
-    if len(request.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in request.stop):
-        raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_LENGTH} chars")
-    if request.stop and tokenizer is None:
-        raise RequestError("stop strings need a tokenizer")
+                           f"{limits.max_positions} positions")
     eos = frozenset() if request.ignore_eos else _eos_ids(tokenizer, config_eos)
     return PreparedRequest(ids, request.max_new_tokens, _sampling_of(request), tuple(request.stop), eos)
+
+
+def prepare_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase | None, limits: RequestLimits,
+                    config_eos: object) -> PreparedRequest:
+    """Validate everything up front so a bad request fails before any node does work."""
+    check_request(request, tokenizer is not None, limits)
+    return tokenize_request(request, tokenizer, limits, config_eos)
 
 
 class Detokenizer:
@@ -135,10 +188,16 @@ class Detokenizer:
         return delta
 
 
+def new_session_id() -> str:
+    """122 random bits: in dev mode without TLS, knowing a session's id is what lets a caller cancel it."""
+    return uuid.uuid4().hex
+
+
 async def generate(runtime: NodeRuntime, view: PlanView, request: PreparedRequest,
-                   tokenizer: PreTrainedTokenizerBase | None) -> AsyncGenerator[pb.GenerateEvent, None]:
+                   tokenizer: PreTrainedTokenizerBase | None,
+                   session_id: str | None = None) -> AsyncGenerator[pb.GenerateEvent, None]:
     """Run the ring for one request, yielding one event per token; the last carries finish and usage."""
-    session = RingSession(runtime, uuid.uuid4().hex, request.sampling, request.prompt_ids,
+    session = RingSession(runtime, session_id or new_session_id(), request.sampling, request.prompt_ids,
                           runtime.config.recovery_timeout_s)
     await session.open(view)
     session_id = session.session_id

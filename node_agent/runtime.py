@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from common.certs import Identity
 from common.frame_crypto import load_or_create_node_key, public_key_bytes
 from common.model_store import Manifest, ModelStore
 from common.plan_view import PlanView
+from common.tensor_budget import BufferBudget
 from common.transport import aio_channel
+from node_agent.admission import Generations, SessionLimitError, SessionSlots
 from node_agent.compute import ComputeThread
 from node_agent.config import NodeConfig
 from node_agent.pipeline import ChannelPool, SessionPipeline
@@ -25,9 +28,7 @@ from node_agent.segment_pool import SegmentPool
 
 log = logging.getLogger(__name__)
 
-
-class SessionLimitError(Exception):
-    """This node already serves its maximum number of sessions."""
+__all__ = ["NodeRuntime", "NotHostedError", "SessionLimitError"]
 
 
 class NotHostedError(Exception):
@@ -87,6 +88,11 @@ class NodeRuntime:
         # from a stale one of the old plan that a stalled peer may still hold open.
         self.sessions: dict[tuple[str, int, int], SessionPipeline] = {}
         self._session_models: dict[tuple[str, int, int], str] = {}
+        self.slots = SessionSlots(config.node_id, config.max_sessions)  # one per session id, taken without awaiting
+        self.generations = Generations()  # the generations this node heads, with their owners
+        self.buffers = BufferBudget(config.max_buffer_bytes)  # bytes of partly received tensors, all streams
+        # Tokenizing and chat templates take seconds for a large input: one thread, off the event loop.
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._tokenizers: dict[str, PreTrainedTokenizerBase | None] = {}
         self._manifests: dict[str, Manifest] = {}
 
@@ -136,17 +142,21 @@ class NodeRuntime:
 
     async def open_session(self, session_id: str, view: PlanView, first: int,
                            sampling: SamplingConfig) -> SessionPipeline:
-        """Reserve a session slot and build its pipeline from segment ``first``."""
+        """Take the session's slot (before any await: the limit holds under any concurrency) and build its
+        pipeline from segment ``first``; the slot is given back by :meth:`close_session`."""
         if view.segments[first].node_id != self.node_id:
             raise NotHostedError(f"epoch {view.epoch} places segment {first} on {view.segments[first].node_id}")
-        if len(self.sessions) >= self.config.max_sessions:
-            raise SessionLimitError(f"node {self.node_id} already serves {self.config.max_sessions} sessions")
+        self.slots.take(session_id)
         key = (session_id, view.epoch, first)
         if key in self.sessions:  # the upstream re-opened (a retry after a failure): the new stream wins
             log.info("session %s segment %d re-opened on epoch %d; closing the stale stream", session_id[:8], first,
                      view.epoch)
             self.close_session(session_id, first, view.epoch)
-        runners = await self.compute.run(self._acquire_runners, view, first)
+        try:
+            runners = await self.compute.run(self._acquire_runners, view, first)
+        except BaseException:
+            self.slots.give(session_id)
+            raise
         try:
             pipeline = SessionPipeline(node_id=self.node_id, session_id=session_id, view=view, first=first,
                                        runners=runners, sampling=sampling, compute=self.compute,
@@ -156,6 +166,7 @@ class NodeRuntime:
                                        rekey_after=self.config.rekey_after_frames)
         except BaseException:
             self._release_runners(view.model_digest, runners)
+            self.slots.give(session_id)
             raise
         self.sessions[key] = pipeline
         self._session_models[key] = view.model_digest
@@ -174,6 +185,7 @@ class NodeRuntime:
             pipeline = self.sessions.pop(key)
             pipeline.close()
             self._release_runners(self._session_models.pop(key), pipeline.runners)
+            self.slots.give(session_id)
 
     def _release_runners(self, model_digest: str, runners: list[SegmentRunner]) -> None:
         for runner in runners:

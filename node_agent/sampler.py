@@ -12,6 +12,8 @@ import torch
 
 from common.proto import splitmesh_pb2 as pb
 
+MAX_TOP_K = 1 << 20  # beyond any vocabulary; 0 keeps every token
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -22,8 +24,9 @@ class SamplingConfig:
 
     @classmethod
     def from_proto(cls, params: pb.SamplingParams) -> SamplingConfig:
-        """The wire form, where an unset top_p (0) means no nucleus cut."""
-        return cls(temperature=params.temperature, top_p=params.top_p if params.top_p > 0 else 1.0,
+        """The wire form, where an unset top_p (exactly 0) means no nucleus cut; any other value, NaN and
+        negatives included, is kept as sent so :meth:`validate` refuses it instead of silently using 1."""
+        return cls(temperature=params.temperature, top_p=1.0 if params.top_p == 0 else params.top_p,
                    top_k=params.top_k, seed=params.seed)
 
     def to_proto(self) -> pb.SamplingParams:
@@ -31,12 +34,12 @@ class SamplingConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a readable message for out-of-range values."""
-        if not (0.0 <= self.temperature <= 100.0) or self.temperature != self.temperature:
+        if not 0.0 <= self.temperature <= 100.0:  # NaN fails every comparison, so it lands here too
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
+        if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be in 0..{MAX_TOP_K}, got {self.top_k}")
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
 

@@ -34,6 +34,8 @@ class SegmentRunner:
         self.dtype: torch.dtype = getattr(torch, torch_dtype_name(model.manifest.config))
         self.hidden_size = int(self.config.hidden_size)
         self.vocab_size = int(self.config.vocab_size)
+        # Positions (and so KV cache length) a session may reach: rotary tables are not valid beyond them.
+        self.max_positions = int(getattr(self.config, "max_position_embeddings", 2048))
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)  # type: ignore[no-untyped-call]
         self.loaded_roles: list[str] = []

@@ -18,7 +18,8 @@ from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.sealed_frames import SealedHopReceiver
 from common.tls import peer_identity
 from node_agent.forward_stream import ActivationReader, StreamError, crypto_status
-from node_agent.generation import RequestError, generate, prepare_request
+from node_agent.generation import RequestError, RequestLimits, check_request, generate, new_session_id, tokenize_request
+from node_agent.memory import return_freed_memory
 from node_agent.pipeline import HopError
 from node_agent.plan_state import PlanRejected
 from node_agent.read_ahead import read_ahead
@@ -27,6 +28,15 @@ from node_agent.sampler import SamplingConfig
 from node_agent.weight_fetch import ensure_files
 
 log = logging.getLogger(__name__)
+
+TRIM_AFTER_BYTES = 64 << 20  # incoming tensor buffers above this, once all freed, are trimmed from the heap
+
+
+async def _prepend(first: pb.ForwardRequest, rest: AsyncIterator[pb.ForwardRequest],
+                   ) -> AsyncIterator[pb.ForwardRequest]:
+    yield first
+    async for request in rest:
+        yield request
 
 
 class NodeServicer(pb_grpc.NodeServicer):
@@ -46,20 +56,49 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"node {self.rt.node_id} is not the head of epoch {view.epoch}; the head is {head}")
             return
-        runner_config = self.rt.manifest(view.model_digest).config
+        owner = peer_identity(context)  # vetted by common.authz; None in dev mode
+        session_id = new_session_id()
         try:
-            tokenizer = self.rt.tokenizer(view.model_digest)
-            prepared = prepare_request(
-                request, tokenizer, vocab_size=int(runner_config["vocab_size"]),
-                max_positions=int(runner_config.get("max_position_embeddings", 2048)),
-                max_prompt_tokens=self.rt.config.max_prompt_tokens,
-                max_new_tokens_limit=self.rt.config.max_new_tokens, config_eos=runner_config.get("eos_token_id"))
+            # The slot first, before any work: a request this head cannot take is refused at once.
+            self.rt.slots.take(session_id)
+        except SessionLimitError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return
+        generation = self.rt.generations.add(session_id, owner)
+        try:
+            async for event in self._generate(request, view, session_id, context):
+                yield event
+        except asyncio.CancelledError:
+            if not generation.cancelled:
+                raise
+            await context.abort(grpc.StatusCode.CANCELLED, f"session {session_id} was cancelled")
+        finally:
+            self.rt.generations.remove(session_id)
+            self.rt.slots.give(session_id)
+
+    async def _generate(self, request: pb.GenerateRequest, view: PlanView, session_id: str,
+                        context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateEvent],
+                        ) -> AsyncIterator[pb.GenerateEvent]:
+        model_config = self.rt.manifest(view.model_digest).config
+        limits = RequestLimits(vocab_size=int(model_config["vocab_size"]),
+                               max_positions=int(model_config.get("max_position_embeddings", 2048)),
+                               max_prompt_tokens=self.rt.config.max_prompt_tokens,
+                               max_new_tokens=self.rt.config.max_new_tokens,
+                               max_prompt_bytes=self.rt.config.max_prompt_bytes,
+                               max_messages=self.rt.config.max_messages)
+        loop = asyncio.get_running_loop()
+        try:
+            tokenizer = await loop.run_in_executor(self.rt.tokenizing, self.rt.tokenizer, view.model_digest)
+            check_request(request, tokenizer is not None, limits)  # linear and bounded: fine on the loop
+            # Tokenizing and the chat template take seconds on a large input: never on the event loop.
+            prepared = await loop.run_in_executor(self.rt.tokenizing, tokenize_request, request, tokenizer, limits,
+                                                  model_config.get("eos_token_id"))
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         try:
             # Token k goes out to the client while the ring already works on token k+1.
-            async for event in read_ahead(generate(self.rt, view, prepared, tokenizer)):
+            async for event in read_ahead(generate(self.rt, view, prepared, tokenizer, session_id)):
                 yield event
         except SessionLimitError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -69,9 +108,11 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def Cancel(self, request: pb.CancelRequest,  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.CancelRequest, pb.CancelReply]) -> pb.CancelReply:
-        if request.session_id not in self.rt.session_ids():
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}")
-        self.rt.close_session(request.session_id)
+        """Only the identity that opened a generation, or the orchestrator, may cancel it; anyone else gets
+        the NOT_FOUND of an unknown id, so sessions cannot be probed (see node_agent/admission.py)."""
+        caller = peer_identity(context)  # vetted by common.authz; None in dev mode
+        if not self.rt.generations.cancel(request.session_id, caller):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id[:64]!r}")
         return pb.CancelReply()
 
     # ------------------------------------------------------------ data plane
@@ -79,7 +120,14 @@ class NodeServicer(pb_grpc.NodeServicer):
                       context: grpc.aio.ServicerContext[pb.ForwardRequest, pb.ForwardReply],
                       ) -> AsyncIterator[pb.ForwardReply]:
         caller = peer_identity(context)  # a node (common.authz); it must feed this segment (_check_open)
-        first = await anext(aiter(request_iterator), None)
+        requests = aiter(request_iterator)
+        timeout_s = self.rt.config.frame_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                first = await anext(requests, None)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no ForwardOpen within {timeout_s:g}s")
+            return
         if first is None:
             return
         if first.WhichOneof("msg") != "open":
@@ -95,6 +143,21 @@ class NodeServicer(pb_grpc.NodeServicer):
         sampling = SamplingConfig.from_proto(opening.sampling)
         try:
             sampling.validate()
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        # The session takes its slot only once data arrives: a silent open holds nothing, and is closed.
+        try:
+            async with asyncio.timeout(timeout_s):
+                data = await anext(requests, None)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"ForwardOpen of session {opening.session_id[:64]!r} sent no frame within "
+                                f"{timeout_s:g}s")
+            return
+        if data is None:
+            return
+        try:
             pipeline = await self.rt.open_session(opening.session_id, view, opening.segment_index, sampling)
         except NotHostedError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -108,12 +171,15 @@ class NodeServicer(pb_grpc.NodeServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
-        max_rows = self.rt.config.max_prompt_tokens + self.rt.config.max_new_tokens  # a replayed history
-        reader = ActivationReader(receiver, pipeline.runners[0].hidden_size, max_rows,
-                                  self.rt.config.session_idle_timeout_s)
-        dtype = pipeline.runners[0].dtype
+        runner = pipeline.runners[0]
+        max_rows = min(self.rt.config.max_prompt_tokens + self.rt.config.max_new_tokens,  # a replayed history
+                       runner.max_positions)
+        reader = ActivationReader(receiver, runner.hidden_size, max_rows, self.rt.config.session_idle_timeout_s,
+                                  max_positions=runner.max_positions, frame_timeout_s=timeout_s,
+                                  budget=self.rt.buffers)
+        dtype = runner.dtype
         try:
-            async for step, position, tensor in reader.activations(request_iterator):
+            async for step, position, tensor in reader.activations(_prepend(data, requests)):
                 started = time.perf_counter()
                 token = await pipeline.step(step, position, tensor.to(dtype))
                 yield pb.ForwardReply(step=step, token_id=token, downstream_s=time.perf_counter() - started)
@@ -121,6 +187,14 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(exc.code, exc.details)
         finally:
             self.rt.close_session(opening.session_id, opening.segment_index, opening.epoch, only=pipeline)
+            self._trim_after_large_buffers()
+
+    def _trim_after_large_buffers(self) -> None:
+        """Once no tensor is being received after many megabytes were, hand the freed heap back to the OS:
+        glibc keeps it otherwise (its mmap threshold rises after large frees), and the node would look as
+        if a burst of oversized streams still held its memory."""
+        if self.rt.buffers.in_use == 0 and self.rt.buffers.take_peak() >= TRIM_AFTER_BYTES:
+            asyncio.get_running_loop().run_in_executor(None, return_freed_memory)
 
     def _check_open(self, opening: pb.ForwardOpen, caller: Identity | None,
                     ) -> tuple[PlanView, SealedHopReceiver | None]:
@@ -148,7 +222,8 @@ class NodeServicer(pb_grpc.NodeServicer):
                                   "this node accepts only encrypted activation streams (no key envelope)")
             return view, None
         try:
-            receiver = SealedHopReceiver(self.rt.node_key, opening.key_envelope, opening.session_id, view.epoch, index)
+            receiver = SealedHopReceiver(self.rt.node_key, opening.key_envelope, opening.session_id, view.epoch,
+                                         index, self.rt.buffers)
         except FrameCryptoError as exc:
             raise crypto_status(exc) from exc
         return view, receiver
@@ -206,4 +281,4 @@ class NodeServicer(pb_grpc.NodeServicer):
             pb.PlanSegment(start=s.span.start, end=s.span.end, node_id=s.node_id, privacy_critical=s.privacy_critical)
             for s in view.segments_on(self.rt.node_id)]
         return pb.NodeInfoReply(node_id=self.rt.node_id, plan_epoch=view.epoch if view else 0, hosted=hosted,
-                                active_sessions=len(self.rt.sessions), loaded_layers=self.rt.pool.loaded_roles())
+                                active_sessions=len(self.rt.slots), loaded_layers=self.rt.pool.loaded_roles())

@@ -1,10 +1,15 @@
 """Malformed requests and frames against a live node: never a crash, always a documented status code,
-health stays SERVING and a generation running meanwhile keeps its exact tokens."""
+health stays SERVING and a generation running meanwhile keeps its exact tokens.
+
+Every RPC of the Node service gets 1,000 generated requests: well-typed messages with hostile values,
+and raw bytes that may not even parse (those must be INVALID_ARGUMENT, never UNKNOWN).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -36,12 +41,33 @@ forward_messages = st.one_of(st.builds(pb.ForwardRequest, open=opens), st.builds
                                                                           key_envelope=st.binary(max_size=200))))
 sampling = st.builds(pb.SamplingParams, temperature=st.floats(allow_nan=True, allow_infinity=True, width=32),
                      top_p=st.floats(-1, 2, width=32), top_k=st.integers(0, 1 << 31), seed=st.integers(0, 1 << 63))
+chat = st.builds(pb.ChatMessages, messages=st.lists(st.builds(
+    pb.ChatMessage, role=st.sampled_from(["user", "system", "assistant", "wizard", ""]), content=st.text(max_size=40)),
+    max_size=4))
 generate_requests = st.one_of(
     st.builds(pb.GenerateRequest, prompt=st.text(max_size=30), max_new_tokens=st.sampled_from([0, 1, 2, 100_000]),
               sampling=sampling, stop=st.lists(st.text(max_size=300), max_size=20)),
+    st.builds(pb.GenerateRequest, messages=chat, max_new_tokens=st.sampled_from([0, 1, 2]), sampling=sampling),
     st.builds(pb.GenerateRequest, token_ids=st.builds(pb.TokenIds, ids=st.lists(st.integers(0, 1 << 31),
                                                                                 max_size=5)),
               max_new_tokens=st.sampled_from([0, 1, 1 << 31]), sampling=sampling))
+epochs = st.integers(0, (1 << 64) - 1) | st.integers(0, 8)
+signed_plans = st.builds(pb.SignedPlan, plan_bytes=st.binary(max_size=300) | st.builds(
+    pb.Plan, kind=st.sampled_from(["splitmesh.plan/1", "x"]), epoch=epochs, model_digest=st.text(max_size=70),
+    num_layers=st.integers(0, 64)).map(lambda plan: plan.SerializeToString()),
+    signature=st.binary(max_size=80), key_id=st.text(max_size=20))
+# Requests per unary RPC: typed messages with hostile values, or raw bytes (sent without a serializer).
+UNARY: dict[str, st.SearchStrategy[object]] = {
+    "Cancel": st.builds(pb.CancelRequest, session_id=st.text(max_size=64)),
+    "Prepare": signed_plans,
+    "Commit": st.builds(pb.CommitRequest, epoch=epochs),
+    "Abort": st.builds(pb.CommitRequest, epoch=epochs),
+    "Info": st.binary(max_size=300),  # the request has no fields: raw bytes, parsed or not, are its variety
+    "Probe": st.builds(pb.ProbeRequest, payload=st.binary(max_size=1 << 16)),
+}
+RPCS = ("Generate", "Cancel", "Forward", "Prepare", "Commit", "Abort", "Info", "Probe")
+STREAMING_REQUESTS = {"Forward"}
+STREAMING_REPLIES = {"Generate", "Forward"}
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +80,13 @@ def background(mesh: LocalMesh) -> dict[str, list[int]]:
     return {"expected": expected}
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@FUZZ
 @given(streams=st.lists(st.lists(forward_messages, min_size=1, max_size=4), min_size=1, max_size=1))
 def forward_fuzz(mesh: LocalMesh, streams: list[list[pb.ForwardRequest]]) -> None:
-    """500 malformed Forward streams (run by the test below, while a real session is generating)."""
+    """1,000 malformed Forward streams (run by the test below, while a real session is generating)."""
     with sync_channel(mesh.node_addresses["node-1"], mesh.client_tls) as channel:
         stub = pb_grpc.NodeStub(channel)
         for messages in streams:
@@ -67,15 +96,53 @@ def forward_fuzz(mesh: LocalMesh, streams: list[list[pb.ForwardRequest]]) -> Non
                 assert exc.code() in DOCUMENTED, (exc.code(), exc.details())
 
 
-@pytest.mark.slow
-@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@FUZZ
 @given(request=generate_requests)
-def test_generate_fuzz(mesh: LocalMesh, request: pb.GenerateRequest) -> None:
+def generate_fuzz(mesh: LocalMesh, request: pb.GenerateRequest) -> None:
     with sync_channel(mesh.node_addresses["node-0"], mesh.client_tls) as channel:
         try:
             list(pb_grpc.NodeStub(channel).Generate(request, timeout=30))
         except grpc.RpcError as exc:
             assert exc.code() in DOCUMENTED, (exc.code(), exc.details())
+
+
+def unary_fuzz(method: str) -> Callable[[LocalMesh], None]:
+    """1,000 typed requests with hostile values for one unary RPC, sent to the head (which hosts segment 0)."""
+    @FUZZ
+    @given(request=UNARY[method])
+    def fuzz(mesh: LocalMesh, request: object) -> None:
+        with sync_channel(mesh.node_addresses["node-0"], mesh.client_tls) as channel:
+            try:
+                if isinstance(request, bytes):
+                    channel.unary_unary(f"/splitmesh.v1.Node/{method}")(request, timeout=30)
+                else:
+                    getattr(pb_grpc.NodeStub(channel), method)(request, timeout=30)
+            except grpc.RpcError as exc:
+                assert exc.code() in DOCUMENTED, (method, exc.code(), exc.details())
+    return fuzz
+
+
+@FUZZ
+@given(method=st.sampled_from(RPCS), messages=st.lists(st.binary(max_size=300), min_size=1, max_size=3))
+def raw_fuzz(mesh: LocalMesh, method: str, messages: list[bytes]) -> None:
+    """Raw bytes to every RPC (8 x ~125 draws on top of the typed ones): bytes that do not parse are
+    INVALID_ARGUMENT, never UNKNOWN; bytes that happen to parse get the typed request's codes."""
+    path = f"/splitmesh.v1.Node/{method}"
+    with sync_channel(mesh.node_addresses["node-1"], mesh.client_tls) as channel:
+        try:
+            if method in STREAMING_REQUESTS:
+                list(channel.stream_stream(path)(iter(messages), timeout=30))
+            elif method in STREAMING_REPLIES:
+                list(channel.unary_stream(path)(messages[0], timeout=30))
+            else:
+                channel.unary_unary(path)(messages[0], timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() in DOCUMENTED, (method, exc.code(), exc.details())
+
+
+def test_every_node_rpc_is_fuzzed() -> None:
+    assert set(RPCS) == set(pb.DESCRIPTOR.services_by_name["Node"].methods_by_name)
+    assert set(RPCS) == {"Generate", "Forward", *UNARY}
 
 
 @pytest.mark.slow
@@ -90,6 +157,10 @@ def test_node_survives_fuzzing_with_a_live_session(mesh: LocalMesh, background: 
     worker = threading.Thread(target=generate)
     worker.start()
     forward_fuzz(mesh)
+    generate_fuzz(mesh)
+    for method in UNARY:
+        unary_fuzz(method)(mesh)
+    raw_fuzz(mesh)
     worker.join(timeout=300)
     assert got == background["expected"]
     for node in ("node-0", "node-1", "node-4"):

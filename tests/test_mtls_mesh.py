@@ -78,7 +78,7 @@ def test_sealed_frames_round_trip_across_chunks_and_rekeys(hop: Hop) -> None:
     tensors = [torch.randn(1, 5, HIDDEN), torch.randn(1, 1, HIDDEN), torch.randn(1, 1, HIDDEN)]
     requests = []
     for step, tensor in enumerate(tensors):
-        requests += sender.requests(step, 5 + step if step else 0, tensor, chunk_bytes=4000)  # 3 chunks for prefill
+        requests += sender.requests(step, 4 + step if step else 0, tensor, chunk_bytes=4000)  # 3 chunks for prefill
     assert sum(r.WhichOneof("msg") == "rekey" for r in requests) == 1  # 5 frames, a new key after the 3rd
     for request in requests:
         if request.WhichOneof("msg") == "frame":
@@ -87,7 +87,7 @@ def test_sealed_frames_round_trip_across_chunks_and_rekeys(hop: Hop) -> None:
             assert tensors[0].numpy().tobytes()[:64] not in frame.ciphertext
     got, status = _read(_receiver(key, envelope), requests)
     assert status is None
-    assert [(s, p) for s, p, _ in got] == [(0, 0), (1, 6), (2, 7)]
+    assert [(s, p) for s, p, _ in got] == [(0, 0), (1, 5), (2, 6)]
     for (_, _, tensor), sent in zip(got, tensors, strict=True):
         assert torch.equal(tensor, sent)
 
