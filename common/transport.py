@@ -31,11 +31,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ORCHESTRATOR_ID = "orchestrator"  # certificate name of the orchestrator (kind orchestrator)
 DEFAULT_CLIENT_ID = "client"  # certificate name the SDK and CLI present (kind client)
+DEFAULT_OPERATOR_ID = "operator"  # certificate name the CLI presents to change the mesh (kind operator)
 ENV_TLS_DIR = "SPLITMESH_TLS_DIR"
 ENV_CLIENT_ID = "SPLITMESH_CLIENT_ID"
+ENV_OPERATOR_ID = "SPLITMESH_OPERATOR_ID"
 ENV_ORCHESTRATOR_ID = "SPLITMESH_ORCHESTRATOR_ID"
-TLS_ENV = (ENV_TLS_DIR, ENV_CLIENT_ID, ENV_ORCHESTRATOR_ID, "SPLITMESH_TLS_CA", "SPLITMESH_TLS_CERT",
-           "SPLITMESH_TLS_KEY", "SPLITMESH_INSECURE")
+TLS_ENV = (ENV_TLS_DIR, ENV_CLIENT_ID, ENV_OPERATOR_ID, ENV_ORCHESTRATOR_ID, "SPLITMESH_TLS_CA",
+           "SPLITMESH_TLS_CERT", "SPLITMESH_TLS_KEY", "SPLITMESH_INSECURE")
 
 
 class TransportError(ValueError):

@@ -21,6 +21,7 @@ from orchestrator.policy import Policy, apply_policy, policy_from_json, policy_t
 
 log = logging.getLogger(__name__)
 DECISIONS = Counter("splitmesh_decisions_total", "Decisions of the adaptive loop and operator actions", ["kind"])
+REPEAT_RECORD_S = 60.0  # a "keep" with the same triggers on the same plan is recorded at most this often
 
 
 def _inputs(cluster: ClusterState, ewma_ms: float | None) -> str:
@@ -42,6 +43,7 @@ class Adapter:
         self.model = model_profile(co.model)
         self.drained: set[str] = set(json.loads(co.state.get_meta("drained") or "[]"))
         self.last: Decision | None = None
+        self._repeat: tuple[object, float, int] | None = None  # (key, when last recorded, repeats not recorded)
 
     # -- operator controls ---------------------------------------------------
     def set_policy(self, updates: dict[str, str]) -> dict[str, str]:
@@ -96,14 +98,36 @@ class Adapter:
                 epoch_after = plan.epoch
             else:
                 log.warning("adaptive %s not installed: %s", decision.kind, reason)
-        if decision.kind != "keep" or decision.triggers:
-            self.record(decision.kind, decision.reason, cluster, epoch_before, epoch_after,
+        note = self._repeat_note(decision, epoch_before) if decision.kind != "keep" or decision.triggers else None
+        if note is not None:
+            self.record(decision.kind, decision.reason + note, cluster, epoch_before, epoch_after,
                         triggers=", ".join(map(str, decision.triggers)),
                         old=decision.old_cost.phi if decision.old_cost else 0.0,
                         new=decision.new_cost.phi if decision.new_cost else 0.0,
                         old_ms=decision.old_cost.decode_step_ms if decision.old_cost else 0.0,
                         new_ms=decision.new_cost.decode_step_ms if decision.new_cost else 0.0)
         return decision
+
+    def _repeat_note(self, decision: Decision, epoch: int) -> str | None:
+        """None when this "keep" repeats the last recorded one (same triggers, same plan) too soon to record;
+        else what to add to its reason.
+
+        While a trigger stays fired the loop keeps the plan every interval; one row per second would
+        bury every other decision in the history, so repeats are counted and summarised once a minute.
+        """
+        if decision.kind != "keep":
+            self._repeat = None
+            return ""
+        key = (epoch, tuple(sorted(t.name for t in decision.triggers)))
+        now = time.monotonic()
+        if self._repeat is not None and self._repeat[0] == key and now - self._repeat[1] < REPEAT_RECORD_S:
+            self._repeat = (key, self._repeat[1], self._repeat[2] + 1)
+            DECISIONS.labels(kind=decision.kind).inc()
+            log.debug("decision keep (repeat): %s", decision.reason)
+            return None
+        repeats = self._repeat[2] if self._repeat is not None and self._repeat[0] == key else 0
+        self._repeat = (key, now, 0)
+        return f" (and {repeats} times since the last record)" if repeats else ""
 
     def record(self, kind: str, reason: str, cluster: ClusterState | None, epoch_before: int, epoch_after: int, *,
                triggers: str = "", old: float = 0.0, new: float = 0.0, old_ms: float = 0.0,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -96,15 +95,15 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def Status(self, request: pb.StatusRequest,  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.StatusRequest, pb.StatusReply]) -> pb.StatusReply:
         serving, reason = self.co.serving()
-        now = time.monotonic()
+        registry = self.co.registry
         nodes = [pb.NodeState(node_id=r.node_id, address=r.address, trusted=r.trusted,
-                              alive=self.co.registry.alive(r.node_id), last_seen_s=now - r.last_seen,
+                              alive=registry.alive(r.node_id), last_seen_s=registry.silent_for(r.node_id),
                               capacity=r.capacity, links=r.links, active_sessions=r.active_sessions,
-                              plan_epoch=r.plan_epoch)
-                 for r in sorted(self.co.registry.nodes.values(), key=lambda r: r.node_id)]
-        reply = pb.StatusReply(serving=serving, reason=reason, nodes=nodes,
-                               ewma_latency_ms=self.adapter.engine.ewma_ms or 0.0,
-                               model_name=self.co.model.manifest.name)
+                              plan_epoch=r.plan_epoch, drained=r.node_id in self.adapter.drained)
+                 for r in sorted(registry.nodes.values(), key=lambda r: r.node_id)]
+        # No EWMA (none measured since the plan changed) stays unset: 0.0 would read as perfect latency.
+        reply = pb.StatusReply(serving=serving, reason=reason, nodes=nodes, model_name=self.co.model.manifest.name,
+                               ewma_latency_ms=self.adapter.engine.ewma_ms)
         if self.co.signed is not None:
             reply.plan.ParseFromString(self.co.signed.plan_bytes)
         return reply
@@ -112,6 +111,11 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def Resplit(self, request: pb.ResplitRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.ResplitRequest, pb.ResplitReply]) -> pb.ResplitReply:
         alive = [r for r in self.co.registry.alive_nodes() if r.node_id not in self.adapter.drained]
+        drained = sorted(set(request.placement) & self.adapter.drained)
+        if drained:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{', '.join(drained)} drained: return it first with `splitmesh drain "
+                                f"{drained[0]} --undo`")
         try:
             if request.boundaries or request.placement:
                 segments = place(alive, self.co.model.num_layers, list(request.boundaries), list(request.placement))
@@ -139,7 +143,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def History(self, request: pb.HistoryRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.HistoryRequest, pb.HistoryReply]) -> pb.HistoryReply:
-        return pb.HistoryReply(decisions=self.co.state.decisions(min(request.limit or 50, 1000)))
+        return pb.HistoryReply(decisions=self.co.state.decisions(min(request.limit or 50, 1000), set(request.kinds)))
 
     async def Drain(self, request: pb.DrainRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext[pb.DrainRequest, pb.DrainReply]) -> pb.DrainReply:
