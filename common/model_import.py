@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from common.model_store import (
     EMBED_ROLE,
+    EMBEDDED_MODEL_NAME,
     HEAD_ROLE,
     TOKENIZER_PREFIX,
     FileEntry,
@@ -32,7 +33,6 @@ from common.model_store import (
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version")

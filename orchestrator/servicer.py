@@ -114,7 +114,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         drained = sorted(set(request.placement) & self.adapter.drained)
         if drained:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"{', '.join(drained)} drained: return it first with `splitmesh drain "
+                                f"{', '.join(drained)} is drained: return it first with `splitmesh drain "
                                 f"{drained[0]} --undo`")
         try:
             if request.boundaries or request.placement:

@@ -145,18 +145,12 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 def cmd_policy(args: argparse.Namespace) -> int:
     updates: dict[str, str] = {}
-    for item in args.values or []:
+    for item in getattr(args, "values", None) or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             err.print(f"error: expected KEY=VALUE, got {item!r}")
             return 2
         updates[key.strip()] = value.strip()
-    if args.action == "set" and not updates:
-        err.print("error: policy set needs at least one KEY=VALUE")
-        return 2
-    if args.action == "get" and updates:
-        err.print("error: policy get takes no KEY=VALUE (did you mean policy set?)")
-        return 2
     with _client(args) as client:
         values = client.policy(updates)
     console.print(policy_table(values))
@@ -182,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     address_default = os.environ.get("SPLITMESH_ADDRESS", DEFAULT_ADDRESS)
 
-    def client_command(name: str, text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=text, description=text)
+    def client_command(subs: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                       text: str) -> argparse.ArgumentParser:
+        p = subs.add_parser(name, help=text, description=text)
         p.add_argument("--address", default=address_default,
                        help=f"orchestrator host:port (default {DEFAULT_ADDRESS}, env SPLITMESH_ADDRESS)")
         _add_tls_options(p, top=False)
@@ -191,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_up(sub, address_default)
 
-    gen = client_command("generate", "stream a generation to the terminal")
+    gen = client_command(sub, "generate", "stream a generation to the terminal")
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     gen.add_argument("--max-new-tokens", type=int_in(1, UINT32_MAX), default=128)
@@ -206,28 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
                              ("nodes", cmd_nodes, "registered nodes and their capacity"),
                              ("plan", cmd_plan, "the committed plan"),
                              ("health", cmd_health, "gRPC health check of a server (exit 0 if SERVING)")):
-        client_command(name, text).set_defaults(func=func)
+        client_command(sub, name, text).set_defaults(func=func)
 
-    resplit = client_command("resplit", "install new boundaries/placement (two-phase; operator certificate)")
+    resplit = client_command(sub, "resplit", "install new boundaries/placement (two-phase; operator certificate)")
     resplit.add_argument("--boundaries", type=ints, help="e.g. 0,10,20,30")
     resplit.add_argument("--place", type=names, help="node per segment")
     resplit.add_argument("--dry-run", action="store_true", help="show the plan without installing it")
     resplit.set_defaults(func=cmd_resplit)
 
-    history = client_command("history", "decisions of the adaptive loop and operator actions")
+    history = client_command(sub, "history", "decisions of the adaptive loop and operator actions")
     history.add_argument("--limit", type=int_in(1, 1000), default=30, help="newest decisions to show (default 30)")
     history.add_argument("--kind", type=names, help=f"only these kinds, comma-separated ({', '.join(HISTORY_KINDS)})")
     history.set_defaults(func=cmd_history)
 
-    drain = client_command("drain", "move every segment off a node (two-phase; operator certificate)")
+    drain = client_command(sub, "drain", "move every segment off a node (two-phase; operator certificate)")
     drain.add_argument("node")
     drain.add_argument("--undo", action="store_true", help="let the node host segments again")
     drain.set_defaults(func=cmd_drain)
 
-    policy = client_command("policy", "read or change the adaptive loop's policy (set: operator certificate)")
-    policy.add_argument("action", choices=["get", "set"])
-    policy.add_argument("values", nargs="*", metavar="KEY=VALUE", help="e.g. latency_max_ms=120 cooldown_s=10")
-    policy.set_defaults(func=cmd_policy)
+    policy = sub.add_parser("policy", help="read or change the adaptive loop's policy")
+    policy_sub = policy.add_subparsers(dest="action", required=True, metavar="get|set")
+    client_command(policy_sub, "get", "the policy's values").set_defaults(func=cmd_policy)
+    policy_set = client_command(policy_sub, "set", "change policy values, validated as a whole (operator certificate)")
+    policy_set.add_argument("values", nargs="+", metavar="KEY=VALUE", help="e.g. latency_max_ms=120 cooldown_s=10")
+    policy_set.set_defaults(func=cmd_policy)
 
     register_model(sub)
     register_certs(sub)
@@ -247,7 +244,7 @@ def _tls(args: argparse.Namespace) -> TlsConfig | None:
     except TransportError as exc:
         if operator:
             folder, _ = cli_tls.tls_folder(args.tls_dir, args.address)
-            raise TransportError(f"{exc}; `{args.command}` changes the mesh and presents an operator certificate: "
+            raise TransportError(f"{exc}; this command changes the mesh and presents an operator certificate: "
                                  f"splitmesh certs issue operator --kind operator --dir {folder}") from exc
         raise
 

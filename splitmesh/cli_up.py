@@ -18,6 +18,7 @@ from types import FrameType
 
 from rich.console import Console
 
+from common.model_store import EMBEDDED_MODEL_NAME
 from common.proto import splitmesh_pb2 as pb
 from splitmesh.cli_args import integer as int_in
 from splitmesh.cli_args import ints, names, number
@@ -55,13 +56,14 @@ def _interruptible() -> Iterator[None]:
 
 
 def _num_layers(store: Path, model: str) -> int:
-    from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
+    """The model's layer count, importing the embedded model first when it is the one asked for and absent."""
     from common.model_store import ModelStore
 
     model_store = ModelStore(store.expanduser())
-    if model == EMBEDDED_MODEL_NAME:
-        if model not in model_store.names():
-            console.print(f"importing the embedded model into {model_store.root} (once)")
+    if model == EMBEDDED_MODEL_NAME and model not in model_store.names():
+        from common.model_import import ensure_embedded  # torch and transformers: only when importing
+
+        console.print(f"importing the embedded model into {model_store.root} (once)")
         ensure_embedded(model_store)
     return model_store.open(model).num_layers
 
@@ -157,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Import the embedded model if needed, start a local TLS mesh, stream one generation, stop."""
     from splitmesh.cli import generate
 
-    _num_layers(Path(args.store), "smollm2-135m-instruct")
+    _num_layers(Path(args.store), EMBEDDED_MODEL_NAME)
     spec = MeshSpec(nodes=args.nodes, store=Path(args.store), workdir=Path(args.workdir), orchestrator_port=0,
                     tls=True)
     mesh = LocalMesh(spec)

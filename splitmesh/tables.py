@@ -77,7 +77,7 @@ def nodes_table(status: pb.StatusReply) -> Table:
                       f"{cap.layer_decode_ms:.2f}" if cap.layer_decode_ms else "-", str(n.active_sessions),
                       str(n.plan_epoch))
     if status.nodes:
-        table.caption = "mem: free GiB; ms/layer: measured decode ms per layer per token; sess: open sessions"
+        table.caption = "mem: free GiB, ms/layer: decode ms per layer-token, sess: open sessions"
     return table
 
 
