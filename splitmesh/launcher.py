@@ -67,7 +67,10 @@ class MeshStartError(RuntimeError):
 
 
 def port_taken(port: int) -> bool:
+    """Whether a server listens on 127.0.0.1:port (connections of a stopped one in TIME_WAIT do not count,
+    as for gRPC's own bind)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
