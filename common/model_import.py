@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from common import model_store
 from common.model_store import (
     EMBED_ROLE,
-    EMBEDDED_MODEL_NAME,
     HEAD_ROLE,
     TOKENIZER_PREFIX,
     FileEntry,
@@ -32,6 +32,7 @@ from common.model_store import (
 )
 
 log = logging.getLogger(__name__)
+EMBEDDED_MODEL_NAME = model_store.EMBEDDED_MODEL_NAME  # its home is the store; importers of this module keep it
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

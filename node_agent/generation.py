@@ -25,7 +25,20 @@ MAX_STOP_LENGTH = 256
 
 
 class RequestError(ValueError):
-    """The request itself is invalid (INVALID_ARGUMENT)."""
+    """The request itself is invalid (INVALID_ARGUMENT).
+
+    ``field`` names the request field at fault and ``limit`` the bound it crossed: they travel as trailing
+    metadata (common.request_errors) so a gateway names the field in its own API's terms.
+    """
+
+    def __init__(self, message: str, field: str = "", limit: int = 0) -> None:
+        super().__init__(message)
+        self.field = field
+        self.limit = limit
+
+
+class ContextLengthError(RequestError):
+    """The prompt, or the prompt with the completion asked for, does not fit (OUT_OF_RANGE)."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +70,16 @@ def _eos_ids(tokenizer: PreTrainedTokenizerBase | None, config_eos: object) -> f
     return frozenset(ids)
 
 
+def _start_ids(tokenizer: PreTrainedTokenizerBase, config_bos: object) -> list[int]:
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config_bos
+    if not isinstance(bos, int):
+        raise RequestError("prompt is empty and this model has no beginning-of-sequence token", "prompt")
+    return [bos]
+
+
 def prepare_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase | None, *, vocab_size: int,
                     max_positions: int, max_prompt_tokens: int, max_new_tokens_limit: int,
-                    config_eos: object) -> PreparedRequest:
+                    config_eos: object, config_bos: object = None) -> PreparedRequest:
     """Validate everything up front so a bad request fails before any node does work."""
     which = request.WhichOneof("input")
     if which is None:
@@ -69,9 +89,8 @@ def prepare_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerB
     ids: list[int]
     if which == "prompt":
         assert tokenizer is not None
-        if not request.prompt.strip():
-            raise RequestError("prompt is empty")
-        ids = text_token_ids(tokenizer, request.prompt)
+        # As OpenAI's completions: an empty prompt is a generation from the beginning-of-sequence token.
+        ids = text_token_ids(tokenizer, request.prompt) if request.prompt else _start_ids(tokenizer, config_bos)
     elif which == "messages":
         messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
         if not messages:
@@ -93,12 +112,14 @@ def prepare_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerB
     if not ids:
         raise RequestError("input encodes to no tokens")
     if len(ids) > max_prompt_tokens:
-        raise RequestError(f"prompt has {len(ids)} tokens, the limit is {max_prompt_tokens}")
+        raise ContextLengthError(f"prompt has {len(ids)} tokens, the limit is {max_prompt_tokens}", "prompt",
+                                 max_prompt_tokens)
     if not 1 <= request.max_new_tokens <= max_new_tokens_limit:
-        raise RequestError(f"max_new_tokens must be in 1..{max_new_tokens_limit}, got {request.max_new_tokens}")
+        raise RequestError(f"max_new_tokens must be in 1..{max_new_tokens_limit}, got {request.max_new_tokens}",
+                           "max_new_tokens", max_new_tokens_limit)
     if len(ids) + request.max_new_tokens > max_positions:
-        raise RequestError(f"prompt ({len(ids)}) + max_new_tokens ({request.max_new_tokens}) exceeds the model's "
-                           f"{max_positions} positions")
+        raise ContextLengthError(f"the prompt ({len(ids)} tokens) and the completion ({request.max_new_tokens} "
+                                 f"tokens) exceed the model's {max_positions} positions", "prompt", max_positions)
     if len(request.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in request.stop):
         raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_LENGTH} chars")
     if request.stop and tokenizer is None:

@@ -16,9 +16,10 @@ from common.model_store import StoreError
 from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.request_errors import field_metadata
 from common.sealed_frames import SealedHopReceiver
 from node_agent.forward_stream import ActivationReader, StreamError, crypto_status
-from node_agent.generation import RequestError, generate, prepare_request
+from node_agent.generation import ContextLengthError, RequestError, generate, prepare_request
 from node_agent.pipeline import HopError
 from node_agent.plan_state import PlanRejected
 from node_agent.read_ahead import read_ahead
@@ -59,9 +60,12 @@ class NodeServicer(pb_grpc.NodeServicer):
                 request, tokenizer, vocab_size=int(runner_config["vocab_size"]),
                 max_positions=int(runner_config.get("max_position_embeddings", 2048)),
                 max_prompt_tokens=self.rt.config.max_prompt_tokens,
-                max_new_tokens_limit=self.rt.config.max_new_tokens, config_eos=runner_config.get("eos_token_id"))
+                max_new_tokens_limit=self.rt.config.max_new_tokens, config_eos=runner_config.get("eos_token_id"),
+                config_bos=runner_config.get("bos_token_id"))
         except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            code = grpc.StatusCode.OUT_OF_RANGE if isinstance(exc, ContextLengthError) else (
+                grpc.StatusCode.INVALID_ARGUMENT)
+            await context.abort(code, str(exc), trailing_metadata=field_metadata(exc.field, exc.limit))
             return
         try:
             # Token k goes out to the client while the ring already works on token k+1.

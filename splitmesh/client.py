@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from common.certs import Identity
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.request_errors import FIELD_KEY, LIMIT_KEY, field_details
 from common.tls import TlsConfig
 from common.transport import DEFAULT_ORCHESTRATOR_ID, ENV_ORCHESTRATOR_ID, aio_channel, sync_channel, tls_from_env
 
@@ -27,12 +28,27 @@ R = TypeVar("R")
 
 
 class SplitmeshError(Exception):
-    """A call failed; ``code`` is the gRPC status name (e.g. INVALID_ARGUMENT)."""
+    """A call failed; ``code`` is the gRPC status name (e.g. INVALID_ARGUMENT).
 
-    def __init__(self, code: str, message: str) -> None:
+    ``field`` names the request field at fault when the server said (e.g. ``max_new_tokens``), and
+    ``limit`` the bound it crossed (0 when none).
+    """
+
+    def __init__(self, code: str, message: str, field: str = "", limit: int = 0) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.field = field
+        self.limit = limit
+
+
+def mesh_error(exc: grpc.RpcError) -> SplitmeshError:
+    """The SDK's error for a failed call (sync or asyncio), with the field details of its trailing metadata."""
+    call: Any = exc
+    details = field_details(call.trailing_metadata())
+    limit = details.get(LIMIT_KEY, "0")
+    return SplitmeshError(call.code().name, call.details() or "", details.get(FIELD_KEY, ""),
+                          int(limit) if limit.isdigit() else 0)
 
 
 @dataclass(frozen=True)
@@ -195,7 +211,7 @@ class Client:
         try:
             return method(request, timeout=min(self.timeout_s, 120.0))
         except grpc.RpcError as exc:
-            raise SplitmeshError(exc.code().name, exc.details() or "") from exc
+            raise mesh_error(exc) from exc
 
     def _head(self) -> pb_grpc.NodeStub:
         node_id, address = _head(self.signed_plan())
@@ -213,7 +229,7 @@ class Client:
             for event in stream:
                 yield _event(event)
         except grpc.RpcError as exc:
-            raise SplitmeshError(exc.code().name, exc.details() or "") from exc
+            raise mesh_error(exc) from exc
         finally:
             stream.cancel()
 
@@ -249,7 +265,7 @@ class AsyncClient:
         try:
             return await method(request, timeout=min(self.timeout_s, 120.0))
         except grpc.aio.AioRpcError as exc:
-            raise SplitmeshError(exc.code().name, exc.details() or "") from exc
+            raise mesh_error(exc) from exc
 
     async def signed_plan(self) -> pb.SignedPlan:
         signed: pb.SignedPlan = await self._call(self._orchestrator.GetPlan, pb.GetPlanRequest())
@@ -303,4 +319,4 @@ class AsyncClient:
             finally:
                 call.cancel()  # a caller that stops early frees the session on every node
         except grpc.aio.AioRpcError as exc:
-            raise SplitmeshError(exc.code().name, exc.details() or "") from exc
+            raise mesh_error(exc) from exc

@@ -147,13 +147,13 @@ def test_adjacent_segments_on_one_node_are_refused_with_the_merged_split() -> No
 
 @pytest.mark.parametrize("call", [
     lambda c: c.history(-1),
-    lambda c: c.drain(7),  # type: ignore[arg-type]
+    lambda c: c.drain(7),
     lambda c: c.resplit([-1, 30]),
     lambda c: list(c.generate("hi", top_k=-5)),
     lambda c: list(c.generate("hi", seed=-1)),
     lambda c: list(c.generate([{"role": "user"}])),
-    lambda c: list(c.generate([1, "two"])),  # type: ignore[list-item]
-    lambda c: list(c.generate(42)),  # type: ignore[arg-type]
+    lambda c: list(c.generate([1, "two"])),
+    lambda c: list(c.generate(42)),
     lambda c: list(c.generate("hi", stop="x")),
 ])
 def test_the_sdk_refuses_bad_values_with_its_own_error(call: object) -> None:
