@@ -51,13 +51,13 @@ def test_no_latency_measured_is_absent_not_zero(tmp_path: Path) -> None:
     adapter = _busy_single_node(tmp_path)
     adapter.set_drained("node-0", True)
     servicer = AdminServicer(adapter.co, adapter)
-    status = asyncio.run(servicer.Status(pb.StatusRequest(), None))  # type: ignore[arg-type]
+    status = asyncio.run(servicer.Status(pb.StatusRequest(), None))
     assert not status.HasField("ewma_latency_ms")  # it read 0.0: perfect latency
     assert [n.drained for n in status.nodes] == [True]
     collected = {m.name: m.samples for m in MeshCollector(adapter.co, adapter).collect()}
     assert collected["splitmesh_latency_ewma_ms"] == []
     adapter.observe_latency(42.0)
-    status = asyncio.run(servicer.Status(pb.StatusRequest(), None))  # type: ignore[arg-type]
+    status = asyncio.run(servicer.Status(pb.StatusRequest(), None))
     assert status.HasField("ewma_latency_ms") and status.ewma_latency_ms == 42.0
     collected = {m.name: m.samples for m in MeshCollector(adapter.co, adapter).collect()}
     assert [s.value for s in collected["splitmesh_latency_ewma_ms"]] == [42.0]
