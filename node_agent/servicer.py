@@ -15,10 +15,19 @@ from common.model_store import StoreError
 from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.request_errors import field_metadata
 from common.sealed_frames import SealedHopReceiver
 from common.tls import peer_identity
 from node_agent.forward_stream import ActivationReader, StreamError, crypto_status
-from node_agent.generation import RequestError, RequestLimits, check_request, generate, new_session_id, tokenize_request
+from node_agent.generation import (
+    ContextLengthError,
+    RequestError,
+    RequestLimits,
+    check_request,
+    generate,
+    new_session_id,
+    tokenize_request,
+)
 from node_agent.memory import return_freed_memory
 from node_agent.pipeline import HopError
 from node_agent.plan_state import PlanRejected
@@ -85,7 +94,8 @@ class NodeServicer(pb_grpc.NodeServicer):
                                max_prompt_tokens=self.rt.config.max_prompt_tokens,
                                max_new_tokens=self.rt.config.max_new_tokens,
                                max_prompt_bytes=self.rt.config.max_prompt_bytes,
-                               max_messages=self.rt.config.max_messages)
+                               max_messages=self.rt.config.max_messages,
+                               bos_token_id=model_config.get("bos_token_id"))
         loop = asyncio.get_running_loop()
         try:
             tokenizer = await loop.run_in_executor(self.rt.tokenizing, self.rt.tokenizer, view.model_digest)
@@ -94,7 +104,9 @@ class NodeServicer(pb_grpc.NodeServicer):
             prepared = await loop.run_in_executor(self.rt.tokenizing, tokenize_request, request, tokenizer, limits,
                                                   model_config.get("eos_token_id"))
         except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            code = grpc.StatusCode.OUT_OF_RANGE if isinstance(exc, ContextLengthError) else (
+                grpc.StatusCode.INVALID_ARGUMENT)
+            await context.abort(code, str(exc), trailing_metadata=field_metadata(exc.field, exc.limit))
             return
         try:
             # Token k goes out to the client while the ring already works on token k+1.

@@ -41,6 +41,7 @@ class Adapter:
         self.model = model_profile(co.model)
         self.drained: set[str] = set(json.loads(co.state.get_meta("drained") or "[]"))
         self.last: Decision | None = None
+        self._repeat: tuple[object, float, int] | None = None  # (key, when last recorded, repeats not recorded)
 
     # -- operator controls ---------------------------------------------------
     def set_policy(self, updates: dict[str, str]) -> dict[str, str]:

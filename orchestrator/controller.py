@@ -21,7 +21,7 @@ from prometheus_client import Counter
 from common.proto import splitmesh_pb2 as pb
 from orchestrator.adaptation import Adapter
 from orchestrator.coordinator import Coordinator
-from orchestrator.planning import ClusterState, Plan
+from orchestrator.planning import ClusterState, Decision, Plan
 from orchestrator.replanning import best_plan
 from orchestrator.static_placement import PlacementError, place
 
@@ -31,6 +31,7 @@ DECISIONS = Counter("splitmesh_decisions_total", "Decisions of the adaptive loop
 TICK_ERRORS = Counter("splitmesh_control_tick_errors_total", "Control-loop ticks that raised (logged with traceback)")
 FAILED_TICKS = 10  # this many failed ticks in a row, or this many periods without a finished tick: NOT_SERVING
 COMMIT_TIMEOUT_S = 10.0  # what Coordinator allows each node's COMMIT
+REPEAT_RECORD_S = 60.0  # a "keep" with the same triggers on the same plan is recorded at most this often
 
 
 class ControlError(Exception):
@@ -53,6 +54,7 @@ class Controller:
         self.last_tick_done = time.monotonic()
         self._next_decision = 0.0
         self._last_problem = ""
+        self._repeat: tuple[object, float, int] | None = None  # (key, when last recorded, repeats not recorded)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -163,13 +165,35 @@ class Controller:
                 epoch_after = plan.epoch
             else:
                 log.warning("adaptive %s not installed: %s", decision.kind, reason)
-        if decision.kind != "keep" or decision.triggers:
-            self.record(decision.kind, decision.reason, cluster, epoch_before, epoch_after,
+        note = self._repeat_note(decision, epoch_before) if decision.kind != "keep" or decision.triggers else None
+        if note is not None:
+            self.record(decision.kind, decision.reason + note, cluster, epoch_before, epoch_after,
                         triggers=", ".join(map(str, decision.triggers)),
                         old=decision.old_cost.phi if decision.old_cost else 0.0,
                         new=decision.new_cost.phi if decision.new_cost else 0.0,
                         old_ms=decision.old_cost.decode_step_ms if decision.old_cost else 0.0,
                         new_ms=decision.new_cost.decode_step_ms if decision.new_cost else 0.0)
+
+    def _repeat_note(self, decision: Decision, epoch: int) -> str | None:
+        """None when this "keep" repeats the last recorded one (same triggers, same plan) too soon to record;
+        else what to add to its reason.
+
+        While a trigger stays fired the loop keeps the plan every interval; one row per second would
+        bury every other decision in the history, so repeats are counted and summarised once a minute.
+        """
+        if decision.kind != "keep":
+            self._repeat = None
+            return ""
+        key = (epoch, tuple(sorted(t.name for t in decision.triggers)))
+        now = time.monotonic()
+        if self._repeat is not None and self._repeat[0] == key and now - self._repeat[1] < REPEAT_RECORD_S:
+            self._repeat = (key, self._repeat[1], self._repeat[2] + 1)
+            DECISIONS.labels(kind=decision.kind).inc()
+            log.debug("decision keep (repeat): %s", decision.reason)
+            return None
+        repeats = self._repeat[2] if self._repeat is not None and self._repeat[0] == key else 0
+        self._repeat = (key, now, 0)
+        return f" (and {repeats} times since the last record)" if repeats else ""
 
     async def replace_plan(self, kind: str, why: str) -> bool:
         """Install the best plan for what is left after a loss (``kind`` "node-lost" or "link-lost").
@@ -204,6 +228,10 @@ class Controller:
 
     # -- operator actions ------------------------------------------------------------
     async def resplit(self, boundaries: Sequence[int], placement: Sequence[str], dry_run: bool) -> pb.ResplitReply:
+        drained = sorted(set(placement) & self.adapter.drained)
+        if drained:
+            raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, f"{', '.join(drained)} is drained: return it "
+                               f"first with `splitmesh drain {drained[0]} --undo`")
         try:
             if boundaries or placement:
                 plan = place(self.adapter.schedulable(), self.co.model.num_layers, list(boundaries), list(placement),

@@ -31,7 +31,8 @@ class MeshCollector(Collector):
             segments.add_metric([str(s.index), s.node_id], len(s.span))
         yield segments
         latency = GaugeMetricFamily("splitmesh_latency_ewma_ms", "EWMA of end-to-end per-token latency")
-        latency.add_metric([], self.adapter.engine.ewma_ms or 0.0)
+        if self.adapter.engine.ewma_ms is not None:  # absent, not 0, until a token is measured on this plan
+            latency.add_metric([], self.adapter.engine.ewma_ms)
         yield latency
         alive = GaugeMetricFamily("splitmesh_node_alive", "1 while the node reports", labels=["node"])
         util = GaugeMetricFamily("splitmesh_node_utilisation", "CPU or GPU busy fraction", labels=["node"])

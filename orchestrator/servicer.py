@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -105,18 +104,20 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def Status(self, request: pb.StatusRequest,  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.StatusRequest, pb.StatusReply]) -> pb.StatusReply:
         serving, reason = self.co.serving()
-        now = time.monotonic()
-        refused = self.co.registry.refused
+        registry = self.co.registry
+        refused = registry.refused
+        drained = self.controller.adapter.drained
         nodes = [pb.NodeState(node_id=r.node_id, address=r.address, trusted=r.trusted,
-                              alive=self.co.registry.alive(r.node_id), last_seen_s=now - r.last_seen,
+                              alive=registry.alive(r.node_id), last_seen_s=registry.silent_for(r.node_id),
                               capacity=r.capacity, links=r.links, active_sessions=r.active_sessions,
                               plan_epoch=r.plan_epoch,
                               refused_reports=refused[r.node_id].count if r.node_id in refused else 0,
-                              refused_reason=refused[r.node_id].reason if r.node_id in refused else "")
-                 for r in sorted(self.co.registry.nodes.values(), key=lambda r: r.node_id)]
-        reply = pb.StatusReply(serving=serving, reason=reason, nodes=nodes,
-                               ewma_latency_ms=self.controller.adapter.engine.ewma_ms or 0.0,
-                               model_name=self.co.model.manifest.name)
+                              refused_reason=refused[r.node_id].reason if r.node_id in refused else "",
+                              drained=r.node_id in drained)
+                 for r in sorted(registry.nodes.values(), key=lambda r: r.node_id)]
+        # No EWMA (none measured since the plan changed) stays unset: 0.0 would read as perfect latency.
+        reply = pb.StatusReply(serving=serving, reason=reason, nodes=nodes, model_name=self.co.model.manifest.name,
+                               ewma_latency_ms=self.controller.adapter.engine.ewma_ms)
         if self.co.signed is not None:
             reply.plan.ParseFromString(self.co.signed.plan_bytes)
         return reply
@@ -131,7 +132,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def History(self, request: pb.HistoryRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.HistoryRequest, pb.HistoryReply]) -> pb.HistoryReply:
-        return pb.HistoryReply(decisions=self.co.state.decisions(min(request.limit or 50, 1000)))
+        return pb.HistoryReply(decisions=self.co.state.decisions(min(request.limit or 50, 1000), set(request.kinds)))
 
     async def Drain(self, request: pb.DrainRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext[pb.DrainRequest, pb.DrainReply]) -> pb.DrainReply:

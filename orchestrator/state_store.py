@@ -67,14 +67,17 @@ class StateStore:
         self._db.execute("INSERT INTO decisions(record) VALUES (?)", (record.SerializeToString(),))
         self._db.execute("DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - ?", (keep_last,))
 
-    def decisions(self, limit: int) -> list[pb.DecisionRecord]:
-        rows = self._db.execute("SELECT record FROM decisions ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        out = []
-        for (raw,) in reversed(rows):
+    def decisions(self, limit: int, kinds: set[str] | frozenset[str] = frozenset()) -> list[pb.DecisionRecord]:
+        """The newest ``limit`` decisions (of ``kinds``, when given), oldest first."""
+        out: list[pb.DecisionRecord] = []
+        for (raw,) in self._db.execute("SELECT record FROM decisions ORDER BY id DESC"):
             record = pb.DecisionRecord()
             record.ParseFromString(raw)
-            out.append(record)
-        return out
+            if not kinds or record.kind in kinds:
+                out.append(record)
+                if len(out) >= limit:
+                    break
+        return out[::-1]
 
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

@@ -40,8 +40,8 @@ async def _first(events: AsyncGenerator[TokenEvent, None]) -> TokenEvent:
         raise ApiError(502, "the mesh ended the generation without a token") from None
 
 
-async def _sse(writer: ChunkWriter, first: TokenEvent,
-               events: AsyncGenerator[TokenEvent, None]) -> AsyncIterator[bytes]:
+async def _sse(writer: ChunkWriter, first: TokenEvent, events: AsyncGenerator[TokenEvent, None],
+               generation: Generation) -> AsyncIterator[bytes]:
     """The event stream. Starlette cancels it when the caller disconnects; closing ``events`` ends the gRPC call."""
     last = first
     async with aclosing(events):
@@ -53,7 +53,7 @@ async def _sse(writer: ChunkWriter, first: TokenEvent,
                 if chunk:
                     yield chunk
         except SplitmeshError as exc:
-            yield sse(from_mesh(exc).body())
+            yield sse(from_mesh(exc, generation).body())
             return
     yield writer.closing(last)
 
@@ -87,12 +87,20 @@ async def _collect(events: AsyncGenerator[TokenEvent, None]) -> list[TokenEvent]
 
 async def _respond(mesh: Mesh, request: Request, kind: Kind, body: SamplingFields, generation: Generation) -> Response:
     model = await mesh.check_model(body.model)
+    try:
+        return await _generate(mesh, request, kind, body, generation, model)
+    except SplitmeshError as exc:
+        raise from_mesh(exc, generation) from exc  # names this request's fields (messages, max_tokens, ...)
+
+
+async def _generate(mesh: Mesh, request: Request, kind: Kind, body: SamplingFields, generation: Generation,
+                    model: str) -> Response:
     created = int(time.time())
     if body.stream:
         events = mesh.events(generation)
         first = await _first(events)
         writer = ChunkWriter(Header.of(kind, first.session_id, created, model), body.include_usage)
-        return StreamingResponse(_sse(writer, first, events), media_type="text/event-stream",
+        return StreamingResponse(_sse(writer, first, events, generation), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     collected = await _unless_disconnected(request, _collect(mesh.events(generation)))
     if collected is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +16,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from splitmesh.client import SplitmeshError
+
+if TYPE_CHECKING:  # gateway_schema raises ApiError: import it for the annotation only
+    from splitmesh.gateway_schema import Generation
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +60,21 @@ def error_type(status: int) -> str:
     return "invalid_request_error" if status < 500 else "server_error"
 
 
-def from_mesh(exc: SplitmeshError) -> ApiError:
-    """Translate a failed mesh call; the gRPC status name travels on as the (lower-case) error code."""
+def from_mesh(exc: SplitmeshError, generation: Generation | None = None) -> ApiError:
+    """Translate a failed mesh call; the gRPC status name travels on as the (lower-case) error code.
+
+    A refusal about a request field (the head says which, see common.request_errors) names the
+    OpenAI field of ``generation``'s request, with OpenAI's code where it has one.
+    """
+    if generation is not None and exc.field == "prompt" and exc.code == "OUT_OF_RANGE":
+        param = generation.prompt_param
+        return ApiError(400, f"This request exceeds the model's context length: {exc.message}. Please reduce the "
+                             f"length of the {param}.", param=param, code="context_length_exceeded")
+    if generation is not None and exc.field == "max_new_tokens":
+        param, value = generation.max_tokens_param, generation.max_new_tokens
+        limit = f"at most {exc.limit}" if exc.limit else "fewer"
+        return ApiError(400, f"{param} is too large: {value}. This model supports {limit} completion tokens, "
+                             f"whereas you provided {value}.", param=param, code="invalid_value")
     status = HTTP_STATUS_OF_GRPC.get(exc.code, 502)
     message = exc.message or exc.code
     if status >= 500:

@@ -9,7 +9,7 @@ from typing import cast
 import grpc
 
 from common.proto import splitmesh_pb2 as pb
-from splitmesh.client import AsyncClient, SplitmeshError, TokenEvent
+from splitmesh.client import AsyncClient, TokenEvent, mesh_error
 from splitmesh.gateway_errors import ApiError
 from splitmesh.gateway_schema import Generation
 
@@ -44,7 +44,7 @@ class Mesh:
         try:
             reply: pb.StatusReply = await self.client.admin.Status(pb.StatusRequest(), timeout=STATUS_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
-            raise SplitmeshError(exc.code().name, exc.details() or "") from exc
+            raise mesh_error(exc) from exc
         return reply
 
     async def model_name(self) -> str:

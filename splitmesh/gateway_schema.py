@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from splitmesh.client import Messages
 from splitmesh.gateway_errors import ApiError
@@ -21,6 +21,7 @@ from splitmesh.gateway_errors import ApiError
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+MAX_STOP = 4  # OpenAI's limit on stop sequences
 # Fields of the OpenAI API the mesh cannot honour; a request that sets one to a non-neutral value is refused.
 UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "logit_bias",
                "presence_penalty", "frequency_penalty", "echo", "suffix", "audio", "prediction")
@@ -65,6 +66,13 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False  # extension: generate max_tokens even past the end-of-sequence token
     response_format: dict[str, object] | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(stop)}")
+        return stop
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -91,6 +99,8 @@ class Generation:
     seed: int
     stop: tuple[str, ...]
     ignore_eos: bool
+    prompt_param: str = "messages"  # the OpenAI field that carried the prompt, named in errors about it
+    max_tokens_param: str = "max_tokens"  # and the one that carried max_new_tokens
 
 
 def refuse_unsupported(body: SamplingFields) -> None:
@@ -124,21 +134,27 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
-def _generation(body: SamplingFields, prompt: str | Messages | Sequence[int], max_tokens: int) -> Generation:
+def _generation(body: SamplingFields, prompt: str | Messages | Sequence[int], max_tokens: int, prompt_param: str,
+                max_tokens_param: str) -> Generation:
     refuse_unsupported(body)
     temperature, top_p, top_k = _sampling(body)
     return Generation(prompt=prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                      seed=_seed(body.seed), stop=_stops(body.stop), ignore_eos=body.ignore_eos)
+                      seed=_seed(body.seed), stop=_stops(body.stop), ignore_eos=body.ignore_eos,
+                      prompt_param=prompt_param, max_tokens_param=max_tokens_param)
 
 
 def chat_generation(body: ChatCompletionRequest, default_max_tokens: int) -> Generation:
     """``max_completion_tokens`` is OpenAI's newer name for ``max_tokens``; it wins when both are set."""
     max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
-    return _generation(body, [m.as_mesh() for m in body.messages], max_tokens)
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    return _generation(body, [m.as_mesh() for m in body.messages], max_tokens, "messages", param)
 
 
 def _single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
-    """A text or token-id prompt; batches of several prompts are refused (one choice per request)."""
+    """A text or token-id prompt; batches of several prompts are refused (one choice per request).
+
+    An empty string is a prompt, as for OpenAI: the generation starts from the beginning-of-sequence token.
+    """
     if isinstance(prompt, str):
         return prompt
     if not prompt:
@@ -156,4 +172,4 @@ def _single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str
 
 def completion_generation(body: CompletionRequest) -> Generation:
     max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
-    return _generation(body, _single_prompt(body.prompt), max_tokens)
+    return _generation(body, _single_prompt(body.prompt), max_tokens, "prompt", "max_tokens")

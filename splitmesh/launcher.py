@@ -1,9 +1,9 @@
 """Start a whole local mesh (orchestrator + N node agents) as separate processes on loopback.
 
 Used by ``splitmesh up``/``demo`` and by the test fixtures, so tests run exactly what users run.
-With ``MeshSpec.tls`` the mesh gets its own CA and certificates (orchestrator, every node, one
-client, one operator) in ``WORKDIR/tls`` and every channel is mutual TLS; ``LocalMesh.client_tls`` is what an
-SDK or test presents (``LocalMesh.operator()`` presents the operator's to change the mesh).
+With ``MeshSpec.tls`` the mesh gets its own CA and certificates (orchestrator, every node, a client
+and an operator) in ``WORKDIR/tls`` and every channel is mutual TLS; ``LocalMesh.client_tls`` is
+what an SDK or test presents, ``LocalMesh.operator_tls`` what changes the mesh.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.tls import TlsConfig
 from common.transport import DEFAULT_CLIENT_ID, DEFAULT_OPERATOR_ID, DEFAULT_ORCHESTRATOR_ID, TLS_ENV, sync_channel
+from orchestrator.registry import NodeRecord
+from orchestrator.static_placement import PlacementError, place
 from splitmesh.client import Client
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,58 @@ class MeshSpec:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
+class MeshStartError(RuntimeError):
+    """The mesh cannot start, or a process of it died while starting; the message says why."""
+
+
+def port_taken(port: int) -> bool:
+    """Whether a server listens on 127.0.0.1:port (connections of a stopped one in TIME_WAIT do not count,
+    as for gRPC's own bind)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def check_spec(spec: MeshSpec, num_layers: int) -> None:
+    """Refuse, before any process starts, a mesh whose first plan the orchestrator could never make.
+
+    The checks are the orchestrator's own (``place``) on the nodes this mesh will have, so the message
+    is the one its log would repeat every tick while the mesh waited for a plan.
+    """
+    if spec.nodes < 1:
+        raise MeshStartError(f"a mesh needs at least one node, got --nodes {spec.nodes}")
+    node_ids = [f"node-{i}" for i in range(spec.nodes)]
+    unknown = [n for n in spec.trusted if n not in node_ids]
+    if unknown:
+        raise MeshStartError(f"--trusted names {', '.join(unknown)}, not a node of this mesh "
+                             f"({', '.join(node_ids)})")
+    records = [NodeRecord(node_id=n, address="", trusted=n in spec.trusted, model_digests=set(),
+                          capacity=pb.Capacity()) for n in node_ids]
+    try:
+        place(records, num_layers, spec.boundaries, spec.placement)
+    except PlacementError as exc:
+        raise MeshStartError(f"the orchestrator could not make the first plan: {exc}") from exc
+    if spec.orchestrator_port and port_taken(spec.orchestrator_port):
+        raise MeshStartError(f"127.0.0.1:{spec.orchestrator_port} is already in use (another mesh? try "
+                             f"`splitmesh status --address 127.0.0.1:{spec.orchestrator_port}`); "
+                             "choose another port with --address")
+    if spec.metrics_port and port_taken(spec.metrics_port):
+        raise MeshStartError(f"metrics port {spec.metrics_port} is already in use")
+
+
+def log_tail(path: Path, lines: int = 6) -> str:
+    """The last lines of a process log: where an exited process said why."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
 def ensure_local_pki(directory: Path, node_ids: Sequence[str]) -> TlsConfig:
     """A CA plus orchestrator, node, client and operator certificates (kept if present); returns the client's."""
     if not (directory / "ca.crt").exists():
@@ -88,18 +142,14 @@ class LocalMesh:
         self._logs: list[IO[bytes]] = []
         self.tls_dir = self.workdir / "tls"
         self.client_tls: TlsConfig | None = ensure_local_pki(self.tls_dir, self.node_ids) if spec.tls else None
+        self.operator_tls = TlsConfig.from_dir(self.tls_dir, DEFAULT_OPERATOR_ID) if spec.tls else None
 
     def _tls_args(self) -> list[str]:
         return ["--tls-dir", str(self.tls_dir)] if self.spec.tls else []
 
-    def client(self, timeout_s: float = 600.0) -> Client:
-        """An SDK client for this mesh, with the mesh's client certificate when TLS is on."""
-        return Client(self.address, timeout_s, tls=self.client_tls)
-
-    def operator(self, timeout_s: float = 600.0) -> Client:
-        """An SDK client presenting the mesh's operator certificate (Resplit, Drain, SetPolicy) when TLS is on."""
-        tls = TlsConfig.from_dir(self.tls_dir, DEFAULT_OPERATOR_ID) if self.spec.tls else None
-        return Client(self.address, timeout_s, tls=tls)
+    def client(self, timeout_s: float = 600.0, *, operator: bool = False) -> Client:
+        """An SDK client for this mesh, with the mesh's client (or operator) certificate when TLS is on."""
+        return Client(self.address, timeout_s, tls=self.operator_tls if operator else self.client_tls)
 
     def _spawn(self, name: str, module: str, args: list[str]) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -156,14 +206,16 @@ class LocalMesh:
         while time.monotonic() < deadline:
             for name, proc in self.processes.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.workdir / (name + '.log')}")
+                    log_path = self.workdir / f"{name}.log"
+                    raise MeshStartError(f"{name} exited with {proc.returncode}:\n{log_tail(log_path)}\n"
+                                         f"(full log: {log_path})")
             reply = self.status()
             if reply is not None:
                 last_reason = reply.reason
                 if reply.serving and reply.plan.epoch > epoch_above:
                     return reply
             time.sleep(0.2)
-        raise TimeoutError(f"mesh not serving after {timeout_s:.0f}s: {last_reason} (logs in {self.workdir})")
+        raise MeshStartError(f"mesh not serving after {timeout_s:.0f}s: {last_reason} (logs in {self.workdir})")
 
     def signal(self, name: str, sig: int) -> None:
         self.processes[name].send_signal(sig)

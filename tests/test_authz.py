@@ -137,7 +137,7 @@ def _cli(mesh: LocalMesh, *args: str) -> subprocess.CompletedProcess[str]:
 def test_an_operator_changes_the_mesh_through_the_cli_and_the_sdk(tls_mesh: LocalMesh) -> None:
     before = tls_mesh.status()
     assert before is not None
-    with tls_mesh.operator() as operator:
+    with tls_mesh.client(operator=True) as operator:
         assert operator.policy({"cooldown_s": "12"})["cooldown_s"] == "12.0"
         assert not operator.drain("node-1", undo=True).committed  # allowed; nothing to undo
     refused = _cli(tls_mesh, "--operator-id", "client", "policy", "set", "cooldown_s=13")

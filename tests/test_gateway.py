@@ -276,3 +276,31 @@ def test_a_client_hanging_up_a_plain_request_cancels_the_generation(gateway: str
     with pytest.raises(TimeoutError):
         urllib.request.urlopen(request, timeout=2)  # gives up, closing the connection, long before LONG tokens
     _wait_until_idle(mesh)  # within seconds: the generation itself would take minutes
+
+
+@pytest.mark.slow
+def test_openai_error_shapes_for_lengths_and_stops(api: OpenAI, model: str) -> None:
+    long_text = "hello " * 5000  # over the head's 4096-token prompt limit
+    with pytest.raises(openai.BadRequestError) as chat:
+        api.chat.completions.create(model=model, messages=[{"role": "user", "content": long_text}], max_tokens=4)
+    assert (chat.value.code, chat.value.param) == ("context_length_exceeded", "messages")
+    with pytest.raises(openai.BadRequestError) as text:
+        api.completions.create(model=model, prompt=long_text, max_tokens=4)
+    assert (text.value.code, text.value.param) == ("context_length_exceeded", "prompt")
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(openai.BadRequestError) as too_many:
+            api.chat.completions.create(model=model, messages=CHAT, **{field: 5000})  # type: ignore[call-overload]
+        assert too_many.value.param == field and "max_new_tokens" not in too_many.value.message
+        assert f"{field} is too large: 5000" in too_many.value.message and "at most 2048" in too_many.value.message
+    with pytest.raises(openai.BadRequestError) as stops:
+        api.chat.completions.create(model=model, messages=CHAT, max_tokens=4, stop=["a", "b", "c", "d", "e"])
+    assert stops.value.param == "stop"
+    four = api.chat.completions.create(model=model, messages=CHAT, max_tokens=2, stop=["a1", "b1", "c1", "d1"])
+    assert four.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.slow
+def test_an_empty_completions_prompt_is_allowed(api: OpenAI, model: str) -> None:
+    reply = api.completions.create(model=model, prompt="", temperature=0, max_tokens=3)
+    assert reply.usage is not None and reply.usage.prompt_tokens == 1  # the beginning-of-sequence token
+    assert reply.usage.completion_tokens >= 1

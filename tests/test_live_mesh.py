@@ -43,7 +43,6 @@ def test_a_node_holds_only_the_layers_of_its_segments(mesh: LocalMesh) -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"prompt": "   "}, "prompt is empty"),
     ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens must be in"),
     ({"prompt": "hi", "max_new_tokens": 100_000}, "max_new_tokens must be in"),
     ({"prompt": "hi", "temperature": -1.0}, "temperature"),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from splitmesh import Client, SplitmeshError
+from splitmesh import AsyncClient, Client, SplitmeshError
 from splitmesh.launcher import LocalMesh
 
 pytestmark = pytest.mark.slow
@@ -44,3 +46,31 @@ def test_automatic_resplit_dry_run_and_drain(mesh: LocalMesh) -> None:
         client.drain("node-2", undo=True)
         kinds = [d.reason for d in client.history(20)]
         assert any("drain node-2" in r for r in kinds) and any("resplit requested" in r for r in kinds)
+
+
+def test_the_async_client_operates_the_mesh_too(mesh: LocalMesh) -> None:
+    async def run() -> None:
+        async with AsyncClient(mesh.address) as client:
+            status = await client.status()
+            assert status.serving and len(status.nodes) == 5
+            assert (await client.plan()).epoch == status.plan.epoch
+            dry = await client.resplit(dry_run=True)
+            assert not dry.committed and dry.reason.startswith("dry run")
+            assert "latency_max_ms" in await client.policy()
+            await client.drain("node-2")
+            assert [n.drained for n in (await client.status()).nodes if n.node_id == "node-2"] == [True]
+            with pytest.raises(SplitmeshError) as caught:
+                await client.resplit([0, 15, 30], ["node-0", "node-2"])
+            assert caught.value.code == "FAILED_PRECONDITION" and "node-2 is drained" in caught.value.message
+            await client.drain("node-2", undo=True)
+            assert all(d.kind == "operator" for d in await client.history(10, kinds=["operator"]))
+            question = [{"role": "user", "content": "What is the capital of France?"}]
+            assert "Paris" in await client.generate_text(question, max_new_tokens=8)
+            with pytest.raises(SplitmeshError) as caught:
+                await client.history(-1)
+            assert caught.value.code == "INVALID_ARGUMENT"
+            with pytest.raises(SplitmeshError) as caught:
+                await client.drain("node-99")
+            assert caught.value.code == "NOT_FOUND"
+
+    asyncio.run(run())

@@ -550,6 +550,7 @@ class NodeState(_message.Message):
     PLAN_EPOCH_FIELD_NUMBER: _builtins.int
     REFUSED_REPORTS_FIELD_NUMBER: _builtins.int
     REFUSED_REASON_FIELD_NUMBER: _builtins.int
+    DRAINED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     trusted: _builtins.bool
@@ -562,6 +563,8 @@ class NodeState(_message.Message):
     """reports refused as implausible (NaN, negative, out of physical bounds)"""
     refused_reason: _builtins.str
     """why the last one was refused ("" = none ever)"""
+    drained: _builtins.bool
+    """taken out of service by `splitmesh drain` (hosts no segment until --undo)"""
     @_builtins.property
     def capacity(self) -> Global___Capacity: ...
     @_builtins.property
@@ -580,10 +583,11 @@ class NodeState(_message.Message):
         plan_epoch: _builtins.int = ...,
         refused_reports: _builtins.int = ...,
         refused_reason: _builtins.str = ...,
+        drained: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "address", b"address", "alive", b"alive", "capacity", b"capacity", "last_seen_s", b"last_seen_s", "links", b"links", "node_id", b"node_id", "plan_epoch", b"plan_epoch", "refused_reason", b"refused_reason", "refused_reports", b"refused_reports", "trusted", b"trusted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "address", b"address", "alive", b"alive", "capacity", b"capacity", "drained", b"drained", "last_seen_s", b"last_seen_s", "links", b"links", "node_id", b"node_id", "plan_epoch", b"plan_epoch", "refused_reason", b"refused_reason", "refused_reports", b"refused_reports", "trusted", b"trusted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -619,6 +623,7 @@ class StatusReply(_message.Message):
     reason: _builtins.str
     """why not serving, when not"""
     ewma_latency_ms: _builtins.float
+    """unset: no token measured since the plan last changed"""
     model_name: _builtins.str
     @_builtins.property
     def plan(self) -> Global___Plan: ...
@@ -631,14 +636,16 @@ class StatusReply(_message.Message):
         reason: _builtins.str = ...,
         plan: Global___Plan | None = ...,
         nodes: _abc.Iterable[Global___NodeState] | None = ...,
-        ewma_latency_ms: _builtins.float = ...,
+        ewma_latency_ms: _builtins.float | None = ...,
         model_name: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ewma_latency_ms", b"_ewma_latency_ms", "ewma_latency_ms", b"ewma_latency_ms", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ewma_latency_ms", b"ewma_latency_ms", "model_name", b"model_name", "nodes", b"nodes", "plan", b"plan", "reason", b"reason", "serving", b"serving"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ewma_latency_ms", b"_ewma_latency_ms", "ewma_latency_ms", b"ewma_latency_ms", "model_name", b"model_name", "nodes", b"nodes", "plan", b"plan", "reason", b"reason", "serving", b"serving"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__ewma_latency_ms: _TypeAlias = _typing.Literal["ewma_latency_ms"]  # noqa: Y015
+    _WhichOneofArgType__ewma_latency_ms: _TypeAlias = _typing.Literal["_ewma_latency_ms", b"_ewma_latency_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ewma_latency_ms) -> _WhichOneofReturnType__ewma_latency_ms | None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
 
@@ -767,15 +774,21 @@ class HistoryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LIMIT_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """only decisions of these kinds (empty = all)"""
+
     def __init__(
         self,
         *,
         limit: _builtins.int = ...,
+        kinds: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "limit", b"limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
