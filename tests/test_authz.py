@@ -140,7 +140,7 @@ def test_an_operator_changes_the_mesh_through_the_cli_and_the_sdk(tls_mesh: Loca
     with tls_mesh.client(operator=True) as operator:
         assert operator.policy({"cooldown_s": "12"})["cooldown_s"] == "12.0"
         assert not operator.drain("node-1", undo=True).committed  # allowed; nothing to undo
-    refused = _cli(tls_mesh, "--operator-id", "client", "policy", "set", "cooldown_s=13")
+    refused = _cli(tls_mesh, "--tls-id", "client", "policy", "set", "cooldown_s=13")
     assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr, refused.stderr
     done = _cli(tls_mesh, "resplit", "--boundaries", "0,3,27,30", "--place", "node-0,node-1,node-0")
     assert done.returncode == 0, done.stderr

@@ -254,9 +254,12 @@ def test_tokenizing_runs_off_the_event_loop() -> None:
     class Context:
         code: grpc.StatusCode | None = None
 
-        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: object = ()) -> None:
             self.code = code
             raise Aborted(details)
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {}  # a plaintext channel: no identity
 
     view = SimpleNamespace(head=SimpleNamespace(node_id="node-0"), epoch=1, model_digest="m")
     config = SimpleNamespace(max_prompt_tokens=64, max_new_tokens=32, max_prompt_bytes=1000, max_messages=4,
@@ -277,6 +280,6 @@ def test_tokenizing_runs_off_the_event_loop() -> None:
         return loop_thread
 
     loop_thread = asyncio.run(run())
-    assert context.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert context.code == grpc.StatusCode.OUT_OF_RANGE  # over max_prompt_tokens: context length
     assert seen and all(t is not loop_thread for t in seen)
     assert len(runtime.slots) == 0  # the refused request gave its slot back
