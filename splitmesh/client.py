@@ -4,6 +4,8 @@ The orchestrator is never on the per-token path: tokens flow from the head strai
 With ``tls=TlsConfig(...)`` (or ``SPLITMESH_TLS_DIR`` in the environment, with the
 ``SPLITMESH_CLIENT_ID`` certificate, default ``client``) every channel is mutual TLS, and the client
 accepts only the orchestrator's certificate and, for the stream, the head node's named in the plan.
+Changing the mesh (``resplit``, ``drain``, ``policy`` with updates) needs an operator certificate:
+``Client(address, tls=TlsConfig.from_dir(folder, "operator"))``; a client's is refused (PERMISSION_DENIED).
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def exported_metrics() -> set[str]:
     """Metric names the orchestrator exports, as its source declares them (counters also as NAME_total)."""
     names: set[str] = set()
-    for module in ("metrics.py", "adaptation.py"):
+    for module in ("metrics.py", "controller.py"):
         source = (ROOT / "orchestrator" / module).read_text()
         for kind, name in re.findall(r"\b(GaugeMetricFamily|CounterMetricFamily|Counter|Gauge|Histogram|Summary)"
                                      r"\(\s*\"(splitmesh_\w+)\"", source):

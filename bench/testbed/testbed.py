@@ -26,6 +26,7 @@ from types import FrameType
 
 from common.proto import splitmesh_pb2 as pb
 from common.transport import TLS_ENV
+from orchestrator.policy_source import CONFIG_FIELDS
 from splitmesh.client import Client, SplitmeshError
 
 from .netns import LinkShape, Network
@@ -42,10 +43,9 @@ DEFAULT_STORE = Path(os.environ.get("SPLITMESH_STORE", "~/.cache/splitmesh/store
 
 # Policy keys the orchestrator also takes as start-up flags (value scale): set them at start, so the adaptive
 # loop's first decisions already use them instead of racing a later `policy set`.
-POLICY_FLAGS = {"utilisation_max": ("--utilisation-max", 1.0), "latency_max_ms": ("--latency-max-ms", 1.0),
-                "bandwidth_min_bps": ("--bandwidth-min-mbps", 1e-6), "cooldown_s": ("--cooldown-s", 1.0),
-                "hysteresis": ("--hysteresis", 1.0), "interval_s": ("--decision-interval-s", 1.0),
-                "ewma_alpha": ("--ewma-alpha", 1.0)}
+# The mapping is the orchestrator's own (orchestrator.policy_source); `adaptive` is start_mesh's argument.
+POLICY_FLAGS = {name: ("--" + setting.replace("_", "-"), 1.0 / factor)
+                for setting, (name, factor) in CONFIG_FIELDS.items() if name != "adaptive"}
 
 
 def split_policy(policy: dict[str, str]) -> tuple[list[str], dict[str, str]]:
