@@ -21,7 +21,7 @@ from common.tls import peer_identity
 from node_agent.forward_stream import ActivationReader, StreamError, crypto_status
 from node_agent.generation import RequestError, RequestLimits, check_request, generate, new_session_id, tokenize_request
 from node_agent.memory import return_freed_memory
-from node_agent.pipeline import HopError
+from node_agent.pipeline import HopError, SessionPipeline
 from node_agent.plan_state import PlanRejected
 from node_agent.read_ahead import read_ahead
 from node_agent.runtime import NodeRuntime, NotHostedError, SessionLimitError
@@ -31,13 +31,6 @@ from node_agent.weight_fetch import ensure_files
 log = logging.getLogger(__name__)
 
 TRIM_AFTER_BYTES = 64 << 20  # incoming tensor buffers above this, once all freed, are trimmed from the heap
-
-
-async def _prepend(first: pb.ForwardRequest, rest: AsyncIterator[pb.ForwardRequest],
-                   ) -> AsyncIterator[pb.ForwardRequest]:
-    yield first
-    async for request in rest:
-        yield request
 
 
 class NodeServicer(pb_grpc.NodeServicer):
@@ -163,48 +156,44 @@ class NodeServicer(pb_grpc.NodeServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
-        # The session takes its slot only once data arrives: a silent open holds nothing, and is closed.
+        reader = self._reader(view, receiver)
+        pipeline: SessionPipeline | None = None
         try:
-            async with asyncio.timeout(timeout_s):
-                data = await anext(requests, None)
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"ForwardOpen of session {opening.session_id[:64]!r} sent no frame within "
-                                f"{timeout_s:g}s")
-            return
-        if data is None:
-            return
-        try:
-            pipeline = await self.rt.open_session(opening.session_id, view, opening.segment_index, sampling)
-        except NotHostedError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-            return
-        except SessionLimitError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            return
-        except HopError as exc:
-            await context.abort(exc.code, exc.details)
-            return
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            return
-        runner = pipeline.runners[0]
-        max_rows = min(self.rt.config.max_prompt_tokens + self.rt.config.max_new_tokens,  # a replayed history
-                       runner.max_positions)
-        reader = ActivationReader(receiver, runner.hidden_size, max_rows, self.rt.config.session_idle_timeout_s,
-                                  max_positions=runner.max_positions, frame_timeout_s=timeout_s,
-                                  budget=self.rt.buffers)
-        dtype = runner.dtype
-        try:
-            async for step, position, tensor in reader.activations(_prepend(data, requests)):
+            async for step, position, tensor in reader.activations(requests):
+                if pipeline is None:
+                    # The slot is taken once there is work to run: a silent stream, or one that stops in
+                    # the middle of a tensor, holds no slot (and is closed after the frame timeout).
+                    pipeline = await self._open_pipeline(opening, view, sampling)
                 started = time.perf_counter()
-                token = await pipeline.step(step, position, tensor.to(dtype))
+                token = await pipeline.step(step, position, tensor.to(pipeline.runners[0].dtype))
                 yield pb.ForwardReply(step=step, token_id=token, downstream_s=time.perf_counter() - started)
         except (StreamError, HopError) as exc:
             await context.abort(exc.code, exc.details)
         finally:
-            self.rt.close_session(opening.session_id, opening.segment_index, opening.epoch, only=pipeline)
+            if pipeline is not None:
+                self.rt.close_session(opening.session_id, opening.segment_index, opening.epoch, only=pipeline)
             self._trim_after_large_buffers()
+
+    def _reader(self, view: PlanView, receiver: SealedHopReceiver | None) -> ActivationReader:
+        """The stream's activation reader, with the model's limits (known before any segment is touched)."""
+        model_config = self.rt.manifest(view.model_digest).config
+        max_positions = int(model_config.get("max_position_embeddings", 2048))
+        max_rows = min(self.rt.config.max_prompt_tokens + self.rt.config.max_new_tokens,  # a replayed history
+                       max_positions)
+        return ActivationReader(receiver, int(model_config["hidden_size"]), max_rows,
+                                self.rt.config.session_idle_timeout_s, max_positions=max_positions,
+                                frame_timeout_s=self.rt.config.frame_timeout_s, budget=self.rt.buffers)
+
+    async def _open_pipeline(self, opening: pb.ForwardOpen, view: PlanView,
+                             sampling: SamplingConfig) -> SessionPipeline:
+        try:
+            return await self.rt.open_session(opening.session_id, view, opening.segment_index, sampling)
+        except NotHostedError as exc:
+            raise StreamError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+        except SessionLimitError as exc:
+            raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except ValueError as exc:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
 
     def _trim_after_large_buffers(self) -> None:
         """Once no tensor is being received after many megabytes were, hand the freed heap back to the OS:
