@@ -67,16 +67,28 @@ class NodeServicer(pb_grpc.NodeServicer):
                                 f"node {self.rt.node_id} is not the head of epoch {view.epoch}; the head is {head}")
             return
         owner = await self._caller(context, "Generate")
+        manifest = self.rt.manifest(view.model_digest)
+        limits = RequestLimits(vocab_size=int(manifest.config["vocab_size"]),
+                               max_positions=int(manifest.config.get("max_position_embeddings", 2048)),
+                               max_prompt_tokens=self.rt.config.max_prompt_tokens,
+                               max_new_tokens=self.rt.config.max_new_tokens,
+                               max_prompt_bytes=self.rt.config.max_prompt_bytes,
+                               max_messages=self.rt.config.max_messages)
+        try:
+            check_request(request, manifest.has_tokenizer, limits)  # linear and bounded: fine on the loop
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
         session_id = new_session_id()
         try:
-            # The slot first, before any work: a request this head cannot take is refused at once.
+            # The slot before any work: a request this head cannot take is refused at once.
             self.rt.slots.take(session_id)
         except SessionLimitError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             return
         generation = self.rt.generations.add(session_id, owner)
         try:
-            async for event in self._generate(request, view, session_id, context):
+            async for event in self._generate(request, view, limits, session_id, context):
                 yield event
         except asyncio.CancelledError:
             if not generation.cancelled:
@@ -86,23 +98,16 @@ class NodeServicer(pb_grpc.NodeServicer):
             self.rt.generations.remove(session_id)
             self.rt.slots.give(session_id)
 
-    async def _generate(self, request: pb.GenerateRequest, view: PlanView, session_id: str,
+    async def _generate(self, request: pb.GenerateRequest, view: PlanView, limits: RequestLimits, session_id: str,
                         context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateEvent],
                         ) -> AsyncIterator[pb.GenerateEvent]:
-        model_config = self.rt.manifest(view.model_digest).config
-        limits = RequestLimits(vocab_size=int(model_config["vocab_size"]),
-                               max_positions=int(model_config.get("max_position_embeddings", 2048)),
-                               max_prompt_tokens=self.rt.config.max_prompt_tokens,
-                               max_new_tokens=self.rt.config.max_new_tokens,
-                               max_prompt_bytes=self.rt.config.max_prompt_bytes,
-                               max_messages=self.rt.config.max_messages)
         loop = asyncio.get_running_loop()
         try:
+            # Loading the tokenizer, tokenizing and the chat template take seconds on a large input: never on
+            # the event loop, where they would stall every other session of this node.
             tokenizer = await loop.run_in_executor(self.rt.tokenizing, self.rt.tokenizer, view.model_digest)
-            check_request(request, tokenizer is not None, limits)  # linear and bounded: fine on the loop
-            # Tokenizing and the chat template take seconds on a large input: never on the event loop.
             prepared = await loop.run_in_executor(self.rt.tokenizing, tokenize_request, request, tokenizer, limits,
-                                                  model_config.get("eos_token_id"))
+                                                  self.rt.manifest(view.model_digest).config.get("eos_token_id"))
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
