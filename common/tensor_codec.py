@@ -65,6 +65,8 @@ class TensorAssembler:
     shape and byte size, the caller's ``admit`` (expected shape, row limits) and the node's ``budget``.
     Chunks are then copied into one buffer of the declared size, so reassembly is linear in the size
     and holds the bytes once; an empty chunk (of a non-empty tensor) or more chunks than bytes is refused.
+    Only a tensor of several chunks draws on the budget: a one-chunk tensor is complete on arrival, its
+    bytes already bounded by the transport's message limit.
     """
 
     def __init__(self, budget: BufferBudget | None = None) -> None:
@@ -72,6 +74,7 @@ class TensorAssembler:
         self._first: pb.TensorChunk | None = None
         self._buffer = bytearray()
         self._size = 0
+        self._reserved = 0  # bytes this tensor holds of the budget
         self._received = 0
         self._next = 0
 
@@ -92,10 +95,14 @@ class TensorAssembler:
             raise TensorError(f"first chunk must have index 0 of >= 1, got {chunk.chunk_index}/{chunk.chunk_count}")
         if chunk.chunk_count > max(1, size):
             raise TensorError(f"{chunk.chunk_count} chunks for a tensor of {size} bytes")
+        if chunk.chunk_count == 1 and len(chunk.data) != size:
+            raise TensorError(f"tensor carries {len(chunk.data)} bytes, shape {list(chunk.shape)} of "
+                              f"{chunk.dtype} needs {size}")
         if admit is not None:
             admit(chunk.dtype, list(chunk.shape))
-        if self._budget is not None:
+        if self._budget is not None and chunk.chunk_count > 1:
             self._budget.reserve(size)
+            self._reserved = size
         self._first, self._size, self._buffer = chunk, size, bytearray(size)
 
     def _add(self, chunk: pb.TensorChunk, admit: Admit | None) -> torch.Tensor | None:
@@ -131,9 +138,10 @@ class TensorAssembler:
 
     def discard(self) -> None:
         """Drop a partly received tensor and give its bytes back to the budget (a stream ended or failed)."""
-        if self._first is not None and self._budget is not None:
-            self._budget.release(self._size)
-        self._first, self._buffer, self._size, self._received, self._next = None, bytearray(), 0, 0, 0
+        if self._reserved and self._budget is not None:
+            self._budget.release(self._reserved)
+        self._first, self._buffer, self._size, self._reserved, self._received, self._next = (
+            None, bytearray(), 0, 0, 0, 0)
 
 
 def decode_bytes(dtype: str, shape: list[int], raw: bytes) -> torch.Tensor:

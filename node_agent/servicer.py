@@ -29,7 +29,7 @@ from node_agent.generation import (
     tokenize_request,
 )
 from node_agent.memory import return_freed_memory
-from node_agent.pipeline import HopError
+from node_agent.pipeline import HopError, SessionPipeline
 from node_agent.plan_state import PlanRejected
 from node_agent.read_ahead import read_ahead
 from node_agent.runtime import NodeRuntime, NotHostedError, SessionLimitError
@@ -41,11 +41,11 @@ log = logging.getLogger(__name__)
 TRIM_AFTER_BYTES = 64 << 20  # incoming tensor buffers above this, once all freed, are trimmed from the heap
 
 
-async def _prepend(first: pb.ForwardRequest, rest: AsyncIterator[pb.ForwardRequest],
-                   ) -> AsyncIterator[pb.ForwardRequest]:
-    yield first
-    async for request in rest:
-        yield request
+async def _refuse(context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateEvent], exc: RequestError) -> None:
+    """A request refused: OUT_OF_RANGE when it does not fit the context, else INVALID_ARGUMENT; the field at fault
+    travels as trailing metadata (common.request_errors)."""
+    code = grpc.StatusCode.OUT_OF_RANGE if isinstance(exc, ContextLengthError) else grpc.StatusCode.INVALID_ARGUMENT
+    await context.abort(code, str(exc), trailing_metadata=field_metadata(exc.field, exc.limit))
 
 
 class NodeServicer(pb_grpc.NodeServicer):
@@ -66,16 +66,29 @@ class NodeServicer(pb_grpc.NodeServicer):
                                 f"node {self.rt.node_id} is not the head of epoch {view.epoch}; the head is {head}")
             return
         owner = peer_identity(context)  # vetted by common.authz; None in dev mode
+        manifest = self.rt.manifest(view.model_digest)
+        limits = RequestLimits(vocab_size=int(manifest.config["vocab_size"]),
+                               max_positions=int(manifest.config.get("max_position_embeddings", 2048)),
+                               max_prompt_tokens=self.rt.config.max_prompt_tokens,
+                               max_new_tokens=self.rt.config.max_new_tokens,
+                               max_prompt_bytes=self.rt.config.max_prompt_bytes,
+                               max_messages=self.rt.config.max_messages,
+                               bos_token_id=manifest.config.get("bos_token_id"))
+        try:
+            check_request(request, manifest.has_tokenizer, limits)  # linear and bounded: fine on the loop
+        except RequestError as exc:
+            await _refuse(context, exc)
+            return
         session_id = new_session_id()
         try:
-            # The slot first, before any work: a request this head cannot take is refused at once.
+            # The slot before any work: a request this head cannot take is refused at once.
             self.rt.slots.take(session_id)
         except SessionLimitError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             return
         generation = self.rt.generations.add(session_id, owner)
         try:
-            async for event in self._generate(request, view, session_id, context):
+            async for event in self._generate(request, view, limits, session_id, context):
                 yield event
         except asyncio.CancelledError:
             if not generation.cancelled:
@@ -85,28 +98,18 @@ class NodeServicer(pb_grpc.NodeServicer):
             self.rt.generations.remove(session_id)
             self.rt.slots.give(session_id)
 
-    async def _generate(self, request: pb.GenerateRequest, view: PlanView, session_id: str,
+    async def _generate(self, request: pb.GenerateRequest, view: PlanView, limits: RequestLimits, session_id: str,
                         context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateEvent],
                         ) -> AsyncIterator[pb.GenerateEvent]:
-        model_config = self.rt.manifest(view.model_digest).config
-        limits = RequestLimits(vocab_size=int(model_config["vocab_size"]),
-                               max_positions=int(model_config.get("max_position_embeddings", 2048)),
-                               max_prompt_tokens=self.rt.config.max_prompt_tokens,
-                               max_new_tokens=self.rt.config.max_new_tokens,
-                               max_prompt_bytes=self.rt.config.max_prompt_bytes,
-                               max_messages=self.rt.config.max_messages,
-                               bos_token_id=model_config.get("bos_token_id"))
         loop = asyncio.get_running_loop()
         try:
+            # Loading the tokenizer, tokenizing and the chat template take seconds on a large input: never on
+            # the event loop, where they would stall every other session of this node.
             tokenizer = await loop.run_in_executor(self.rt.tokenizing, self.rt.tokenizer, view.model_digest)
-            check_request(request, tokenizer is not None, limits)  # linear and bounded: fine on the loop
-            # Tokenizing and the chat template take seconds on a large input: never on the event loop.
             prepared = await loop.run_in_executor(self.rt.tokenizing, tokenize_request, request, tokenizer, limits,
-                                                  model_config.get("eos_token_id"))
+                                                  self.rt.manifest(view.model_digest).config.get("eos_token_id"))
         except RequestError as exc:
-            code = grpc.StatusCode.OUT_OF_RANGE if isinstance(exc, ContextLengthError) else (
-                grpc.StatusCode.INVALID_ARGUMENT)
-            await context.abort(code, str(exc), trailing_metadata=field_metadata(exc.field, exc.limit))
+            await _refuse(context, exc)
             return
         try:
             # Token k goes out to the client while the ring already works on token k+1.
@@ -158,48 +161,44 @@ class NodeServicer(pb_grpc.NodeServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
-        # The session takes its slot only once data arrives: a silent open holds nothing, and is closed.
+        reader = self._reader(view, receiver)
+        pipeline: SessionPipeline | None = None
         try:
-            async with asyncio.timeout(timeout_s):
-                data = await anext(requests, None)
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"ForwardOpen of session {opening.session_id[:64]!r} sent no frame within "
-                                f"{timeout_s:g}s")
-            return
-        if data is None:
-            return
-        try:
-            pipeline = await self.rt.open_session(opening.session_id, view, opening.segment_index, sampling)
-        except NotHostedError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-            return
-        except SessionLimitError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            return
-        except HopError as exc:
-            await context.abort(exc.code, exc.details)
-            return
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            return
-        runner = pipeline.runners[0]
-        max_rows = min(self.rt.config.max_prompt_tokens + self.rt.config.max_new_tokens,  # a replayed history
-                       runner.max_positions)
-        reader = ActivationReader(receiver, runner.hidden_size, max_rows, self.rt.config.session_idle_timeout_s,
-                                  max_positions=runner.max_positions, frame_timeout_s=timeout_s,
-                                  budget=self.rt.buffers)
-        dtype = runner.dtype
-        try:
-            async for step, position, tensor in reader.activations(_prepend(data, requests)):
+            async for step, position, tensor in reader.activations(requests):
+                if pipeline is None:
+                    # The slot is taken once there is work to run: a silent stream, or one that stops in
+                    # the middle of a tensor, holds no slot (and is closed after the frame timeout).
+                    pipeline = await self._open_pipeline(opening, view, sampling)
                 started = time.perf_counter()
-                token = await pipeline.step(step, position, tensor.to(dtype))
+                token = await pipeline.step(step, position, tensor.to(pipeline.runners[0].dtype))
                 yield pb.ForwardReply(step=step, token_id=token, downstream_s=time.perf_counter() - started)
         except (StreamError, HopError) as exc:
             await context.abort(exc.code, exc.details)
         finally:
-            self.rt.close_session(opening.session_id, opening.segment_index, opening.epoch, only=pipeline)
+            if pipeline is not None:
+                self.rt.close_session(opening.session_id, opening.segment_index, opening.epoch, only=pipeline)
             self._trim_after_large_buffers()
+
+    def _reader(self, view: PlanView, receiver: SealedHopReceiver | None) -> ActivationReader:
+        """The stream's activation reader, with the model's limits (known before any segment is touched)."""
+        model_config = self.rt.manifest(view.model_digest).config
+        max_positions = int(model_config.get("max_position_embeddings", 2048))
+        max_rows = min(self.rt.config.max_prompt_tokens + self.rt.config.max_new_tokens,  # a replayed history
+                       max_positions)
+        return ActivationReader(receiver, int(model_config["hidden_size"]), max_rows,
+                                self.rt.config.session_idle_timeout_s, max_positions=max_positions,
+                                frame_timeout_s=self.rt.config.frame_timeout_s, budget=self.rt.buffers)
+
+    async def _open_pipeline(self, opening: pb.ForwardOpen, view: PlanView,
+                             sampling: SamplingConfig) -> SessionPipeline:
+        try:
+            return await self.rt.open_session(opening.session_id, view, opening.segment_index, sampling)
+        except NotHostedError as exc:
+            raise StreamError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+        except SessionLimitError as exc:
+            raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except ValueError as exc:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
 
     def _trim_after_large_buffers(self) -> None:
         """Once no tensor is being received after many megabytes were, hand the freed heap back to the OS:

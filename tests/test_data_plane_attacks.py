@@ -2,8 +2,8 @@
 
 The attacker holds a real certificate of the cluster: node-0's (the predecessor of node-1's segment,
 the one identity node-1 takes activations from) or a second client's. The head node-0 also hosts the
-tail, so one generation must count once there. Limits are tight (3 sessions, a 3 s frame timeout) so
-each attack reaches them with few streams.
+tail, so one generation must count once there. Limits are tight (3 sessions, a 3 s frame timeout, 6 s
+of idleness between tensors) so each attack reaches them with few streams.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.slow
 HIDDEN = 576
 MAX_SESSIONS = 3
 FRAME_TIMEOUT_S = 3.0
+IDLE_TIMEOUT_S = 6.0
 NODE1 = Identity("node", "node-1")
 HEAD = Identity("node", "node-0")
 
@@ -46,7 +48,8 @@ def mesh(store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     spec = MeshSpec(nodes=2, store=store.root, workdir=tmp_path_factory.mktemp("attack-mesh"), orchestrator_port=0,
                     trusted=("node-0",), boundaries=(0, 10, 20, 30), placement=("node-0", "node-1", "node-0"),
                     tls=True, extra_env={"SPLITMESH_MAX_SESSIONS": str(MAX_SESSIONS),
-                                         "SPLITMESH_FRAME_TIMEOUT_S": str(FRAME_TIMEOUT_S)})
+                                         "SPLITMESH_FRAME_TIMEOUT_S": str(FRAME_TIMEOUT_S),
+                                         "SPLITMESH_SESSION_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S)})
     with LocalMesh(spec) as local:
         certs.issue(local.tls_dir, "mallory", "client")  # a second, honest-looking client of the same CA
         yield local
@@ -77,12 +80,12 @@ def _sessions_drain(mesh: LocalMesh, node_id: str) -> int:
     return int(active)
 
 
-def _generate(mesh: LocalMesh, prompt: list[int], out: list[object]) -> threading.Thread:
+def _generate(mesh: LocalMesh, prompt: list[int], out: list[object], tokens: int = 12) -> threading.Thread:
     """A normal generation in the background; its tokens (or its error) land in ``out``."""
     def run() -> None:
         try:
             with mesh.client(120) as client:
-                out.append([e.token_id for e in client.generate(prompt, max_new_tokens=12, ignore_eos=True)])
+                out.append([e.token_id for e in client.generate(prompt, max_new_tokens=tokens, ignore_eos=True)])
         except SplitmeshError as exc:
             out.append(exc)
 
@@ -128,15 +131,19 @@ def _half_tensor(sealer: HopSealer) -> pb.ForwardRequest:
 
 def test_silent_forward_opens_hold_no_slot_and_are_closed(mesh: LocalMesh, prompt: list[int],
                                                          expected: list[int]) -> None:
-    """Twice the session limit of ForwardOpens that never send a frame: a generation started meanwhile gets
-    its exact tokens, and every silent stream is closed with DEADLINE_EXCEEDED after the frame timeout."""
+    """Twice the session limit of ForwardOpens that never send a frame, and as many that stop in the middle of
+    a tensor: a generation started meanwhile gets its exact tokens, and every stalled stream is closed with
+    DEADLINE_EXCEEDED after the frame timeout."""
     epoch, key = _node1_key(mesh)
     out: list[object] = []
 
+    def stalled(i: int) -> list[pb.ForwardRequest]:
+        sealer = HopSealer(key, f"stalled-{i}", epoch, Direction.FORWARD, hop=1)
+        return [_opening(f"stalled-{i}", epoch, sealer), *([_half_tensor(sealer)] if i % 2 else [])]
+
     async def attack() -> list[grpc.StatusCode]:
         async with aio_channel(mesh.node_addresses["node-1"], _tls(mesh, "node-0"), NODE1) as channel:
-            streams = [asyncio.ensure_future(_held_stream(channel, [_opening(f"silent-{i}", epoch, SealedHopSender(
-                key, f"silent-{i}", epoch, 1))])) for i in range(2 * MAX_SESSIONS)]
+            streams = [asyncio.ensure_future(_held_stream(channel, stalled(i))) for i in range(4 * MAX_SESSIONS)]
             await asyncio.sleep(0.5)  # every silent stream is open before the honest generation starts
             worker = await asyncio.to_thread(_generate, mesh, prompt, out)
             await asyncio.to_thread(worker.join, 120)
@@ -144,30 +151,39 @@ def test_silent_forward_opens_hold_no_slot_and_are_closed(mesh: LocalMesh, promp
 
     codes = asyncio.run(attack())
     assert out == [expected]
-    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * (2 * MAX_SESSIONS)
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * (4 * MAX_SESSIONS)
 
 
-def test_concurrent_forward_opens_never_exceed_the_session_limit(mesh: LocalMesh) -> None:
-    """200 streams open at once, each with half a tensor, so any that gets a slot holds it: at no time does
-    node-1 serve more than its limit, the rest are refused with RESOURCE_EXHAUSTED, and the holders are
-    closed after the frame timeout."""
+def test_concurrent_forward_opens_never_exceed_the_session_limit(mesh: LocalMesh, prompt: list[int],
+                                                                 reference: PreTrainedModel) -> None:
+    """200 streams open at once, each with a one-row prefill and then silence, while node-1's compute thread
+    is busy with an honest long prefill (so every open that awaits it is in flight together): at no time
+    does node-1 serve more than its limit, the rest are refused with RESOURCE_EXHAUSTED, the holders are
+    closed once idle for the idle timeout, and the honest generation gets its exact tokens."""
+    long_prompt = (prompt * 200)[:1500]
+    expected = reference_greedy(reference, long_prompt, 4)
     epoch, key = _node1_key(mesh)
     seen: list[int] = []
+    out: list[object] = []
 
     async def attack() -> list[grpc.StatusCode]:
         async with aio_channel(mesh.node_addresses["node-1"], _tls(mesh, "node-0"), NODE1) as channel:
             info = pb_grpc.NodeStub(channel)
-            sealers = [HopSealer(key, f"burst-{i}", epoch, Direction.FORWARD, hop=1) for i in range(200)]
-            streams = [asyncio.ensure_future(_held_stream(channel, [_opening(f"burst-{i}", epoch, s),
-                                                                    _half_tensor(s)]))
-                       for i, s in enumerate(sealers)]
+            senders = [SealedHopSender(key, f"burst-{i}", epoch, 1) for i in range(200)]
+            bursts = [[_opening(f"burst-{i}", epoch, s), *s.requests(0, 0, torch.zeros(1, 1, HIDDEN), 1 << 20)]
+                      for i, s in enumerate(senders)]
+            worker = await asyncio.to_thread(_generate, mesh, long_prompt, out, 4)
+            while not (await info.Info(pb.NodeInfoRequest(), timeout=10)).active_sessions:
+                await asyncio.sleep(0.01)  # the honest prefill has reached node-1's compute thread
+            streams = [asyncio.ensure_future(_held_stream(channel, messages)) for messages in bursts]
             while not all(s.done() for s in streams):
                 seen.append((await info.Info(pb.NodeInfoRequest(), timeout=10)).active_sessions)
                 await asyncio.sleep(0.05)
-            seen.append((await info.Info(pb.NodeInfoRequest(), timeout=10)).active_sessions)
+            await asyncio.to_thread(worker.join, 120)
             return [s.result() for s in streams]
 
     codes = asyncio.run(attack())
+    assert out == [expected]
     assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}, set(codes)
     assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) >= 1
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1

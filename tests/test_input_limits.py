@@ -267,7 +267,8 @@ def test_tokenizing_runs_off_the_event_loop() -> None:
     runtime = SimpleNamespace(
         tls=None, node_id="node-0", config=config, plans=SimpleNamespace(committed=view),
         slots=SessionSlots("node-0", 4), generations=Generations(), tokenizing=ThreadPoolExecutor(1),
-        manifest=lambda digest: SimpleNamespace(config={"vocab_size": 1000, "max_position_embeddings": 128}),
+        manifest=lambda digest: SimpleNamespace(config={"vocab_size": 1000, "max_position_embeddings": 128},
+                                                 has_tokenizer=True),
         tokenizer=lambda digest: Recording())
     servicer = NodeServicer(runtime)  # type: ignore[arg-type]
     context = Context()
