@@ -69,7 +69,7 @@ def _listening(address: str) -> bool:
         return False
 
 
-def connection_problem(address: str, tls: TlsConfig | None) -> str | None:
+def connection_problem(address: str, tls: TlsConfig | None, what: str = "the orchestrator") -> str | None:
     """Why no channel to ``address`` comes up, or None when it does (the failure was the server's answer)."""
     orchestrator = Identity("orchestrator", os.environ.get(ENV_ORCHESTRATOR_ID) or DEFAULT_ORCHESTRATOR_ID)
     with sync_channel(address, tls, orchestrator) as channel:
@@ -79,7 +79,7 @@ def connection_problem(address: str, tls: TlsConfig | None) -> str | None:
         except grpc.FutureTimeoutError:
             pass
     if not _listening(address):
-        return f"cannot reach the orchestrator at {address} (is the mesh up?)"
+        return f"cannot reach {what} at {address} (is the mesh up?)"
     if tls is None:
         return (f"{address} accepts connections but not in plaintext: it serves mutual TLS. Point --tls-dir or "
                 f"{ENV_TLS_DIR} at a folder with its ca.crt and your certificate "
