@@ -48,6 +48,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
+    folder = Path(args.dir).expanduser()
+    if not (folder / "ca.key").is_file():
+        err.print(f"error: no cluster CA in {folder} (ca.key): create it first with `splitmesh certs init --dir "
+                  f"{args.dir}`")
+        return 1
     try:
         files = issue(Path(args.dir).expanduser(), args.node_id, args.kind, args.host, days=args.days,
                       force=args.force)

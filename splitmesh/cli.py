@@ -90,7 +90,9 @@ def cmd_health(args: argparse.Namespace) -> int:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         except grpc.RpcError as exc:
-            err.print(f"error: {args.address}: {exc.code().name}")
+            unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
+            problem = cli_tls.connection_problem(args.address, args.tls, "a server") if unavailable else None
+            err.print(f"error: {problem or f'{args.address}: {exc.code().name}'}")
             return 1
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     console.print(f"{args.address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")

@@ -45,20 +45,11 @@ def cmd_model_import(args: argparse.Namespace) -> int:
 
 
 def cmd_model_list(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from common.model_store import ModelStore
+    from splitmesh.tables import console_for_tables, model_table
 
     store = ModelStore(Path(args.store).expanduser())
-    table = Table(title=f"models in {store.root}")
-    for column in ("name", "digest", "layers", "dtype", "size", "tokenizer"):
-        table.add_column(column)
-    for name in store.names():
-        m = store.open(name).manifest
-        size = sum(e.size for e in m.files.values())
-        table.add_row(name, m.digest[:16], str(m.num_layers), m.dtype, f"{size / 2**20:.0f} MiB",
-                      "yes" if m.has_tokenizer else "no")
-    console.print(table)
+    console_for_tables().print(model_table(store))
     return 0
 
 

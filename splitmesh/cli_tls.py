@@ -10,12 +10,8 @@ names one for every command.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import socket
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
@@ -32,53 +28,9 @@ from common.transport import (
     resolve_tls,
     sync_channel,
 )
+from splitmesh.local_meshes import MeshRecord
 
-ENV_MESHES_DIR = "SPLITMESH_MESHES_DIR"
 READY_TIMEOUT_S = 3.0
-
-
-def meshes_dir() -> Path:
-    return Path(os.environ.get(ENV_MESHES_DIR) or "~/.cache/splitmesh/meshes").expanduser()
-
-
-def _record_path(address: str) -> Path:
-    return meshes_dir() / (address.replace(":", "_").replace("/", "_") + ".json")
-
-
-@dataclass(frozen=True)
-class MeshRecord:
-    """What ``splitmesh up`` leaves behind while its mesh runs."""
-
-    address: str
-    workdir: str
-    tls_dir: str  # "" = the mesh is plaintext
-    pid: int  # the `splitmesh up` process; a record whose process is gone is stale
-
-    def save(self) -> Path:
-        path = _record_path(self.address)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.__dict__, indent=1))
-        return path
-
-    def remove(self) -> None:
-        path = _record_path(self.address)
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            if MeshRecord.load(self.address) == self:
-                path.unlink()
-
-    @staticmethod
-    def load(address: str) -> MeshRecord | None:
-        try:
-            record = MeshRecord(**json.loads(_record_path(address).read_text()))
-        except (FileNotFoundError, ValueError, TypeError):
-            return None
-        try:
-            os.kill(record.pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass  # alive, someone else's
-        return record
 
 
 def certificate_name(explicit: str | None, operator: bool) -> str:
@@ -117,7 +69,7 @@ def _listening(address: str) -> bool:
         return False
 
 
-def connection_problem(address: str, tls: TlsConfig | None) -> str | None:
+def connection_problem(address: str, tls: TlsConfig | None, what: str = "the orchestrator") -> str | None:
     """Why no channel to ``address`` comes up, or None when it does (the failure was the server's answer)."""
     orchestrator = Identity("orchestrator", os.environ.get(ENV_ORCHESTRATOR_ID) or DEFAULT_ORCHESTRATOR_ID)
     with sync_channel(address, tls, orchestrator) as channel:
@@ -127,7 +79,7 @@ def connection_problem(address: str, tls: TlsConfig | None) -> str | None:
         except grpc.FutureTimeoutError:
             pass
     if not _listening(address):
-        return f"cannot reach the orchestrator at {address} (is the mesh up?)"
+        return f"cannot reach {what} at {address} (is the mesh up?)"
     if tls is None:
         return (f"{address} accepts connections but not in plaintext: it serves mutual TLS. Point --tls-dir or "
                 f"{ENV_TLS_DIR} at a folder with its ca.crt and your certificate "

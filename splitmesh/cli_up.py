@@ -23,9 +23,9 @@ from common.proto import splitmesh_pb2 as pb
 from splitmesh.cli_args import integer as int_in
 from splitmesh.cli_args import ints, names, number
 from splitmesh.cli_model import DEFAULT_STORE
-from splitmesh.cli_tls import MeshRecord
 from splitmesh.client import DEFAULT_ADDRESS, SplitmeshError
 from splitmesh.launcher import LocalMesh, MeshSpec, MeshStartError, check_spec
+from splitmesh.local_meshes import MeshRecord
 from splitmesh.tables import plan_table
 
 console = Console()

@@ -1,9 +1,10 @@
 """Client SDK: ask the orchestrator for the route, then stream a generation from the head node.
 
 The orchestrator is never on the per-token path: tokens flow from the head straight to the caller.
-With ``tls=TlsConfig(...)`` (or ``SPLITMESH_TLS_DIR`` in the environment, with the
-``SPLITMESH_CLIENT_ID`` certificate, default ``client``) every channel is mutual TLS, and the client
-accepts only the orchestrator's certificate and, for the stream, the head node's named in the plan.
+With ``tls=TlsConfig(...)`` (or ``SPLITMESH_TLS_DIR`` in the environment, or the folder of the mesh
+``splitmesh up`` runs at that address on this box; with the ``SPLITMESH_CLIENT_ID`` certificate,
+default ``client``) every channel is mutual TLS, and the client accepts only the orchestrator's
+certificate and, for the stream, the head node's named in the plan.
 Changing the mesh (``resplit``, ``drain``, ``policy`` with updates) needs an operator certificate:
 ``Client(address, tls=TlsConfig.from_dir(folder, "operator"))``; a client's is refused (PERMISSION_DENIED).
 """
@@ -22,7 +23,17 @@ from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.request_errors import FIELD_KEY, LIMIT_KEY, field_details
 from common.tls import TlsConfig
-from common.transport import DEFAULT_ORCHESTRATOR_ID, ENV_ORCHESTRATOR_ID, aio_channel, sync_channel, tls_from_env
+from common.transport import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_ORCHESTRATOR_ID,
+    ENV_CLIENT_ID,
+    ENV_ORCHESTRATOR_ID,
+    aio_channel,
+    resolve_tls,
+    sync_channel,
+    tls_from_env,
+)
+from splitmesh.local_meshes import MeshRecord
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 Messages = Sequence[dict[str, str]]
@@ -143,10 +154,22 @@ def _head(signed: pb.SignedPlan) -> tuple[str, str]:
     return head, next(n.address for n in plan.nodes if n.node_id == head)
 
 
-def _security(tls: TlsConfig | None, orchestrator_id: str | None) -> tuple[TlsConfig | None, Identity]:
-    """Explicit settings, else the environment's; the orchestrator identity the channel pins under TLS."""
+def default_tls(address: str) -> TlsConfig | None:
+    """``SPLITMESH_TLS_DIR``'s certificates, else those of the mesh ``splitmesh up`` runs at ``address`` on this
+    box (see splitmesh.local_meshes), else None (plaintext)."""
+    configured = tls_from_env()
+    if configured is not None:
+        return configured
+    record = MeshRecord.load(address)
+    if record is None or not record.tls_dir:
+        return None
+    return resolve_tls(record.tls_dir, os.environ.get(ENV_CLIENT_ID) or DEFAULT_CLIENT_ID)
+
+
+def _security(address: str, tls: TlsConfig | None, orchestrator_id: str | None) -> tuple[TlsConfig | None, Identity]:
+    """Explicit settings, else the defaults; the orchestrator identity the channel pins under TLS."""
     name = orchestrator_id or os.environ.get(ENV_ORCHESTRATOR_ID, DEFAULT_ORCHESTRATOR_ID)
-    return (tls if tls is not None else tls_from_env()), Identity("orchestrator", name)
+    return (tls if tls is not None else default_tls(address)), Identity("orchestrator", name)
 
 
 class Client:
@@ -159,7 +182,7 @@ class Client:
                  orchestrator_id: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.tls, orchestrator = _security(tls, orchestrator_id)
+        self.tls, orchestrator = _security(address, tls, orchestrator_id)
         self._channel = sync_channel(address, self.tls, orchestrator)
         self.admin = pb_grpc.AdminStub(self._channel)
         self._orchestrator = pb_grpc.OrchestratorStub(self._channel)
@@ -250,7 +273,7 @@ class AsyncClient:
                  orchestrator_id: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.tls, orchestrator = _security(tls, orchestrator_id)
+        self.tls, orchestrator = _security(address, tls, orchestrator_id)
         self._channel = aio_channel(address, self.tls, orchestrator)
         self._orchestrator = pb_grpc.OrchestratorStub(self._channel)
         self.admin = pb_grpc.AdminStub(self._channel)

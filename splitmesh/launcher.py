@@ -54,6 +54,10 @@ class MeshSpec:
     placement: Sequence[str] = ()  # initial node per segment; empty = automatic
     threads: int = 0  # torch threads per node; 0 = all cores
     metrics_port: int = 0  # orchestrator's Prometheus port (0 = off)
+    # On a reused workdir the nodes start with the orchestrator, and a node agent takes tens of seconds to start on
+    # a busy box: the orchestrator's 10 s default would replace a plan whose node is still booting. Used only when
+    # every node of the saved plan is one this mesh starts (else that node is gone for good: the default applies).
+    rejoin_grace_s: float = 120.0
     adaptive: bool = False  # run the orchestrator's adaptive loop (off: plans change by operator or node loss)
     node_stores_empty: bool = False  # give each node its own empty store: weights stream from the orchestrator
     tls: bool = False  # mutual TLS on every channel, with a CA and certificates made in WORKDIR/tls
@@ -166,12 +170,32 @@ class LocalMesh:
         args = ["--listen", self.address, "--state-dir", str(self.workdir / "orchestrator"), "--store", str(self.store),
                 "--model", s.model, "--min-nodes", str(s.nodes), "--trusted-nodes", ",".join(s.trusted),
                 "--adaptive" if s.adaptive else "--no-adaptive", "--metrics-port", str(s.metrics_port),
+                *self._rejoin_args(),
                 *self._tls_args()]
         if s.boundaries:
             args += ["--boundaries", ",".join(map(str, s.boundaries))]
         if s.placement:
             args += ["--placement", ",".join(s.placement)]
         self._spawn("orchestrator", "orchestrator", args)
+
+    def _rejoin_args(self) -> list[str]:
+        from orchestrator.state_store import StateStore
+
+        path = self.workdir / "orchestrator" / "state.sqlite"
+        if not path.exists():
+            return []
+        store = StateStore(path)
+        try:
+            saved = store.committed_plan()
+        finally:
+            store.close()
+        if saved is None:
+            return []
+        plan = pb.Plan()
+        plan.ParseFromString(saved.plan_bytes)
+        if not {seg.node_id for seg in plan.segments} <= set(self.node_ids):
+            return []
+        return ["--rejoin-grace-s", str(self.spec.rejoin_grace_s)]
 
     def start_node(self, node_id: str) -> None:
         store = self.workdir / "node-stores" / node_id if self.spec.node_stores_empty else self.store

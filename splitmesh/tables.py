@@ -10,12 +10,16 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from common.proto import splitmesh_pb2 as pb
+
+if TYPE_CHECKING:
+    from common.model_store import ModelStore
 
 PIPED_WIDTH = 240  # a pipe has no width: lay tables out whole, a program or a file reads them
 
@@ -101,4 +105,15 @@ def policy_table(values: dict[str, str]) -> Table:
     _fixed(table, "key", "value")
     for key in sorted(values):
         table.add_row(key, values[key])
+    return table
+
+
+def model_table(store: ModelStore) -> Table:
+    table = _table(f"models in {store.root}")
+    _fixed(table, "name", "digest", "layers", "dtype", "size", "tokenizer")
+    for name in store.names():
+        m = store.open(name).manifest
+        size = sum(e.size for e in m.files.values())
+        table.add_row(name, m.digest[:16], str(m.num_layers), m.dtype, f"{size / 2**20:.0f} MiB",
+                      "yes" if m.has_tokenizer else "no")
     return table

@@ -167,3 +167,12 @@ def test_build_request_keeps_every_valid_form() -> None:
     chat = build_request([{"role": "user", "content": "hi"}], 4, 0.0, 1.0, 0, 0, ["x"], False)
     assert chat.messages.messages[0].content == "hi" and list(chat.stop) == ["x"]
     assert build_request("", 4, 0.0, 1.0, 0, 0, (), False).WhichOneof("input") == "prompt"
+
+
+def test_up_exposes_metrics_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    from splitmesh.cli import build_parser
+
+    assert build_parser().parse_args(["up"]).metrics_port == 0
+    assert build_parser().parse_args(["up", "--metrics-port", "9464"]).metrics_port == 9464
+    monkeypatch.setenv("SPLITMESH_METRICS_PORT", "9470")
+    assert build_parser().parse_args(["up"]).metrics_port == 9470  # it was always overridden with 0

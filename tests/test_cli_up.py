@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from splitmesh import Client
 from splitmesh.launcher import LocalMesh, MeshSpec, MeshStartError, free_port
+from splitmesh.local_meshes import ENV_MESHES_DIR
 from tests.conftest import STORE
 
 pytestmark = pytest.mark.slow
@@ -80,7 +82,7 @@ def home(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
-def test_up_with_tls_by_default_and_every_command_after_it(home: Path) -> None:
+def test_up_with_tls_by_default_and_every_command_after_it(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     workdir, address = home / "local", f"127.0.0.1:{free_port()}"
     up = Up(home, workdir, address)
     try:
@@ -95,6 +97,9 @@ def test_up_with_tls_by_default_and_every_command_after_it(home: Path) -> None:
                                    env={**_env(home), "SPLITMESH_MESHES_DIR": str(home / "elsewhere")})
         assert plaintext.returncode == 1 and "is the mesh up?" not in plaintext.stderr
         assert "serves mutual TLS" in plaintext.stderr
+        monkeypatch.setenv(ENV_MESHES_DIR, str(home / "meshes"))
+        with Client(address) as client:  # the SDK finds the certificates the same way
+            assert client.tls is not None and client.status().serving
 
         adjacent = splitmesh(home, "resplit", "--address", address, "--boundaries", "0,10,20,30",
                              "--place", "node-0,node-0,node-1")

@@ -39,7 +39,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "splitmesh.json"
 
 KUBERNETES_VERSION = "1.37.0"  # bundled by kubernetes-validate==1.37.0 (schemas for 1.25 ... 1.37)
 ORCHESTRATOR_METRICS_PORT = 9464
-NODE_METRICS_PORT = 9465  # node agents' --metrics-port (their splitmesh_node_* metrics are being added)
+NODE_METRICS_PORT = 9465  # node agents' --metrics-port (their own splitmesh_agent_* metrics)
 ROLE_FILES = ("orchestrator.yml", "edge-trusted.yml", "node.yml")
 # Compose-time variables that are not component settings; README's "Deploying across boxes" documents each.
 DEPLOY_VARS = {"SPLITMESH_IMAGE", "SPLITMESH_CERTS_DIR", "SPLITMESH_GATEWAY_ID", "SPLITMESH_GATEWAY_BIND",
@@ -57,7 +57,8 @@ SAMPLE_ENV = {
 # The dashboard must show each of these.
 DASHBOARD_METRICS = {"splitmesh_latency_ewma_ms", "splitmesh_plan_epoch", "splitmesh_decisions_total",
                      "splitmesh_node_utilisation", "splitmesh_link_bandwidth_bps", "splitmesh_node_alive",
-                     "splitmesh_trigger_fired"}
+                     "splitmesh_trigger_fired", "splitmesh_agent_tokens_total",
+                     "splitmesh_agent_hop_overhead_seconds_bucket", "splitmesh_agent_kv_cache_bytes"}
 
 
 # ------------------------------------------------------------------ helpers
@@ -162,10 +163,12 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def exported_metrics() -> set[str]:
-    """Metric names the orchestrator exports, as its source declares them (counters also as NAME_total)."""
+    """Metric names the orchestrator and the node agents export, as their source declares them (counters also as
+    NAME_total)."""
     names: set[str] = set()
-    for module in ("metrics.py", "controller.py"):
-        source = (ROOT / "orchestrator" / module).read_text()
+    for module in ("orchestrator/metrics.py", "orchestrator/controller.py", "node_agent/metrics.py",
+                   "node_agent/metrics_registry.py"):
+        source = (ROOT / module).read_text()
         for kind, name in re.findall(r"\b(GaugeMetricFamily|CounterMetricFamily|Counter|Gauge|Histogram|Summary)"
                                      r"\(\s*\"(splitmesh_\w+)\"", source):
             names.add(name)
