@@ -56,6 +56,7 @@ HIDDEN = 576
 PROMPT = "The lighthouse keeper looked at the sea and"
 NODE1 = Identity("node", "node-1")
 HEAD = Identity("node", "node-0")
+SETTLE_S = 3.0  # after the last session is gone, before the "after" RSS is read
 
 
 @dataclass
@@ -332,7 +333,7 @@ async def run_attack(ctx: Ctx, name: str, tokens: int, pids: dict[str, int]) -> 
     deadline = time.monotonic() + 60
     while any(_sessions(ctx, n) for n in pids) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(SETTLE_S)
     after = {node: _rss_mb(pid) for node, pid in pids.items()}
     return {"codes": dict(codes), "normal": normal, "node1_cpu_s": _cpu_s(pids["node-1"]) - cpu_before,
             **{f"{n}_before_mb": v for n, v in before.items()}, **{f"{n}_after_mb": v for n, v in after.items()},

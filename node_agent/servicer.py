@@ -39,6 +39,7 @@ from node_agent.weight_fetch import ensure_files
 log = logging.getLogger(__name__)
 
 TRIM_AFTER_BYTES = 64 << 20  # incoming tensor buffers above this, once all freed, are trimmed from the heap
+TRIM_DELAY_S = 1.0
 
 
 async def _refuse(context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateEvent], exc: RequestError) -> None:
@@ -51,6 +52,7 @@ async def _refuse(context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.Gener
 class NodeServicer(pb_grpc.NodeServicer):
     def __init__(self, runtime: NodeRuntime) -> None:
         self.rt = runtime
+        self._trim: asyncio.Future[None] | None = None  # a pending heap trim after large incoming buffers
 
     # ------------------------------------------------------------ generation
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802 - gRPC method name
@@ -203,9 +205,19 @@ class NodeServicer(pb_grpc.NodeServicer):
     def _trim_after_large_buffers(self) -> None:
         """Once no tensor is being received after many megabytes were, hand the freed heap back to the OS:
         glibc keeps it otherwise (its mmap threshold rises after large frees), and the node would look as
-        if a burst of oversized streams still held its memory."""
-        if self.rt.buffers.in_use == 0 and self.rt.buffers.take_peak() >= TRIM_AFTER_BYTES:
-            asyncio.get_running_loop().run_in_executor(None, return_freed_memory)
+        if a burst of oversized streams still held its memory. The trim waits a moment so the buffers of
+        the streams ending together are all freed first."""
+        if self._trim is None and self.rt.buffers.in_use == 0 and self.rt.buffers.peak >= TRIM_AFTER_BYTES:
+            self._trim = asyncio.ensure_future(self._trim_soon())
+
+    async def _trim_soon(self) -> None:
+        try:
+            await asyncio.sleep(TRIM_DELAY_S)
+            if self.rt.buffers.in_use == 0:
+                self.rt.buffers.take_peak()
+                await asyncio.get_running_loop().run_in_executor(None, return_freed_memory)
+        finally:
+            self._trim = None
 
     def _check_open(self, opening: pb.ForwardOpen, caller: Identity | None,
                     ) -> tuple[PlanView, SealedHopReceiver | None]:
