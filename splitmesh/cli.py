@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from common.tls import TlsConfig
-from common.transport import ENV_CLIENT_ID, ENV_TLS_DIR, TransportError
+from common.transport import ENV_CLIENT_ID, ENV_OPERATOR_ID, ENV_TLS_DIR, TransportError
 from splitmesh import cli_tls, gateway
 from splitmesh.certs_cli import register as register_certs
 from splitmesh.cli_args import UINT32_MAX, UINT64_MAX, Parser, ints, names, number
@@ -244,11 +244,17 @@ def _tls(args: argparse.Namespace) -> TlsConfig | None:
     try:
         return cli_tls.resolve(args.tls_dir, args.tls_id, args.address, operator)
     except TransportError as exc:
-        if operator:
-            folder, _ = cli_tls.tls_folder(args.tls_dir, args.address)
+        if not operator:
+            raise
+        folder, _ = cli_tls.tls_folder(args.tls_dir, args.address)
+        hint = f"splitmesh certs issue operator --kind operator --dir {folder}"
+        if args.tls_id or os.environ.get(ENV_OPERATOR_ID):
             raise TransportError(f"{exc}; this command changes the mesh and presents an operator certificate: "
-                                 f"splitmesh certs issue operator --kind operator --dir {folder}") from exc
-        raise
+                                 f"{hint}") from exc
+        # A folder made before operator certificates existed: try the client one, which a mesh that checks roles
+        # refuses with PERMISSION_DENIED (and says so).
+        err.print(f"[yellow]no operator certificate in {folder}: presenting the client one ({hint})[/yellow]")
+        return cli_tls.resolve(args.tls_dir, args.tls_id, args.address, operator=False)
 
 
 def _mesh_error(args: argparse.Namespace, exc: SplitmeshError) -> str:

@@ -13,6 +13,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from splitmesh.cli_args import integer
 from splitmesh.client import DEFAULT_ADDRESS
 
 if TYPE_CHECKING:
@@ -49,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--address", default=os.environ.get("SPLITMESH_ADDRESS", DEFAULT_ADDRESS),
                         help=f"orchestrator host:port (default {DEFAULT_ADDRESS}, env SPLITMESH_ADDRESS)")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"HTTP listen host (default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP listen port (default {DEFAULT_PORT})")
-    parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+    parser.add_argument("--port", type=integer(1, 65535), default=DEFAULT_PORT,
+                        help=f"HTTP listen port (default {DEFAULT_PORT})")
+    parser.add_argument("--default-max-tokens", type=integer(1), default=DEFAULT_MAX_TOKENS,
                         help=f"max tokens of a chat completion that sets none (default {DEFAULT_MAX_TOKENS})")
     parser.set_defaults(func=cmd_gateway)

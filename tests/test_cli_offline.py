@@ -176,3 +176,29 @@ def test_up_exposes_metrics_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_parser().parse_args(["up", "--metrics-port", "9464"]).metrics_port == 9464
     monkeypatch.setenv("SPLITMESH_METRICS_PORT", "9470")
     assert build_parser().parse_args(["up"]).metrics_port == 9470  # it was always overridden with 0
+
+
+def test_commands_that_change_the_mesh_present_the_operator_certificate(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from argparse import Namespace
+
+    from common import certs
+    from common.transport import TransportError
+    from splitmesh.cli import _tls
+
+    monkeypatch.delenv("SPLITMESH_TLS_DIR", raising=False)
+    monkeypatch.delenv("SPLITMESH_OPERATOR_ID", raising=False)
+    certs.init_ca(tmp_path)
+    certs.issue(tmp_path, "client", "client")
+
+    def args(command: str, **extra: object) -> Namespace:
+        return Namespace(command=command, tls_dir=str(tmp_path), tls_id=None, address="127.0.0.1:1", **extra)
+
+    assert _tls(args("status")).cert.name == "client.crt"  # type: ignore[union-attr]
+    assert _tls(args("drain")).cert.name == "client.crt"  # type: ignore[union-attr]  # no operator cert yet
+    with pytest.raises(TransportError, match="certs issue operator --kind operator"):
+        _tls(Namespace(command="resplit", tls_dir=str(tmp_path), tls_id="operator", address="127.0.0.1:1"))
+    certs.issue(tmp_path, "operator", "operator")
+    for command, extra in (("drain", {}), ("resplit", {}), ("policy", {"action": "set"})):
+        assert _tls(args(command, **extra)).cert.name == "operator.crt"  # type: ignore[union-attr]
+    assert _tls(args("policy", action="get")).cert.name == "client.crt"  # type: ignore[union-attr]

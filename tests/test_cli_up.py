@@ -3,20 +3,24 @@ workdir that honours --boundaries/--place, a second mesh on a taken port, draine
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from splitmesh import Client
+from splitmesh.gateway import build_app
 from splitmesh.launcher import LocalMesh, MeshSpec, MeshStartError, free_port
 from splitmesh.local_meshes import ENV_MESHES_DIR
 from tests.conftest import STORE
+from tests.test_gateway import running
 
 pytestmark = pytest.mark.slow
 STARTUP_LIMIT_S = 10.0
@@ -100,6 +104,8 @@ def test_up_with_tls_by_default_and_every_command_after_it(home: Path, monkeypat
         monkeypatch.setenv(ENV_MESHES_DIR, str(home / "meshes"))
         with Client(address) as client:  # the SDK finds the certificates the same way
             assert client.tls is not None and client.status().serving
+        with running(build_app(address)) as url, urllib.request.urlopen(f"{url}/health", timeout=30) as health:
+            assert json.loads(health.read())["status"] == "serving"  # and so does the gateway
 
         adjacent = splitmesh(home, "resplit", "--address", address, "--boundaries", "0,10,20,30",
                              "--place", "node-0,node-0,node-1")
