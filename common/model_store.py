@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 
+from common.dtypes import compute_dtype_name
+
 MANIFEST_FORMAT = "splitmesh-model/1"
 EMBED_ROLE = "embed"
 HEAD_ROLE = "head"
@@ -56,6 +58,7 @@ class Manifest:
     tied_embeddings: bool
     config: dict[str, Any]
     files: dict[str, FileEntry]
+    quantization: dict[str, Any] | None = None  # how int8 weights were made (None: plain float weights)
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -68,6 +71,8 @@ class Manifest:
             "config": self.config,
             "files": {k: {"sha256": v.sha256, "size": v.size} for k, v in sorted(self.files.items())},
         }
+        if self.quantization is not None:  # absent for float models, so their digests never change
+            doc["quantization"] = self.quantization
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -84,6 +89,7 @@ class Manifest:
                 tied_embeddings=bool(doc["tied_embeddings"]),
                 config=dict(doc["config"]),
                 files={k: FileEntry(str(v["sha256"]), int(v["size"])) for k, v in doc["files"].items()},
+                quantization=dict(doc["quantization"]) if doc.get("quantization") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed manifest: {exc}") from exc
@@ -91,6 +97,11 @@ class Manifest:
     @property
     def digest(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype segments compute in and activations travel in (bfloat16 for int8 weights)."""
+        return compute_dtype_name(self.dtype)
 
     @property
     def has_tokenizer(self) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from common.dtypes import WEIGHT_DTYPES
 from common.transport import DEFAULT_CLIENT_ID, ENV_CLIENT_ID, ENV_TLS_DIR, TransportError
 from splitmesh import gateway
 from splitmesh.certs_cli import register as register_certs
@@ -38,6 +39,7 @@ def _names(text: str) -> list[str]:
 def cmd_model_import(args: argparse.Namespace) -> int:
     from common.model_import import (
         EMBEDDED_MODEL_NAME,
+        default_name,
         describe,
         embedded_gguf_path,
         import_checkpoint,
@@ -48,17 +50,21 @@ def cmd_model_import(args: argparse.Namespace) -> int:
 
     store = ModelStore(Path(args.store).expanduser())
     if args.checkpoint:
-        digest = import_checkpoint(store, Path(args.checkpoint), args.name or Path(args.checkpoint).name)
+        digest = import_checkpoint(store, Path(args.checkpoint), args.name or Path(args.checkpoint).name,
+                                   dtype=args.dtype)
     elif args.random:
-        digest = import_random(store, args.random, args.name or args.random, seed=args.seed, num_layers=args.layers)
+        dtype = args.dtype or "bfloat16"
+        name = args.name or default_name(args.random, dtype, "bfloat16")
+        digest = import_random(store, args.random, name, seed=args.seed, num_layers=args.layers, dtype=dtype)
     else:
+        dtype = args.dtype or "float32"
         gguf = Path(args.gguf) if args.gguf else embedded_gguf_path()
-        name = args.name or (EMBEDDED_MODEL_NAME if not args.gguf else gguf.stem.lower())
+        name = args.name or default_name(EMBEDDED_MODEL_NAME if not args.gguf else gguf.stem.lower(), dtype)
         if not args.gguf and name in store.names() and not store.open(name).missing_or_corrupt():
             console.print(f"{name} is already in {store.root}")
             digest = store.resolve(name)
         else:
-            digest = import_gguf(store, gguf, name)
+            digest = import_gguf(store, gguf, name, dtype=dtype)
     console.print(describe(store, digest))
     return 0
 
@@ -384,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--name", help="name to import under")
     imp.add_argument("--layers", type=int, help="override the layer count (random only)")
     imp.add_argument("--seed", type=int, default=0, help="seed for random weights")
+    imp.add_argument("--dtype", choices=WEIGHT_DTYPES, help="weight dtype (int8: weight-only, computes in bfloat16); "
+                     "default: float32 for a GGUF, the checkpoint's own, bfloat16 for random; names get -DTYPE")
     imp.set_defaults(func=cmd_model_import)
     lst = model.add_parser("list", help="models in the store")
     lst.add_argument("--store", default=DEFAULT_STORE)
