@@ -34,6 +34,15 @@ def check_weight_dtype(name: str) -> str:
     return name
 
 
+def parse_dtypes(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names from :data:`WEIGHT_DTYPES` (a node's ``--dtypes``)."""
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in WEIGHT_DTYPES]
+    if unknown or not names:
+        raise DtypeError(f"dtypes {text!r}: expected some of {', '.join(WEIGHT_DTYPES)}")
+    return names
+
+
 def compute_dtype_name(weight_dtype: str) -> str:
     """The dtype a segment computes in (and activations travel in) for weights stored as ``weight_dtype``."""
     return _COMPUTE[check_weight_dtype(weight_dtype)]

@@ -110,3 +110,16 @@ def embedding_from(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> I
     table = Int8Embedding(int(weight.shape[0]), int(weight.shape[1]), dtype)
     table.load_state_dict(dict(tensors), assign=True, strict=True)
     return table
+
+
+def kernel_problem() -> str | None:
+    """Why this torch build cannot run int8 weights (None when its kernel answers a tiny call)."""
+    kernel = getattr(torch, "_weight_int8pack_mm", None)
+    if kernel is None:
+        return f"torch {torch.__version__} has no _weight_int8pack_mm kernel"
+    try:
+        kernel(torch.ones(1, 32, dtype=torch.bfloat16), torch.ones(8, 32, dtype=torch.int8),
+               torch.ones(8, dtype=torch.bfloat16))
+    except RuntimeError as exc:
+        return f"torch's int8 kernel fails here: {exc}"
+    return None

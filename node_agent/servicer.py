@@ -120,8 +120,12 @@ class NodeServicer(pb_grpc.NodeServicer):
         dtype = pipeline.runners[0].dtype
         try:
             async for step, position, tensor in reader.activations(request_iterator):
+                if tensor.dtype != dtype:  # a plan runs one model in one dtype: a mismatch is a broken peer
+                    raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                      f"activation in {str(tensor.dtype).removeprefix('torch.')}, but segment "
+                                      f"{opening.segment_index} computes in {str(dtype).removeprefix('torch.')}")
                 started = time.perf_counter()
-                token = await pipeline.step(step, position, tensor.to(dtype))
+                token = await pipeline.step(step, position, tensor)
                 yield pb.ForwardReply(step=step, token_id=token, downstream_s=time.perf_counter() - started)
         except (StreamError, HopError) as exc:
             await context.abort(exc.code, exc.details)

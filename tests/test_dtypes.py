@@ -38,7 +38,7 @@ def test_import_records_dtype_and_quantization(tmp_path: Path) -> None:
     assert q["self_attn.q_proj.weight"].dtype == torch.int8 and q["self_attn.q_proj.scale"].dtype == torch.bfloat16
     assert q["input_layernorm.weight"].dtype == torch.bfloat16 and "input_layernorm.scale" not in q
     assert models["int8"].load_tensors(EMBED_ROLE)["weight"].dtype == torch.int8
-    assert models["int8"].manifest.quantization == models["int8"].manifest.quantization | {"method": "int8-weight-only"}
+    assert (models["int8"].manifest.quantization or {})["method"] == "int8-weight-only"
     # bf16 halves each layer file; int8 keeps a quarter plus one scale per row (safetensors headers aside)
     fp32, bf16, int8 = (_layer_bytes(models[d]) for d in ("float32", "bfloat16", "int8"))
     assert 0.49 < bf16 / fp32 < 0.52 and int8 / fp32 < 0.30
@@ -123,3 +123,35 @@ def test_cli_import_takes_a_dtype(tmp_path: Path) -> None:
                           "--dtype", "int4", "--store", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr
     assert HEAD_ROLE in ModelStore(tmp_path).open("tiny-llama-int8").manifest.files
+
+
+def test_a_node_that_cannot_run_the_dtype_nacks_before_loading(tmp_path: Path) -> None:
+    from common.plan_signing import key_id, sign_plan
+    from node_agent.plan_state import PlanState, UnsupportedDtype
+    from node_agent.segment_pool import SegmentPool
+    from tests.test_plan_attacks import CLUSTER, KEY, _plan
+
+    store = ModelStore(tmp_path / "store")
+    digest = import_random(store, "tiny-llama", "tiny", seed=0, dtype="int8")
+    pool = SegmentPool(store)
+    plans = PlanState("me", tmp_path / "state", store, pool, dtypes=("float32", "bfloat16"))
+    plans.trust_key(key_id(KEY.public_key()), KEY.public_key(), CLUSTER)
+    signed = sign_plan(_plan(digest, 1), KEY)
+    view = plans.verify(signed)
+    assert view is not None
+    with pytest.raises(UnsupportedDtype, match=r"stored in int8; this node runs only float32, bfloat16 \(--dtypes\)"):
+        plans.prepare_blocking(view, signed)
+    assert pool.spans() == [] and not plans.commit(1)
+    able = PlanState("me", tmp_path / "state2", store, SegmentPool(store))
+    able.trust_key(key_id(KEY.public_key()), KEY.public_key(), CLUSTER)
+    able.prepare_blocking(view, signed)
+    assert able.commit(1)
+
+
+def test_node_config_refuses_unknown_dtypes() -> None:
+    from common.config import ConfigError
+    from node_agent.config import NodeConfig
+
+    assert NodeConfig(dtypes="bfloat16, int8").dtypes == "bfloat16, int8"
+    with pytest.raises(ConfigError, match="expected some of float32"):
+        NodeConfig(dtypes="int4")
