@@ -16,6 +16,12 @@ from torch import nn
 
 SCALE_KEY = "scale"
 _QMAX = 127.0
+_ALIGN = 64  # torch's CPU allocator alignment; the int8 kernel crashes (SIGSEGV) on int8 data off it
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in memory aligned for the int8 kernel: tensors read from safetensors sit at any offset."""
+    return tensor if tensor.data_ptr() % _ALIGN == 0 else tensor.clone()
 
 
 def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +107,7 @@ def load_module(module: nn.Module, tensors: Mapping[str, torch.Tensor], dtype: t
     """``load_state_dict(assign=True)`` after swapping the linears the file quantized (a no-op swap for floats)."""
     if is_quantized(tensors):
         swap_quantized_linears(module, tensors, dtype)
+        tensors = {k: aligned(v) for k, v in tensors.items()}
     module.load_state_dict(dict(tensors), assign=True, strict=True)
 
 
@@ -108,7 +115,7 @@ def embedding_from(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> I
     """An :class:`Int8Embedding` holding an ``embed`` file's int8 ``weight`` and ``scale``."""
     weight = tensors["weight"]
     table = Int8Embedding(int(weight.shape[0]), int(weight.shape[1]), dtype)
-    table.load_state_dict(dict(tensors), assign=True, strict=True)
+    table.load_state_dict({k: aligned(v) for k, v in tensors.items()}, assign=True, strict=True)
     return table
 
 

@@ -155,3 +155,15 @@ def test_node_config_refuses_unknown_dtypes() -> None:
     assert NodeConfig(dtypes="bfloat16, int8").dtypes == "bfloat16, int8"
     with pytest.raises(ConfigError, match="expected some of float32"):
         NodeConfig(dtypes="int4")
+
+
+@pytest.mark.parametrize("dtype", ["int8"])
+def test_prefill_logits_over_many_rows(dtype_store: ModelStore, dtype: str) -> None:
+    """Every prompt row through the int8 lm_head: store files hold tensors at unaligned offsets, on which torch's
+    int8 kernel crashed the process for more than a few rows; the loader hands it aligned copies."""
+    model = dtype_store.open(f"{EMBEDDED_MODEL_NAME}-{dtype}")
+    reference = load_reference_model(model)
+    with torch.inference_mode():
+        logits = reference(torch.arange(1, 41).unsqueeze(0)).logits
+    assert logits.shape == (1, 40, 49152) and bool(torch.isfinite(logits).all())
+    assert all(b.data_ptr() % 64 == 0 for b in reference.buffers() if b.dtype == torch.int8)
