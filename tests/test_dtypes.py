@@ -167,3 +167,20 @@ def test_prefill_logits_over_many_rows(dtype_store: ModelStore, dtype: str) -> N
         logits = reference(torch.arange(1, 41).unsqueeze(0)).logits
     assert logits.shape == (1, 40, 49152) and bool(torch.isfinite(logits).all())
     assert all(b.data_ptr() % 64 == 0 for b in reference.buffers() if b.dtype == torch.int8)
+
+
+def test_activations_travel_in_the_compute_dtype(dtype_store: ModelStore) -> None:
+    """bf16 halves a decode step's payload (hidden x 2 bytes) and the chunks of a prefill."""
+    from common.tensor_codec import TensorAssembler, encode_tensor
+
+    model = dtype_store.open(f"{EMBEDDED_MODEL_NAME}-int8")
+    runner = SegmentRunner(model, Span(0, 1))
+    cache = runner.new_cache()
+    prefill = runner.run(cache, torch.arange(1, 1001).unsqueeze(0), 0)
+    step = runner.run(cache, torch.tensor([[7]]), 1000)
+    chunks = encode_tensor(step)
+    assert [c.dtype for c in chunks] == ["bfloat16"] and len(chunks[0].data) == 576 * 2
+    assert len(encode_tensor(prefill)) == 2 and len(encode_tensor(prefill.float())) == 3  # 1 MiB chunks
+    assembler = TensorAssembler()
+    decoded = [assembler.add(c) for c in encode_tensor(prefill)][-1]
+    assert decoded is not None and decoded.dtype == torch.bfloat16 and torch.equal(decoded, prefill)
