@@ -1,7 +1,9 @@
 """Import a model into the store: the embedded GGUF, a transformers checkpoint folder, or random weights.
 
 Every path writes one safetensors blob per layer plus ``embed`` and ``head``, so that later a node
-can load just its layers. Imports are idempotent: the same weights give the same digest.
+can load just its layers. Imports are idempotent: the same weights give the same digest. Each file
+is converted to the chosen weight dtype as it is written (int8: quantized per layer, see
+:mod:`common.int8`), so a node still reads only the files of its layers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common import model_store
+from common.dtypes import WEIGHT_DTYPES, check_weight_dtype, compute_dtype_name, quantization_record
+from common.int8 import quantize_tensors
 from common.model_store import (
     EMBED_ROLE,
     HEAD_ROLE,
@@ -26,6 +30,7 @@ from common.model_store import (
     FileEntry,
     Manifest,
     ModelStore,
+    StoredModel,
     StoreError,
     layer_role,
     tensors_to_bytes,
@@ -87,29 +92,48 @@ def role_of(key: str) -> tuple[str, str]:
     raise StoreError(f"unexpected weight {key!r}: not a Llama-family causal LM")
 
 
-class _ManifestBuilder:
-    """Collects blobs written for one model, then writes its manifest."""
+def convert_tensors(tensors: Mapping[str, torch.Tensor], weight_dtype: str) -> dict[str, torch.Tensor]:
+    """One store file's tensors in ``weight_dtype``: float casts, or int8 rows + scales for every matrix."""
+    if check_weight_dtype(weight_dtype) == "int8":
+        matrices = {k for k, v in tensors.items() if v.dim() == 2 and k.endswith("weight")}
+        return quantize_tensors(tensors, matrices, getattr(torch, compute_dtype_name(weight_dtype)))
+    target = getattr(torch, weight_dtype)
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
 
-    def __init__(self, store: ModelStore) -> None:
+
+def default_name(base: str, weight_dtype: str, native: str = "float32") -> str:
+    """An import in the source's ``native`` dtype keeps ``base``; others get the dtype appended, so importing
+    one dtype never re-points the name of another."""
+    return base if weight_dtype == native else f"{base}-{weight_dtype}"
+
+
+class _ManifestBuilder:
+    """Collects blobs written for one model in one weight dtype, then writes its manifest."""
+
+    def __init__(self, store: ModelStore, weight_dtype: str) -> None:
         self.store = store
+        self.weight_dtype = check_weight_dtype(weight_dtype)
         self.files: dict[str, FileEntry] = {}
 
     def add_tensors(self, role: str, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.files[role] = self.store.put_blob(tensors_to_bytes(tensors))
+        converted = convert_tensors(tensors, self.weight_dtype)
+        self.files[role] = self.store.put_blob(tensors_to_bytes(converted))
 
     def add_tokenizer(self, folder: Path) -> None:
         for path in sorted(folder.iterdir()):
             if path.is_file():
                 self.files[TOKENIZER_PREFIX + path.name] = self.store.put_blob(path.read_bytes())
 
-    def finish(self, name: str, config: dict[str, Any], dtype: str, tied: bool) -> str:
+    def finish(self, name: str, config: dict[str, Any], tied: bool) -> str:
+        config = {**config, "dtype": compute_dtype_name(self.weight_dtype)}
         num_layers = int(config["num_hidden_layers"])
         needed = [EMBED_ROLE, HEAD_ROLE, *(layer_role(i) for i in range(num_layers))]
         missing = [r for r in needed if r not in self.files]
         if missing:
             raise StoreError(f"import of {name} is incomplete, missing {missing[:5]}")
         manifest = Manifest(name=name, architecture=str(config.get("model_type", "llama")), num_layers=num_layers,
-                            dtype=dtype, tied_embeddings=tied, config=config, files=dict(self.files))
+                            dtype=self.weight_dtype, tied_embeddings=tied, config=config, files=dict(self.files),
+                            quantization=quantization_record(self.weight_dtype))
         return self.store.put_manifest(manifest)
 
 
@@ -139,8 +163,9 @@ def check_gguf(path: Path) -> None:
             raise StoreError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
-def import_gguf(store: ModelStore, gguf: Path, name: str, progress: ProgressFactory = default_progress) -> str:
-    """Dequantise a GGUF through transformers' own loader (fp32) and write it per layer."""
+def import_gguf(store: ModelStore, gguf: Path, name: str, progress: ProgressFactory = default_progress,
+                dtype: str = "float32") -> str:
+    """Dequantise a GGUF through transformers' own loader (fp32) and write it per layer in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_gguf(gguf)
@@ -150,16 +175,19 @@ def import_gguf(store: ModelStore, gguf: Path, name: str, progress: ProgressFact
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         bar.advance(task)
         tied = bool(model.config.tie_word_embeddings)
-        builder = _ManifestBuilder(store)
+        builder = _ManifestBuilder(store, dtype)
         _write_state_dict(builder, model.state_dict(), tied, bar)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
             builder.add_tokenizer(Path(tmp))
-        return builder.finish(name, clean_config(model.config.to_dict()), "float32", tied)
+        return builder.finish(name, clean_config(model.config.to_dict()), tied)
 
 
-def import_checkpoint(store: ModelStore, folder: Path, name: str, progress: ProgressFactory = default_progress) -> str:
-    """Import a local transformers checkpoint folder, one layer at a time when it is safetensors."""
+def import_checkpoint(store: ModelStore, folder: Path, name: str, progress: ProgressFactory = default_progress,
+                      dtype: str | None = None) -> str:
+    """Import a local transformers checkpoint folder, one layer at a time when it is safetensors.
+
+    ``dtype`` None keeps the checkpoint's own dtype (float32 when it names none)."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -173,9 +201,11 @@ def import_checkpoint(store: ModelStore, folder: Path, name: str, progress: Prog
     except (OSError, ValueError) as exc:
         raise StoreError(f"cannot read the checkpoint config in {folder}: {exc}") from exc
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    builder = _ManifestBuilder(store)
+    own = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    if dtype is None and own not in WEIGHT_DTYPES:
+        raise StoreError(f"checkpoint {folder} is in {own}; pass a dtype ({', '.join(WEIGHT_DTYPES)})")
+    builder = _ManifestBuilder(store, dtype or own)
     shards = sorted(folder.glob("*.safetensors"))
-    dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     with progress() as bar:
         if shards:
             where: dict[str, dict[str, tuple[Path, str]]] = {}
@@ -204,7 +234,7 @@ def import_checkpoint(store: ModelStore, folder: Path, name: str, progress: Prog
             with tempfile.TemporaryDirectory() as tmp:
                 tokenizer.save_pretrained(tmp)
                 builder.add_tokenizer(Path(tmp))
-    return builder.finish(name, clean_config(config.to_dict()), dtype, tied)
+    return builder.finish(name, clean_config(config.to_dict()), tied)
 
 
 def random_config(preset: str, num_layers: int | None = None) -> dict[str, Any]:
@@ -219,24 +249,26 @@ def random_config(preset: str, num_layers: int | None = None) -> dict[str, Any]:
 
 
 def import_random(store: ModelStore, preset: str, name: str, *, seed: int = 0, num_layers: int | None = None,
-                  dtype: torch.dtype = torch.bfloat16, progress: ProgressFactory = default_progress) -> str:
-    """Random weights with a named model's shapes, generated one layer at a time (never all in memory)."""
+                  dtype: str = "bfloat16", progress: ProgressFactory = default_progress) -> str:
+    """Random weights with a named model's shapes, generated one layer at a time (never all in memory).
+
+    Values are drawn in float32 and converted per file, so one seed gives the same weights in every dtype."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     config_dict = random_config(preset, num_layers)
     config = LlamaConfig(**config_dict)
     tied = bool(config.tie_word_embeddings)
-    builder = _ManifestBuilder(store)
+    builder = _ManifestBuilder(store, dtype)
 
     def fill(shapes: Iterable[tuple[str, torch.Size]], layer_seed: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(layer_seed)
         out = {}
         for key, shape in shapes:
             if key.endswith("norm.weight"):
-                out[key] = torch.ones(shape, dtype=dtype)
+                out[key] = torch.ones(shape)
             else:
-                out[key] = (torch.randn(shape, generator=gen) * config.initializer_range).to(dtype)
+                out[key] = torch.randn(shape, generator=gen) * config.initializer_range
         return out
 
     with torch.device("meta"):
@@ -255,8 +287,25 @@ def import_random(store: ModelStore, preset: str, name: str, *, seed: int = 0, n
             head_shapes.append(("lm_head.weight", embed_shape))
         builder.add_tensors(HEAD_ROLE, fill(head_shapes, seed * 1_000_003 + 999_983))
         bar.advance(task)
-    config_dict["dtype"] = str(dtype).removeprefix("torch.")
-    return builder.finish(name, config_dict, config_dict["dtype"], tied)
+    return builder.finish(name, config_dict, tied)
+
+
+def import_stored(store: ModelStore, source: StoredModel, name: str, dtype: str,
+                  progress: ProgressFactory = default_progress) -> str:
+    """Convert a float model already in a store to ``dtype``, file by file (tokenizer and config kept)."""
+    if source.manifest.quantization is not None:
+        raise StoreError(f"model {source.manifest.name} is already quantized ({source.manifest.dtype}): "
+                         "convert from its float import")
+    builder = _ManifestBuilder(store, dtype)
+    with progress() as bar:
+        task = bar.add_task(f"converting {source.manifest.name} to {dtype}", total=len(source.manifest.files))
+        for role in sorted(source.manifest.files):
+            if role.startswith(TOKENIZER_PREFIX):
+                builder.files[role] = store.put_blob(source.read_bytes(role))
+            else:
+                builder.add_tensors(role, source.load_tensors(role))
+            bar.advance(task)
+    return builder.finish(name, dict(source.manifest.config), source.manifest.tied_embeddings)
 
 
 def ensure_embedded(store: ModelStore) -> str:

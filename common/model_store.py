@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.dtypes import compute_dtype_name
+
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: `splitmesh` commands start quickly
     import torch
 
@@ -57,6 +59,7 @@ class Manifest:
     tied_embeddings: bool
     config: dict[str, Any]
     files: dict[str, FileEntry]
+    quantization: dict[str, Any] | None = None  # how int8 weights were made (None: plain float weights)
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -69,6 +72,8 @@ class Manifest:
             "config": self.config,
             "files": {k: {"sha256": v.sha256, "size": v.size} for k, v in sorted(self.files.items())},
         }
+        if self.quantization is not None:  # absent for float models, so their digests never change
+            doc["quantization"] = self.quantization
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -85,6 +90,7 @@ class Manifest:
                 tied_embeddings=bool(doc["tied_embeddings"]),
                 config=dict(doc["config"]),
                 files={k: FileEntry(str(v["sha256"]), int(v["size"])) for k, v in doc["files"].items()},
+                quantization=dict(doc["quantization"]) if doc.get("quantization") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed manifest: {exc}") from exc
@@ -92,6 +98,11 @@ class Manifest:
     @property
     def digest(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype segments compute in and activations travel in (bfloat16 for int8 weights)."""
+        return compute_dtype_name(self.dtype)
 
     @property
     def has_tokenizer(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.config import ConfigError, field
+from common.dtypes import parse_dtypes
 from common.frame_crypto import MAX_FRAMES_PER_KEY
 from common.tls import TlsConfig
 from common.transport import DEFAULT_ORCHESTRATOR_ID, resolve_tls
@@ -19,6 +20,8 @@ class NodeConfig:
     store: str = field("~/.cache/splitmesh/store", "model store folder")
     state_dir: str = field("~/.cache/splitmesh/node", "folder for this node's persistent state")
     threads: int = field(0, "torch intra-op threads (0 = all cores)")
+    dtypes: str = field("float32,bfloat16,float16,int8", "weight dtypes this node runs (comma-separated); a plan "
+                                                         "for a model in another dtype is NACKed with the reason")
     omp_spin_count: int = field(1000, "how long idle OpenMP workers spin before sleeping (GOMP_SPINCOUNT; short, so a "
                                       "waiting node hands its cores to the node computing; -1 = libgomp's default)")
     session_idle_timeout_s: float = field(300.0, "a session whose upstream sends nothing this long is closed")
@@ -68,6 +71,10 @@ class NodeConfig:
                self.max_messages, self.max_new_tokens) < 1:
             raise ConfigError("max_sessions, max_buffer_bytes, max_prompt_tokens, max_prompt_bytes, max_messages "
                               "and max_new_tokens must be at least 1")
+        try:
+            parse_dtypes(self.dtypes)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
     @property
     def advertised_address(self) -> str:

@@ -16,10 +16,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
-from common.model_store import ModelStore
+from common.dtypes import WEIGHT_DTYPES
+from common.model_store import ModelStore, StoreError
 from common.plan_signing import PlanSignatureError, public_bytes, verify_signature
 from common.plan_view import PlanError, PlanView
 from common.proto import splitmesh_pb2 as pb
+from node_agent.dtype_support import dtype_problem
 from node_agent.segment_pool import SegmentPool
 
 log = logging.getLogger(__name__)
@@ -46,9 +48,15 @@ class PlanRejected(Exception):
         self.reason = reason
 
 
+class UnsupportedDtype(ValueError):
+    """The plan's model is in a dtype this node cannot (or may not) run; the message says which and why."""
+
+
 class PlanState:
-    def __init__(self, node_id: str, state_dir: Path, store: ModelStore, pool: SegmentPool) -> None:
+    def __init__(self, node_id: str, state_dir: Path, store: ModelStore, pool: SegmentPool,
+                 dtypes: tuple[str, ...] = WEIGHT_DTYPES) -> None:
         self.node_id = node_id
+        self.dtypes = dtypes  # weight dtypes this node runs
         self._store = store
         self._pool = pool
         self._epoch_file = state_dir / "highest_epoch"
@@ -159,6 +167,14 @@ class PlanState:
             self._persist_highest(view.epoch)
 
     def load_and_hold(self, view: PlanView, signed: pb.SignedPlan) -> None:
+        if view.segments_on(self.node_id):
+            try:
+                manifest = self._store.open(view.model_digest).manifest
+            except StoreError as exc:
+                raise ValueError(str(exc)) from exc
+            problem = dtype_problem(manifest, self.dtypes)
+            if problem is not None:
+                raise UnsupportedDtype(problem)
         acquired = []
         try:
             for segment in view.segments_on(self.node_id):

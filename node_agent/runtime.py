@@ -12,6 +12,7 @@ import grpc
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from common.certs import Identity
+from common.dtypes import parse_dtypes
 from common.frame_crypto import load_or_create_node_key, public_key_bytes
 from common.model_store import Manifest, ModelStore
 from common.plan_view import PlanView
@@ -75,7 +76,7 @@ class NodeRuntime:
         self.state_dir = Path(config.state_dir).expanduser() / config.node_id
         self.store = ModelStore(Path(config.store).expanduser())
         self.pool = SegmentPool(self.store)
-        self.plans = PlanState(config.node_id, self.state_dir, self.store, self.pool)
+        self.plans = PlanState(config.node_id, self.state_dir, self.store, self.pool, parse_dtypes(config.dtypes))
         self.tls = config.tls()
         # The node's frame-encryption identity: kept across restarts so plans made before one stay usable.
         self.node_key = load_or_create_node_key(self.state_dir / "x25519_key.pem")

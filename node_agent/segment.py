@@ -2,7 +2,8 @@
 
 The first span also owns the embedding; the last also owns the final norm and lm_head. Modules are
 created on the meta device and materialised with ``load_state_dict(assign=True)``, so memory holds
-nothing but this span's weights.
+nothing but this span's weights. The span computes in the store's compute dtype (bfloat16 for int8
+weights, whose linears run :class:`common.int8.Int8Linear`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from common.model_config import config_from_manifest, torch_dtype_name
+from common.int8 import Int8Embedding, Int8Linear, embedding_from, is_quantized, load_module
+from common.model_config import config_from_manifest
 from common.model_store import EMBED_ROLE, HEAD_ROLE, StoredModel, layer_role
 from common.spans import Span
 
@@ -31,7 +33,7 @@ class SegmentRunner:
         self.is_first = span.start == 0
         self.is_last = span.end == model.num_layers
         self.config: PretrainedConfig = config_from_manifest(model.manifest.config)
-        self.dtype: torch.dtype = getattr(torch, torch_dtype_name(model.manifest.config))
+        self.dtype: torch.dtype = getattr(torch, model.manifest.compute_dtype)
         self.hidden_size = int(self.config.hidden_size)
         self.vocab_size = int(self.config.vocab_size)
         # Positions (and so KV cache length) a session may reach: rotary tables are not valid beyond them.
@@ -46,36 +48,48 @@ class SegmentRunner:
             layer.self_attn.layer_idx = local  # caches are per segment, indexed from 0
             self.layers.append(layer)
         self.rotary = type(skeleton.model.rotary_emb)(config=self.config)
-        self.embed: nn.Embedding | None = None
+        self.embed: nn.Module | None = None
         self.norm: nn.Module | None = None
-        self.lm_head: nn.Linear | None = None
+        self.lm_head: nn.Module | None = None
         if self.is_first:
-            self.embed = skeleton.model.embed_tokens
-            self._load(self.embed, model, EMBED_ROLE, rename={"weight": "weight"})
+            self.embed = self._embedding(skeleton.model.embed_tokens, model)
         if self.is_last:
             head = model.load_tensors(HEAD_ROLE)
             self.loaded_roles.append(HEAD_ROLE)
             self.norm = skeleton.model.norm
             self.norm.load_state_dict({"weight": head["norm.weight"]}, assign=True, strict=True)
             if model.manifest.tied_embeddings:
-                weight = self.embed.weight if self.embed is not None else self._tied_weight(model)
+                table = self.embed if self.embed is not None else self._embedding(skeleton.model.embed_tokens, model)
+                self.lm_head = self._tied_head(skeleton.lm_head, table)
             else:
-                weight = nn.Parameter(head["lm_head.weight"], requires_grad=False)
-            self.lm_head = skeleton.lm_head
-            self.lm_head.weight = weight
+                self.lm_head = skeleton.lm_head
+                load_module(self.lm_head, {k.removeprefix("lm_head."): v for k, v in head.items()
+                                           if k.startswith("lm_head.")}, self.dtype)
         del skeleton
         self.eval()
 
-    def _load(self, module: nn.Module, model: StoredModel, role: str, rename: dict[str, str] | None = None) -> None:
-        tensors = model.load_tensors(role)
-        if rename:
-            tensors = {rename.get(k, k): v for k, v in tensors.items()}
-        module.load_state_dict(tensors, assign=True, strict=True)
+    def _load(self, module: nn.Module, model: StoredModel, role: str) -> None:
+        load_module(module, model.load_tensors(role), self.dtype)
         self.loaded_roles.append(role)
 
-    def _tied_weight(self, model: StoredModel) -> nn.Parameter:
+    def _embedding(self, skeleton_table: nn.Module, model: StoredModel) -> nn.Module:
+        """The token table from the ``embed`` file: transformers' own, or its int8 twin when quantized."""
+        tensors = model.load_tensors(EMBED_ROLE)
         self.loaded_roles.append(EMBED_ROLE)
-        return nn.Parameter(model.load_tensors(EMBED_ROLE)["weight"], requires_grad=False)
+        if is_quantized(tensors):
+            return embedding_from(tensors, self.dtype)
+        skeleton_table.load_state_dict(tensors, assign=True, strict=True)
+        return skeleton_table
+
+    @staticmethod
+    def _tied_head(skeleton_head: nn.Linear, table: nn.Module) -> nn.Module:
+        """lm_head over the embedding's own storage (one copy of the table per node)."""
+        if isinstance(table, Int8Embedding):
+            head: Int8Linear = table.as_linear()
+            return head
+        assert isinstance(table, nn.Embedding)
+        skeleton_head.weight = table.weight
+        return skeleton_head
 
     def eval(self) -> None:
         for module in (*self.layers, self.embed, self.norm, self.lm_head):
@@ -92,7 +106,7 @@ class SegmentRunner:
         for module in (*self.layers, self.embed, self.norm, self.lm_head):
             if module is None:
                 continue
-            for p in module.parameters():
+            for p in (*module.parameters(), *module.buffers()):  # int8 weights and scales are buffers
                 if p.data_ptr() not in seen:
                     seen.add(p.data_ptr())
                     total += p.numel() * p.element_size()

@@ -171,8 +171,13 @@ class NodeServicer(pb_grpc.NodeServicer):
                     # The slot is taken once there is work to run: a silent stream, or one that stops in
                     # the middle of a tensor, holds no slot (and is closed after the frame timeout).
                     pipeline = await self._open_pipeline(opening, view, sampling)
+                dtype = pipeline.runners[0].dtype
+                if tensor.dtype != dtype:  # a plan runs one model in one dtype: a mismatch is a broken peer
+                    raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                      f"activation in {str(tensor.dtype).removeprefix('torch.')}, but segment "
+                                      f"{opening.segment_index} computes in {str(dtype).removeprefix('torch.')}")
                 started = time.perf_counter()
-                token = await pipeline.step(step, position, tensor.to(pipeline.runners[0].dtype))
+                token = await pipeline.step(step, position, tensor)
                 yield pb.ForwardReply(step=step, token_id=token, downstream_s=time.perf_counter() - started)
         except (StreamError, HopError) as exc:
             await context.abort(exc.code, exc.details)

@@ -15,8 +15,7 @@ PREFILL_PER_TOKEN_FRACTION = 0.25  # prefill amortises weight reads across token
 
 
 def model_profile(model: StoredModel) -> ModelProfile:
-    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}.get(model.manifest.dtype, 4)
-    return ModelProfile.from_config_dict(model.manifest.config, dtype_bytes)
+    return ModelProfile.from_config_dict(model.manifest.config, weight_dtype=model.manifest.dtype)
 
 
 def _utilisation(record: NodeRecord) -> float:

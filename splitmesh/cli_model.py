@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from common.dtypes import WEIGHT_DTYPES
 from splitmesh.cli_args import integer
 
 console = Console()
@@ -18,6 +19,7 @@ DEFAULT_STORE = os.environ.get("SPLITMESH_STORE", "~/.cache/splitmesh/store")
 def cmd_model_import(args: argparse.Namespace) -> int:
     from common.model_import import (
         EMBEDDED_MODEL_NAME,
+        default_name,
         describe,
         embedded_gguf_path,
         import_checkpoint,
@@ -29,17 +31,20 @@ def cmd_model_import(args: argparse.Namespace) -> int:
     store = ModelStore(Path(args.store).expanduser())
     if args.checkpoint:
         folder = Path(args.checkpoint).expanduser()
-        digest = import_checkpoint(store, folder, args.name or folder.name)
+        digest = import_checkpoint(store, folder, args.name or folder.name, dtype=args.dtype)
     elif args.random:
-        digest = import_random(store, args.random, args.name or args.random, seed=args.seed, num_layers=args.layers)
+        dtype = args.dtype or "bfloat16"
+        name = args.name or default_name(args.random, dtype, "bfloat16")
+        digest = import_random(store, args.random, name, seed=args.seed, num_layers=args.layers, dtype=dtype)
     else:
+        dtype = args.dtype or "float32"
         gguf = Path(args.gguf).expanduser() if args.gguf else embedded_gguf_path()
-        name = args.name or (EMBEDDED_MODEL_NAME if not args.gguf else gguf.stem.lower())
+        name = args.name or default_name(EMBEDDED_MODEL_NAME if not args.gguf else gguf.stem.lower(), dtype)
         if not args.gguf and name in store.names() and not store.open(name).missing_or_corrupt():
             console.print(f"{name} is already in {store.root}")
             digest = store.resolve(name)
         else:
-            digest = import_gguf(store, gguf, name)
+            digest = import_gguf(store, gguf, name, dtype=dtype)
     console.print(describe(store, digest))
     return 0
 
@@ -78,6 +83,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     source.add_argument("--random", help="random weights with a preset's shapes: llama-3-8b, llama-3-70b, tiny-llama")
     imp.add_argument("--name", help="name to import under")
     imp.add_argument("--layers", type=integer(1), help="override the layer count (random only)")
+    imp.add_argument("--dtype", choices=WEIGHT_DTYPES, help="weight dtype (int8: weight-only, computes in bfloat16); "
+                     "default: float32 for a GGUF, the checkpoint's own, bfloat16 for random; names get -DTYPE")
     imp.add_argument("--seed", type=integer(0), default=0, help="seed for random weights")
     imp.set_defaults(func=cmd_model_import)
     lst = model.add_parser("list", help="models in the store")

@@ -60,3 +60,14 @@ def mesh(store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                     trusted=("node-0", "node-4"), metrics_port=free_port())
     with LocalMesh(spec) as local:
         yield local
+
+
+@pytest.fixture(scope="session")
+def dtype_store(embedded: StoredModel, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """A store holding the embedded model converted to bfloat16 and int8 (names ``<embedded>-<dtype>``)."""
+    from common.model_import import default_name, import_stored
+
+    converted = ModelStore(tmp_path_factory.mktemp("dtype-store"))
+    for dtype in ("bfloat16", "int8"):
+        import_stored(converted, embedded, default_name(EMBEDDED_MODEL_NAME, dtype), dtype)
+    return converted

@@ -100,3 +100,34 @@ def test_violations_memory_sum_head_and_tail() -> None:
 ])
 def test_violations_shape(bad: Plan) -> None:
     assert plan_violations(_two_nodes(), bad)
+
+
+def test_profile_follows_the_weight_dtype() -> None:
+    """Weights, KV and bytes per hop per token as each store dtype holds and sends them."""
+    from orchestrator.planning.costs import hop_costs
+
+    fp32, bf16, int8 = (ModelProfile.from_config_dict(SMOLLM2_135M, weight_dtype=d)
+                        for d in ("float32", "bfloat16", "int8"))
+    assert bf16 == ModelProfile.from_config_dict(SMOLLM2_135M, dtype_bytes=2)
+    assert 2 * bf16.layer_bytes == fp32.layer_bytes and 2 * bf16.embed_bytes == fp32.embed_bytes
+    rows = 9 * 64 + 2 * 3 * 64 + 576 + 2 * 1536 + 576  # q, k, v, o, gate, up, down output rows
+    assert int8.layer_bytes == (3_540_096 - 2 * 576) + 2 * rows + 2 * 2 * 576  # 1 B/weight, bf16 scales and norms
+    assert int8.embed_bytes == 49152 * 576 + 2 * 49152
+    assert (fp32.act_bytes, bf16.act_bytes, int8.act_bytes) == (4, 2, 2)
+    assert int8.kv_bytes_per_token_layer == bf16.kv_bytes_per_token_layer == 2 * 3 * 64 * 2
+    link = LinkProfile(bandwidth_bps=8e6, rtt_s=0.0)  # 1 MB/s: seconds = bytes / 1e6
+    problem = _two_nodes()
+    for model, per_token in ((fp32, 576 * 4), (bf16, 576 * 2), (int8, 576 * 2)):
+        _, decode = hop_costs(Problem(problem.cluster, model, problem.workload), link)
+        assert decode == pytest.approx(per_token / 1e6)
+
+
+def test_int8_profile_matches_the_store_files(dtype_store: object) -> None:
+    from common.model_store import ModelStore, layer_role
+
+    assert isinstance(dtype_store, ModelStore)
+    for dtype in ("bfloat16", "int8"):
+        model = dtype_store.open(f"smollm2-135m-instruct-{dtype}")
+        profile = ModelProfile.from_config_dict(model.manifest.config, weight_dtype=model.manifest.dtype)
+        stored = model.manifest.files[layer_role(0)].size
+        assert 0 <= stored - profile.layer_bytes < 4096  # the safetensors header alone

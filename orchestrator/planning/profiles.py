@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.dtypes import activation_bytes, weight_bytes
 from common.privacy import critical_layers
 
 
@@ -91,8 +92,17 @@ class ModelProfile:
         return self.head_bytes / self.layer_bytes if self.layer_bytes else 0.0
 
     @classmethod
-    def from_config_dict(cls, config: Mapping[str, Any], dtype_bytes: int) -> ModelProfile:
-        """Shapes of a Llama-family HF ``config.json`` (GQA, SwiGLU MLP, RMSNorm; ties recorded by the store)."""
+    def from_config_dict(cls, config: Mapping[str, Any], dtype_bytes: int = 4, *,
+                         weight_dtype: str | None = None) -> ModelProfile:
+        """Shapes of a Llama-family HF ``config.json`` (GQA, SwiGLU MLP, RMSNorm; ties recorded by the store).
+
+        ``weight_dtype`` (a store dtype, see :mod:`common.dtypes`) sizes weights, KV cache and activations as
+        that dtype stores and computes them: int8 weights take 1 byte plus a 2-byte scale per matrix row,
+        while activations and KV stay in its bfloat16 compute dtype. Without it, ``dtype_bytes`` is a float
+        dtype's size for all three.
+        """
+        if weight_dtype is None:
+            weight_dtype = {4: "float32", 2: "bfloat16"}.get(dtype_bytes, "")
         hidden = int(config["hidden_size"])
         layers = int(config["num_hidden_layers"])
         heads = int(config["num_attention_heads"])
@@ -106,18 +116,17 @@ class ModelProfile:
         attn_bias = (heads * head_dim + 2 * kv_heads * head_dim) if bias else 0
         mlp = 3 * hidden * inter
         norms = 2 * hidden
-        layer_params = q_o + k_v + attn_bias + mlp + norms
-        embed_params = vocab * hidden
-        # The head is a separate store file even when tied: a tail on another box needs its own copy.
-        head_params = vocab * hidden + hidden
+        layer_rows = heads * head_dim + 2 * kv_heads * head_dim + hidden + 2 * inter + hidden
+        act = activation_bytes(weight_dtype)
         return cls(
             num_layers=layers,
             hidden_size=hidden,
-            layer_bytes=layer_params * dtype_bytes,
-            embed_bytes=embed_params * dtype_bytes,
-            head_bytes=head_params * dtype_bytes,
-            kv_bytes_per_token_layer=2 * kv_heads * head_dim * dtype_bytes,
-            act_bytes=dtype_bytes,
+            layer_bytes=weight_bytes(weight_dtype, q_o + k_v + mlp, layer_rows, attn_bias + norms),
+            embed_bytes=weight_bytes(weight_dtype, vocab * hidden, vocab),
+            # The head is a separate store file even when tied: a tail on another box needs its own copy.
+            head_bytes=weight_bytes(weight_dtype, vocab * hidden, vocab, hidden),
+            kv_bytes_per_token_layer=2 * kv_heads * head_dim * act,
+            act_bytes=act,
         )
 
 
