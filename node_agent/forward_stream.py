@@ -49,8 +49,11 @@ class ActivationReader:
 
     def __init__(self, receiver: SealedHopReceiver | None, hidden_size: int, max_rows: int,
                  idle_timeout_s: float = 300.0, *, max_positions: int | None = None,
-                 frame_timeout_s: float | None = None, budget: BufferBudget | None = None) -> None:
+                 frame_timeout_s: float | None = None, budget: BufferBudget | None = None,
+                 dtype: str | None = None, segment_index: int = 0) -> None:
         self._receiver = receiver
+        self._dtype = dtype  # the segment's compute dtype: a plan runs one model in one dtype
+        self._segment_index = segment_index
         self._idle_timeout_s = idle_timeout_s
         self._frame_timeout_s = idle_timeout_s if frame_timeout_s is None else frame_timeout_s
         self._hidden_size = hidden_size
@@ -118,7 +121,9 @@ class ActivationReader:
         return got
 
     def _admit(self, step: int, position: int, dtype: str, shape: list[int]) -> None:
-        """A tensor's declared step, position and shape, checked before any of its bytes are buffered."""
+        """A tensor's declared dtype, step, position and shape, checked before any of its bytes are buffered."""
+        if self._dtype is not None and dtype != self._dtype:  # a mismatch is a broken or hostile peer
+            raise TensorError(f"activation in {dtype}, but segment {self._segment_index} computes in {self._dtype}")
         if len(shape) != 3 or shape[0] != 1 or shape[2] != self._hidden_size:
             raise TensorError(f"activation shape {shape} is not [1, n, {self._hidden_size}]")
         rows = shape[1]

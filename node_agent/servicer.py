@@ -163,7 +163,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
-        reader = self._reader(view, receiver)
+        reader = self._reader(view, receiver, opening.segment_index)
         pipeline: SessionPipeline | None = None
         try:
             async for step, position, tensor in reader.activations(requests):
@@ -171,11 +171,6 @@ class NodeServicer(pb_grpc.NodeServicer):
                     # The slot is taken once there is work to run: a silent stream, or one that stops in
                     # the middle of a tensor, holds no slot (and is closed after the frame timeout).
                     pipeline = await self._open_pipeline(opening, view, sampling)
-                dtype = pipeline.runners[0].dtype
-                if tensor.dtype != dtype:  # a plan runs one model in one dtype: a mismatch is a broken peer
-                    raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                                      f"activation in {str(tensor.dtype).removeprefix('torch.')}, but segment "
-                                      f"{opening.segment_index} computes in {str(dtype).removeprefix('torch.')}")
                 started = time.perf_counter()
                 token = await pipeline.step(step, position, tensor)
                 yield pb.ForwardReply(step=step, token_id=token, downstream_s=time.perf_counter() - started)
@@ -186,15 +181,17 @@ class NodeServicer(pb_grpc.NodeServicer):
                 self.rt.close_session(opening.session_id, opening.segment_index, opening.epoch, only=pipeline)
             self._trim_after_large_buffers()
 
-    def _reader(self, view: PlanView, receiver: SealedHopReceiver | None) -> ActivationReader:
+    def _reader(self, view: PlanView, receiver: SealedHopReceiver | None, segment_index: int) -> ActivationReader:
         """The stream's activation reader, with the model's limits (known before any segment is touched)."""
-        model_config = self.rt.manifest(view.model_digest).config
+        manifest = self.rt.manifest(view.model_digest)
+        model_config = manifest.config
         max_positions = int(model_config.get("max_position_embeddings", 2048))
         max_rows = min(self.rt.config.max_prompt_tokens + self.rt.config.max_new_tokens,  # a replayed history
                        max_positions)
         return ActivationReader(receiver, int(model_config["hidden_size"]), max_rows,
                                 self.rt.config.session_idle_timeout_s, max_positions=max_positions,
-                                frame_timeout_s=self.rt.config.frame_timeout_s, budget=self.rt.buffers)
+                                frame_timeout_s=self.rt.config.frame_timeout_s, budget=self.rt.buffers,
+                                dtype=manifest.compute_dtype, segment_index=segment_index)
 
     async def _open_pipeline(self, opening: pb.ForwardOpen, view: PlanView,
                              sampling: SamplingConfig) -> SessionPipeline:
