@@ -21,16 +21,19 @@ def plan_table(plan: pb.Plan, title: str | None = None) -> Table:
 
 def nodes_table(status: pb.StatusReply) -> Table:
     table = Table(title="nodes")
+    flagged = any(n.refused_reports for n in status.nodes)  # a column only when some node sent implausible figures
     for column in ("node", "address", "trusted", "alive", "last seen", "cpu", "memory free", "gpus", "ms/layer-token",
-                   "sessions", "epoch"):
-        table.add_column(column)
+                   "sessions", "epoch", *(("refused reports",) if flagged else ())):
+        table.add_column(column, overflow="fold")
     for n in status.nodes:
         cap = n.capacity
+        mark = f"[red]{n.refused_reports}: {n.refused_reason}[/red]" if n.refused_reports else "-"
+        refused = (mark,) if flagged else ()
         table.add_row(n.node_id, n.address, "yes" if n.trusted else "no", "yes" if n.alive else "[red]no[/red]",
                       f"{n.last_seen_s:.1f}s", f"{cap.cpu_utilisation * 100:.0f}%",
                       f"{cap.memory_available_bytes / 2**30:.1f} GiB", str(len(cap.gpus)) or "0",
                       f"{cap.layer_decode_ms:.2f}" if cap.layer_decode_ms else "-", str(n.active_sessions),
-                      str(n.plan_epoch))
+                      str(n.plan_epoch), *refused)
     return table
 
 
