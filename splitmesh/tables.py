@@ -65,6 +65,8 @@ def _state(n: pb.NodeState) -> str:
         words.append("trusted")
     if n.drained:
         words.append("[yellow]drained[/yellow]")
+    if n.refused_reports:
+        words.append("[red]refused[/red]")
     return " ".join(words)
 
 
@@ -81,7 +83,10 @@ def nodes_table(status: pb.StatusReply) -> Table:
                       f"{cap.layer_decode_ms:.2f}" if cap.layer_decode_ms else "-", str(n.active_sessions),
                       str(n.plan_epoch))
     if status.nodes:
-        table.caption = "mem: free GiB, ms/layer: decode ms per layer-token, sess: open sessions"
+        refused = [f"{n.node_id} refused {n.refused_reports}: {n.refused_reason}" for n in status.nodes
+                   if n.refused_reports]  # implausible reports: their figures never reach the cost model
+        table.caption = "\n".join(["mem: free GiB, ms/layer: decode ms per layer-token, sess: open sessions",
+                                    *refused])
     return table
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2
+from rich.console import Console
 
 from common.model_store import ModelStore
 from common.proto import splitmesh_pb2 as pb
@@ -32,6 +33,7 @@ from orchestrator.main import report_health
 from orchestrator.policy import Policy
 from orchestrator.report_checks import capacity_problem, link_problem, report_problem
 from splitmesh.launcher import LocalMesh, MeshSpec
+from splitmesh.tables import nodes_table
 
 GOOD = pb.Capacity(cpu_utilisation=0.2, memory_total_bytes=8 << 30, memory_available_bytes=4 << 30, cpu_count=4,
                    layer_decode_ms=1.5, layer_prefill_ms_per_token=0.4)
@@ -187,5 +189,8 @@ def test_bad_reports_are_refused_and_a_lost_node_is_still_replanned(mesh: LocalM
     liar_state = next(n for n in status.nodes if n.node_id == "node-9")
     assert liar_state.refused_reports == 2 and "layer_decode_ms" in liar_state.refused_reason
     assert math.isfinite(liar_state.capacity.layer_decode_ms)  # its figures never reached the registry
+    console = Console(width=400, record=True)
+    console.print(nodes_table(status))
+    assert "node-9 refused 2: report: layer_decode_ms is nan" in console.export_text()  # what `splitmesh status` shows
     with mesh.client() as client:
         assert "Paris" in client.generate_text("The capital of France is", max_new_tokens=4)
