@@ -61,6 +61,9 @@ def split_policy(policy: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     return flags, rest
 
 
+TESTBED_FRAME_TIMEOUT_S = 30.0
+
+
 @functools.cache
 def node_flags() -> frozenset[str]:
     """The node agent's current ``--flags`` (so the testbed uses link probing once the agent has it)."""
@@ -192,6 +195,8 @@ class Testbed:
                      "--state-dir", str(state / h.name), "--threads", str(sc.node_threads), *node_args]
             if "--probe-interval-s" in flags:
                 nargs += ["--probe-interval-s", str(sc.probe_interval_s), "--probe-bytes", str(sc.probe_bytes)]
+            if "--frame-timeout-s" in flags:  # links shaped to 1 Mbit/s carry a 1 MiB activation chunk in ~8 s
+                nargs += ["--frame-timeout-s", str(TESTBED_FRAME_TIMEOUT_S)]
             self._spawn(h.name, "node_agent", nargs, h.cpus, env)
         try:
             status = self.wait_serving(timeout_s)
