@@ -41,11 +41,6 @@ def place(nodes: Sequence[NodeRecord], num_layers: int, boundaries: Sequence[int
                 raise PlacementError(f"segment {i}: node {node_id!r} is not registered and alive")
             if i in (0, last) and not by_id[node_id].trusted:
                 raise PlacementError(f"segment {i} is privacy-critical; node {node_id!r} is not trusted")
-            if i and placement[i - 1] == node_id:
-                # The hop from a node to itself is no link: the cost model cannot price it (it read "inf ms").
-                merged = [b for j, b in enumerate(_boundaries(spans)) if j != i]
-                raise PlacementError(f"segments {i - 1} and {i} are adjacent on {node_id}: give it one segment "
-                                     f"(boundaries {','.join(map(str, merged))})")
         return list(zip(spans, placement, strict=True))
     trusted = [n.node_id for n in nodes if n.trusted]
     if not trusted:
@@ -56,7 +51,3 @@ def place(nodes: Sequence[NodeRecord], num_layers: int, boundaries: Sequence[int
     middle_pool = middle_pool or [head]
     chosen = [head] + [middle_pool[(i - 1) % len(middle_pool)] for i in range(1, last)] + ([tail] if last else [])
     return list(zip(spans, chosen, strict=True))
-
-
-def _boundaries(spans: Sequence[Span]) -> list[int]:
-    return [s.start for s in spans] + [spans[-1].end]

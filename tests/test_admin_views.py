@@ -16,6 +16,7 @@ from orchestrator.adaptation import Adapter
 from orchestrator.config import OrchestratorConfig
 from orchestrator.coordinator import Coordinator
 from orchestrator.metrics import MeshCollector
+from orchestrator.planning import Plan
 from orchestrator.policy import Policy
 from orchestrator.servicer import AdminServicer
 from tests.conftest import STORE
@@ -61,4 +62,12 @@ def test_no_latency_measured_is_absent_not_zero(tmp_path: Path) -> None:
     assert status.HasField("ewma_latency_ms") and status.ewma_latency_ms == 42.0
     collected = {m.name: m.samples for m in MeshCollector(adapter.co, adapter).collect()}
     assert [s.value for s in collected["splitmesh_latency_ewma_ms"]] == [42.0]
+    asyncio.run(adapter.co.close())
+
+
+def test_adjacent_segments_on_one_node_are_priced(tmp_path: Path) -> None:
+    adapter = _busy_single_node(tmp_path)
+    one = adapter.predicted_ms(Plan.of([(Span(0, 30), "node-0")]))
+    two = adapter.predicted_ms(Plan.of([(Span(0, 10), "node-0"), (Span(10, 30), "node-0")]))
+    assert 0 < two == pytest.approx(one)  # it was inf: the hop from node-0 to itself has no link
     asyncio.run(adapter.co.close())
