@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from common.privacy import segment_is_critical
-from common.spans import Span, check_cover, even_boundaries, spans_from_boundaries
+from common.spans import check_cover, even_boundaries, spans_from_boundaries
 from orchestrator.planning import Plan
 from orchestrator.registry import NodeRecord
 
@@ -45,11 +45,6 @@ def place(nodes: Sequence[NodeRecord], num_layers: int, boundaries: Sequence[int
                 raise PlacementError(f"segment {i}: node {node_id!r} is not registered and alive")
             if segment_is_critical(spans[i], num_layers, extra) and not by_id[node_id].trusted:
                 raise PlacementError(f"segment {i} is privacy-critical; node {node_id!r} is not trusted")
-            if i and placement[i - 1] == node_id:
-                # The hop from a node to itself is no link: the cost model cannot price it (it read "inf ms").
-                merged = [b for j, b in enumerate(_boundaries(spans)) if j != i]
-                raise PlacementError(f"segments {i - 1} and {i} are adjacent on {node_id}: give it one segment "
-                                     f"(boundaries {','.join(map(str, merged))})")
         return Plan.of(list(zip(spans, placement, strict=True)))
     trusted = [n.node_id for n in nodes if n.trusted]
     if not trusted:
@@ -65,7 +60,3 @@ def place(nodes: Sequence[NodeRecord], num_layers: int, boundaries: Sequence[int
     if exposed:
         raise PlacementError(f"segment {exposed[0].span} is privacy-critical and only untrusted nodes are left for it")
     return plan
-
-
-def _boundaries(spans: Sequence[Span]) -> list[int]:
-    return [s.start for s in spans] + [spans[-1].end]

@@ -165,12 +165,13 @@ class LocalMesh:
         self.processes[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log_file,
                                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
-    def start_orchestrator(self) -> None:
+    def start_orchestrator(self, nodes_booting: bool = False) -> None:
+        """``nodes_booting``: the nodes start with it (``start``), so plan nodes get the long rejoin grace."""
         s = self.spec
         args = ["--listen", self.address, "--state-dir", str(self.workdir / "orchestrator"), "--store", str(self.store),
                 "--model", s.model, "--min-nodes", str(s.nodes), "--trusted-nodes", ",".join(s.trusted),
                 "--adaptive" if s.adaptive else "--no-adaptive", "--metrics-port", str(s.metrics_port),
-                *self._rejoin_args(),
+                *(self._rejoin_args() if nodes_booting else []),
                 *self._tls_args()]
         if s.boundaries:
             args += ["--boundaries", ",".join(map(str, s.boundaries))]
@@ -210,7 +211,7 @@ class LocalMesh:
 
     def start(self, timeout_s: float = 180.0) -> pb.StatusReply:
         """Start every process and return the first status that says the mesh is serving."""
-        self.start_orchestrator()
+        self.start_orchestrator(nodes_booting=True)
         for node_id in self.node_ids:
             self.start_node(node_id)
         return self.wait_serving(timeout_s)

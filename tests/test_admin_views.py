@@ -68,3 +68,11 @@ def test_no_latency_measured_is_absent_not_zero(tmp_path: Path) -> None:
     collected = {m.name: m.samples for m in MeshCollector(controller.co, controller).collect()}
     assert [s.value for s in collected["splitmesh_latency_ewma_ms"]] == [42.0]
     asyncio.run(controller.co.close())
+
+
+def test_adjacent_segments_on_one_node_are_priced(tmp_path: Path) -> None:
+    adapter = _busy_single_node(tmp_path).adapter
+    one = adapter.predicted_ms(Plan.of([(Span(0, 30), "node-0")]))
+    two = adapter.predicted_ms(Plan.of([(Span(0, 10), "node-0"), (Span(10, 30), "node-0")]))
+    assert 0 < two == pytest.approx(one)  # it was inf: the hop from node-0 to itself has no link
+    asyncio.run(adapter.co.close())

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from common.proto import splitmesh_pb2 as pb
 from orchestrator.registry import NodeRecord
-from orchestrator.static_placement import PlacementError, place
+from orchestrator.static_placement import place
 from splitmesh import Client, SplitmeshError
 from splitmesh.client import build_request
 from splitmesh.launcher import free_port
@@ -135,13 +135,8 @@ def _records(*specs: tuple[str, bool]) -> list[NodeRecord]:
             for n, t in specs]
 
 
-def test_adjacent_segments_on_one_node_are_refused_with_the_merged_split() -> None:
-    with pytest.raises(PlacementError, match=r"segments 0 and 1 are adjacent on a: .*boundaries 0,20,30"):
-        place(_records(("a", True), ("b", False)), 30, [0, 10, 20, 30], ["a", "a", "b"])
-    # Head and tail on one node are fine: the ring closes there, they are not adjacent.
-    plan = place(_records(("a", True), ("b", False)), 30, [0, 10, 20, 30], ["a", "b", "a"])
-    assert [s.node_id for s in plan.segments] == ["a", "b", "a"]
-    # Two trusted nodes and no placement asked: one segment each, never two adjacent ones on the head.
+def test_two_trusted_nodes_get_one_segment_each() -> None:
+    # It put both segments on the head ([a, a]), leaving the second trusted node idle.
     assert [s.node_id for s in place(_records(("a", True), ("b", True)), 30).segments] == ["a", "b"]
 
 

@@ -108,9 +108,8 @@ def test_up_with_tls_by_default_and_every_command_after_it(home: Path, monkeypat
             assert json.loads(health.read())["status"] == "serving"  # and so does the gateway
 
         adjacent = splitmesh(home, "resplit", "--address", address, "--boundaries", "0,10,20,30",
-                             "--place", "node-0,node-0,node-1")
-        assert adjacent.returncode == 1 and "adjacent on node-0" in adjacent.stderr
-        assert "inf" not in adjacent.stdout
+                             "--place", "node-0,node-0,node-1", "--dry-run")
+        assert adjacent.returncode == 0 and "inf ms" not in adjacent.stdout  # a hop within one box costs no link
 
         drained = splitmesh(home, "drain", "--address", address, "node-1")
         assert drained.returncode == 0, drained.stderr

@@ -101,6 +101,8 @@ def evaluate_plan(problem: Problem, plan: Plan) -> CostBreakdown:
     dec = sum(s.decode_s for s in stages)
     ids = plan.node_ids
     for a, b in itertools.pairwise(ids):
+        if a == b:  # adjacent segments on one node: the activation never leaves the box (no link to price)
+            continue
         link = cluster.link(a, b)
         if link is None:
             return CostBreakdown(inf, inf, inf, inf, 0, inf, ())
