@@ -24,6 +24,9 @@ import torch
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 
+# Its home is common.store_errors (importable without torch); re-exported so callers keep this name.
+from common.store_errors import StoreError as StoreError  # noqa: PLC0414 - explicit re-export (mypy --strict)
+
 MANIFEST_FORMAT = "splitmesh-model/1"
 EMBED_ROLE = "embed"
 HEAD_ROLE = "head"
@@ -34,9 +37,6 @@ def layer_role(index: int) -> str:
     """Store role of decoder layer ``index`` (zero-padded so roles sort in layer order)."""
     return f"layer.{index:04d}"
 
-
-class StoreError(Exception):
-    """A store entry is missing, corrupted or malformed."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -172,7 +173,8 @@ class Stack:
 
     def __init__(self, compose: list[str], base: str) -> None:
         self.compose = compose
-        self.env = {**os.environ, "SPLITMESH_IMAGE": IMAGE, "SPLITMESH_BASE_IMAGE": base, "SPLITMESH_TORCH": "cpu"}
+        self.env = {**os.environ, "SPLITMESH_IMAGE": IMAGE, "SPLITMESH_BASE_IMAGE": base, "SPLITMESH_TORCH": "cpu",
+                    "SPLITMESH_ORCHESTRATOR_PORT": str(_free_port())}  # 50051 may be a local mesh's
 
     def cmd(self, *args: str) -> list[str]:
         return [*self.compose, "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), *args]
@@ -203,7 +205,7 @@ class Stack:
         raise ComposeTestError(f"not healthy after {timeout:.0f} s: {states}")
 
     def in_cli(self, *args: str, timeout: float = 300) -> list[dict[str, Any]]:
-        out = self.run("run", "--rm", "-T", "--entrypoint", "python", "cli", "-c", IN_CLI, *args,
+        out = self.run("run", "--rm", "-T", "--no-deps", "--entrypoint", "python", "cli", "-c", IN_CLI, *args,
                        timeout=timeout).stdout
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -216,6 +218,13 @@ class Stack:
 
     def down(self) -> None:
         self.run("down", "-v", "--remove-orphans", "--timeout", "5", check=False, timeout=300)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def plan_nodes(status: dict[str, Any]) -> set[str]:
@@ -265,7 +274,7 @@ def check_secrets(stack: Stack) -> None:
 
 
 def cli_generate(stack: Stack, ref: Reference) -> None:
-    out = stack.run("run", "--rm", "-T", "cli", "generate", "--max-new-tokens", str(SHORT), PROMPT).stdout
+    out = stack.run("run", "--rm", "-T", "--no-deps", "cli", "generate", "--max-new-tokens", str(SHORT), PROMPT).stdout
     if out != ref.text[SHORT] + "\n":
         raise ComposeTestError(f"cli generate printed {out!r}, the local mesh {ref.text[SHORT]!r}")
     ids = [e["id"] for e in stack.in_cli("generate", PROMPT, str(SHORT))]
@@ -278,7 +287,7 @@ def kill_cloud_mid_generation(stack: Stack, ref: Reference) -> dict[str, Any]:
     if "cloud" not in plan_nodes(before):
         raise ComposeTestError(f"the plan does not use cloud, so killing it tests nothing: {before['segments']}")
     cloud = stack.container("cloud")
-    proc = subprocess.Popen(stack.cmd("run", "--rm", "-T", "--entrypoint", "python", "cli", "-c", IN_CLI,
+    proc = subprocess.Popen(stack.cmd("run", "--rm", "-T", "--no-deps", "--entrypoint", "python", "cli", "-c", IN_CLI,
                                       "generate", PROMPT, str(LONG)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stack.env)
     assert proc.stdout is not None
@@ -311,7 +320,7 @@ def kill_cloud_mid_generation(stack: Stack, ref: Reference) -> dict[str, Any]:
     return before
 
 
-def restart_cloud(stack: Stack, before: dict[str, Any], ref: Reference, timeout: float = 180) -> None:
+def restart_cloud(stack: Stack, before: dict[str, Any], ref: Reference, timeout: float = 300) -> None:
     """docker start the killed box; it must register, go healthy and host a segment again."""
     sh(["docker", "start", stack.container("cloud")])
     stack.wait_healthy(["cloud"], timeout)
@@ -327,7 +336,7 @@ def restart_cloud(stack: Stack, before: dict[str, Any], ref: Reference, timeout:
         # The adaptive loop may keep a working plan; the operator installs the first plan again.
         boundaries = [str(before["segments"][0][0])] + [str(s[1]) for s in before["segments"]]
         placement = [s[2] for s in before["segments"]]
-        stack.run("run", "--rm", "-T", "cli", "resplit", "--boundaries", ",".join(boundaries),
+        stack.run("run", "--rm", "-T", "--no-deps", "cli", "resplit", "--boundaries", ",".join(boundaries),
                   "--place", ",".join(placement))
         status = stack.status()
     if "cloud" not in plan_nodes(status) or not status["serving"]:

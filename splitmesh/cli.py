@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from common.model_store import StoreError
+    from common.store_errors import StoreError  # not common.model_store: `health` probes must not load torch
 
     args = build_parser().parse_args(argv)
     # Global TLS flags go through the environment so every SDK client in this process (the gateway's too) uses them.

@@ -206,3 +206,13 @@ def services_build(compose: Mapping[str, Any]) -> dict[str, Any]:
 def test_no_top_level_name_for_docker_compose_1_29(compose: dict[str, Any]) -> None:
     """Debian's docker-compose 1.29 rejects the top-level `name:`; the project name comes from -p."""
     assert "name" not in compose
+
+
+def test_the_health_probe_does_not_load_torch() -> None:
+    """Every container's health check runs `splitmesh health`; importing torch made it take longer than the probe
+    timeout on a busy box, so healthy containers were reported unhealthy."""
+    code = ("import sys; from splitmesh.cli import main; main(['health', '--address', '127.0.0.1:1']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
