@@ -241,7 +241,8 @@ def local_reference(workdir: Path) -> Reference:
     from splitmesh.launcher import LocalMesh, MeshSpec
 
     # A fresh import by this checkout's code, cached per version of that code (the import takes minutes here).
-    code = hashlib.sha256(b"".join((ROOT / "common" / f).read_bytes() for f in ("model_import.py", "model_store.py")))
+    code = hashlib.sha256(b"".join((ROOT / "common" / f).read_bytes() for f in ("model_import.py", "model_store.py"))
+                          + (ROOT / "pyproject.toml").read_bytes())
     store = ModelStore(CACHE / "stores" / code.hexdigest()[:16])
     if EMBEDDED_MODEL_NAME in store.names() and not store.open(EMBEDDED_MODEL_NAME).missing_or_corrupt():
         ref = Reference(digest=store.resolve(EMBEDDED_MODEL_NAME))
