@@ -280,6 +280,15 @@ def test_role_files_refuse_to_start_without_their_required_variables(name: str, 
         interpolate(_load(COMPOSE_DIR / name), env)
 
 
+def test_role_files_start_without_the_variables_of_inactive_profiles() -> None:
+    """Compose interpolates every service, profiles or not: a required Grafana password stopped a plain `up`."""
+    env = {k: v for k, v in SAMPLE_ENV.items() if k != "GRAFANA_ADMIN_PASSWORD"}
+    doc = interpolate(_load(COMPOSE_DIR / "orchestrator.yml"), env)
+    grafana = doc["services"]["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == ""
+    assert 'test -n "$GF_SECURITY_ADMIN_PASSWORD"' in grafana["entrypoint"][-1]  # Grafana itself refuses to start
+
+
 def role_secret_problems(doc: Mapping[str, Any]) -> list[str]:
     """Where a container of an (interpolated) role file could read a key that is not its own, or the CA key."""
     problems = []
