@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test check lint typecheck proto pytest bench clean
+.PHONY: install demo test check lint typecheck proto pytest bench compose-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) bench/overhead.py
+
+# docker-compose.yml for real: build, up, generate, kill the cloud box mid-generation, restart it, down -v.
+compose-test: install
+	$(PY) scripts/compose_test.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

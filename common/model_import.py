@@ -15,7 +15,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,12 +36,20 @@ from common.model_store import (
     tensors_to_bytes,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 EMBEDDED_MODEL_NAME = model_store.EMBEDDED_MODEL_NAME  # its home is the store; importers of this module keep it
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version")
+# How the tokenizer was loaded (offline mode, a local folder), which transformers writes back into
+# tokenizer_config.json: left in, the same model got another digest under HF_HUB_OFFLINE=1 (the image).
+_DROP_TOKENIZER_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash", "cache_dir", "revision",
+                        "subfolder", "token", "force_download", "proxies", "gguf_file")
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # Shapes of well-known models for random-weight imports (performance work, no download).
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
@@ -76,6 +84,18 @@ def embedded_gguf_path() -> Path:
 
 def clean_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in _DROP_CONFIG_KEYS}
+
+
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+    """The files ``save_pretrained`` writes, minus how this process loaded the tokenizer: only the model's own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    if TOKENIZER_CONFIG in files:
+        config = {k: v for k, v in json.loads(files[TOKENIZER_CONFIG]).items() if k not in _DROP_TOKENIZER_KEYS}
+        # transformers' own layout, so a re-save of the stored tokenizer gives back the same bytes
+        files[TOKENIZER_CONFIG] = (json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    return files
 
 
 def role_of(key: str) -> tuple[str, str]:
@@ -119,10 +139,9 @@ class _ManifestBuilder:
         converted = convert_tensors(tensors, self.weight_dtype)
         self.files[role] = self.store.put_blob(tensors_to_bytes(converted))
 
-    def add_tokenizer(self, folder: Path) -> None:
-        for path in sorted(folder.iterdir()):
-            if path.is_file():
-                self.files[TOKENIZER_PREFIX + path.name] = self.store.put_blob(path.read_bytes())
+    def add_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        for name, data in sorted(tokenizer_files(tokenizer).items()):
+            self.files[TOKENIZER_PREFIX + name] = self.store.put_blob(data)
 
     def finish(self, name: str, config: dict[str, Any], tied: bool) -> str:
         config = {**config, "dtype": compute_dtype_name(self.weight_dtype)}
@@ -177,9 +196,7 @@ def import_gguf(store: ModelStore, gguf: Path, name: str, progress: ProgressFact
         tied = bool(model.config.tie_word_embeddings)
         builder = _ManifestBuilder(store, dtype)
         _write_state_dict(builder, model.state_dict(), tied, bar)
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer.save_pretrained(tmp)
-            builder.add_tokenizer(Path(tmp))
+        builder.add_tokenizer(tokenizer)
         return builder.finish(name, clean_config(model.config.to_dict()), tied)
 
 
@@ -231,9 +248,7 @@ def import_checkpoint(store: ModelStore, folder: Path, name: str, progress: Prog
         except (OSError, ValueError) as exc:
             log.warning("no tokenizer in %s (%s): the model will accept token ids only", folder, exc)
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                tokenizer.save_pretrained(tmp)
-                builder.add_tokenizer(Path(tmp))
+            builder.add_tokenizer(tokenizer)
     return builder.finish(name, clean_config(config.to_dict()), tied)
 
 

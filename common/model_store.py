@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from common.dtypes import compute_dtype_name
 
+# Its home is common.store_errors (importable without torch); re-exported so callers keep this name.
+from common.store_errors import StoreError as StoreError  # noqa: PLC0414 - explicit re-export (mypy --strict)
+
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: `splitmesh` commands start quickly
     import torch
 
@@ -37,9 +40,6 @@ def layer_role(index: int) -> str:
     """Store role of decoder layer ``index`` (zero-padded so roles sort in layer order)."""
     return f"layer.{index:04d}"
 
-
-class StoreError(Exception):
-    """A store entry is missing, corrupted or malformed."""
 
 
 @dataclass(frozen=True)

@@ -267,7 +267,7 @@ def _mesh_error(args: argparse.Namespace, exc: SplitmeshError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from common.model_store import StoreError
+    from common.store_errors import StoreError  # not common.model_store: `health` probes must not load torch
     from splitmesh.launcher import MeshStartError
 
     args = build_parser().parse_args(argv)

@@ -29,6 +29,7 @@ from common.config import build
 from common.transport import TLS_ENV
 from node_agent.config import NodeConfig
 from orchestrator.config import OrchestratorConfig
+from tests.test_compose import TLS_DIR, mounts, tls_id
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -43,7 +44,7 @@ NODE_METRICS_PORT = 9465  # node agents' --metrics-port (their own splitmesh_age
 ROLE_FILES = ("orchestrator.yml", "edge-trusted.yml", "node.yml")
 # Compose-time variables that are not component settings; README's "Deploying across boxes" documents each.
 DEPLOY_VARS = {"SPLITMESH_IMAGE", "SPLITMESH_CERTS_DIR", "SPLITMESH_GATEWAY_ID", "SPLITMESH_GATEWAY_BIND",
-               "GRAFANA_ADMIN_PASSWORD"}
+               "GRAFANA_ADMIN_PASSWORD", "SPLITMESH_NODE_PORT", "SPLITMESH_BASE_IMAGE", "SPLITMESH_TORCH"}
 CLIENT_ENV = {*TLS_ENV, "SPLITMESH_ADDRESS"}  # what the CLI, SDK and gateway read
 SAMPLE_ENV = {
     "SPLITMESH_CERTS_DIR": "/etc/splitmesh/certs",
@@ -210,7 +211,7 @@ def test_role_files_match_the_compose_spec(role_file: tuple[str, dict[str, Any]]
 @pytest.mark.skipif(not SCHEMA.exists(), reason=f"compose schema not found at {SCHEMA}")
 def test_the_compose_check_rejects_a_broken_role_file() -> None:
     broken = copy.deepcopy(_load(COMPOSE_DIR / "node.yml"))
-    broken["services"]["node"]["volumes"] = "state:/var/lib/splitmesh/node"  # a list, not a string
+    broken["services"]["node"]["volumes"] = "node-state:/var/lib/splitmesh/node"  # a list, not a string
     assert compose_errors(broken)
     broken = copy.deepcopy(_load(COMPOSE_DIR / "node.yml"))
     broken["services"]["node"]["restart_policy"] = "always"  # not a service key
@@ -247,9 +248,9 @@ def test_role_files_configure_the_component_they_run(name: str) -> None:
     assert config.listen.startswith("0.0.0.0:")  # reachable from other boxes ...
     assert config.tls_dir  # ... so only with mutual TLS
     assert not config.insecure
-    mounts = {v.split(":")[1]: v for v in service["volumes"]}
-    assert mounts[config.tls_dir] == f"{SAMPLE_ENV['SPLITMESH_CERTS_DIR']}:{config.tls_dir}:ro"
-    assert config.state_dir in mounts  # state survives re-creating the container
+    targets = {dst: src for src, dst, _ in mounts(service)}
+    assert targets[f"{config.tls_dir}/ca.crt"] == f"{SAMPLE_ENV['SPLITMESH_CERTS_DIR']}/ca.crt"
+    assert config.state_dir in targets  # state survives re-creating the container
     assert f"{port}:{port}" in service["ports"]
     health = " ".join(service["healthcheck"]["test"][1:])
     assert f"health --address 127.0.0.1:{port}" in health
@@ -280,6 +281,57 @@ def test_role_files_refuse_to_start_without_their_required_variables(name: str, 
     env = {k: v for k, v in SAMPLE_ENV.items() if k != missing}
     with pytest.raises(InterpolationError, match=missing):
         interpolate(_load(COMPOSE_DIR / name), env)
+
+
+def test_role_files_start_without_the_variables_of_inactive_profiles() -> None:
+    """Compose interpolates every service, profiles or not: a required Grafana password stopped a plain `up`."""
+    env = {k: v for k, v in SAMPLE_ENV.items() if k != "GRAFANA_ADMIN_PASSWORD"}
+    doc = interpolate(_load(COMPOSE_DIR / "orchestrator.yml"), env)
+    grafana = doc["services"]["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == ""
+    assert 'test -n "$GF_SECURITY_ADMIN_PASSWORD"' in grafana["entrypoint"][-1]  # Grafana itself refuses to start
+
+
+def role_secret_problems(doc: Mapping[str, Any]) -> list[str]:
+    """Where a container of an (interpolated) role file could read a key that is not its own, or the CA key."""
+    problems = []
+    for name, service in doc["services"].items():
+        own = tls_id(service)
+        tls = {dst.removeprefix(TLS_DIR + "/"): (src, ro) for src, dst, ro in mounts(service)
+               if dst == TLS_DIR or dst.startswith(TLS_DIR + "/")}
+        if own is None:
+            if tls:
+                problems.append(f"{name} mounts {sorted(tls)} but presents no certificate")
+            continue
+        wanted = {"ca.crt", f"{own}.crt", f"{own}.key"}
+        if set(tls) != wanted:
+            problems.append(f"{name} (certificate {own}) mounts {sorted(tls)} in {TLS_DIR}, not {sorted(wanted)}")
+        for file, (src, ro) in tls.items():
+            if Path(src).name != file or not ro:
+                problems.append(f"{name} mounts {src} as {file}{'' if ro else ' writable'}")
+        problems += [f"{name} mounts {src}" for src, _, _ in mounts(service) if Path(src).name == "ca.key"]
+    return problems
+
+
+@pytest.mark.parametrize("name", ROLE_FILES)
+def test_role_files_mount_only_the_box_own_key_and_never_the_ca_key(name: str) -> None:
+    doc = interpolate(_load(COMPOSE_DIR / name), SAMPLE_ENV)
+    assert role_secret_problems(doc) == []
+    if name == "edge-trusted.yml":  # the gateway on the head box presents its own client certificate
+        assert tls_id(doc["services"]["gateway"]) == "gateway"
+
+
+def test_the_role_secret_check_rejects_a_whole_certs_folder_or_another_key() -> None:
+    doc = interpolate(_load(COMPOSE_DIR / "node.yml"), SAMPLE_ENV)
+    whole = copy.deepcopy(doc)
+    whole["services"]["node"]["volumes"][1:] = [f"{SAMPLE_ENV['SPLITMESH_CERTS_DIR']}:{TLS_DIR}:ro"]
+    assert role_secret_problems(whole)
+    other = copy.deepcopy(doc)
+    other["services"]["node"]["volumes"][-1]["source"] = "/etc/splitmesh/certs/cloud.key"
+    assert role_secret_problems(other) == ["node mounts /etc/splitmesh/certs/cloud.key as edge-a.key"]
+    ca = copy.deepcopy(doc)
+    ca["services"]["node"]["volumes"].append("/etc/splitmesh/certs/ca.key:/tmp/ca.key:ro")
+    assert role_secret_problems(ca) == ["node mounts /etc/splitmesh/certs/ca.key"]
 
 
 def test_only_the_trusted_edge_runs_the_gateway() -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from common.model_import import import_checkpoint, import_random
+from common.model_import import TOKENIZER_CONFIG, import_checkpoint, import_random, tokenizer_files
 from common.model_store import EMBED_ROLE, HEAD_ROLE, ModelStore, StoredModel, StoreError, layer_role
 from common.reference_model import load_reference_model
 
@@ -73,3 +74,24 @@ def test_checkpoint_folder_import_matches_the_original(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 5, 9, 200, 7]])
     with torch.inference_mode():
         assert torch.equal(original(ids).logits, rebuilt(ids).logits)
+
+
+def test_stored_tokenizer_does_not_depend_on_how_it_was_loaded(embedded: StoredModel, tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE=1 (as in the image) loads with local_files_only=True, which transformers writes into
+    tokenizer_config.json: the store must keep only the model's own files, or the digest follows the loader."""
+    folder = embedded.export_tokenizer(tmp_path / "tok")
+    online = AutoTokenizer.from_pretrained(str(folder), local_files_only=False)
+    offline = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    for tok, name in ((online, "a"), (offline, "b")):
+        tok.save_pretrained(tmp_path / name)
+    raw = [json.loads((tmp_path / n / TOKENIZER_CONFIG).read_text()) for n in "ab"]
+    assert raw[0] != raw[1], "transformers no longer records how a tokenizer was loaded: revisit this test"
+    assert tokenizer_files(online) == tokenizer_files(offline)
+    config = json.loads(tokenizer_files(offline)[TOKENIZER_CONFIG])
+    assert not {"is_local", "local_files_only", "name_or_path"} & set(config)
+    # A tokenizer read back from such a store re-saves to the very same bytes (re-imports keep the digest).
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for name, data in tokenizer_files(offline).items():
+        (clean / name).write_bytes(data)
+    assert tokenizer_files(AutoTokenizer.from_pretrained(str(clean))) == tokenizer_files(offline)
