@@ -297,16 +297,17 @@ def test_bad_requests_are_refused_before_tokenizing(mesh: LocalMesh, sampling: p
 
 
 def test_only_the_owner_cancels_a_session(mesh: LocalMesh, prompt: list[int], expected: list[int]) -> None:
-    """Another client's certificate, or a node's, hears NOT_FOUND (as for an unknown id) and the victim's
-    stream is untouched; the owner's Cancel ends its own stream with CANCELLED and frees the slot."""
+    """Another client's certificate hears NOT_FOUND (as for an unknown id), a node's PERMISSION_DENIED (nodes may not
+    call Cancel at all: common.authz), and the victim's stream is untouched; the owner's Cancel ends its own stream
+    with CANCELLED and frees the slot."""
     with mesh.client() as client:
         stream = client.generate(prompt, max_new_tokens=12, ignore_eos=True)
         first = next(stream)
-        for name in ("mallory", "node-1"):
+        for name, code in (("mallory", grpc.StatusCode.NOT_FOUND), ("node-1", grpc.StatusCode.PERMISSION_DENIED)):
             with sync_channel(mesh.node_addresses["node-0"], _tls(mesh, name), HEAD) as channel:
                 with pytest.raises(grpc.RpcError) as caught:
                     pb_grpc.NodeStub(channel).Cancel(pb.CancelRequest(session_id=first.session_id), timeout=10)
-                assert caught.value.code() == grpc.StatusCode.NOT_FOUND, name
+                assert caught.value.code() == code, name
         assert [first.token_id, *(e.token_id for e in stream)] == expected
 
         stream = client.generate(prompt, max_new_tokens=12, ignore_eos=True)
