@@ -104,7 +104,7 @@ def check_request(request: pb.GenerateRequest, has_tokenizer: bool, limits: Requ
     if which == "prompt":
         size = _text_bytes([request.prompt], limits.max_prompt_bytes)
         if size > limits.max_prompt_bytes:
-            raise ContextLengthError(f"prompt exceeds the {limits.max_prompt_bytes}-byte limit", "prompt")
+            raise RequestError(f"prompt exceeds the {limits.max_prompt_bytes}-byte limit", "prompt")
     elif which == "messages":
         messages = request.messages.messages
         if not messages:
@@ -113,7 +113,7 @@ def check_request(request: pb.GenerateRequest, has_tokenizer: bool, limits: Requ
             raise RequestError(f"{len(messages)} messages, the limit is {limits.max_messages}")
         size = _text_bytes([t for m in messages for t in (m.role, m.content)], limits.max_prompt_bytes)
         if size > limits.max_prompt_bytes:
-            raise ContextLengthError(f"messages exceed the {limits.max_prompt_bytes}-byte limit", "prompt")
+            raise RequestError(f"messages exceed the {limits.max_prompt_bytes}-byte limit", "prompt")
         bad_roles = {m.role for m in messages} - {"system", "user", "assistant"}
         if bad_roles:
             raise RequestError(f"unknown message roles: {sorted(bad_roles)}")
