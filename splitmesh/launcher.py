@@ -162,8 +162,14 @@ class LocalMesh:
         # The mesh's own flags decide TLS: settings from the caller's environment must not leak into it.
         inherited = {k: v for k, v in os.environ.items() if k not in TLS_ENV}
         env = {**inherited, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
-        self.processes[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log_file,
-                                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # Ctrl-C between the fork and the bookkeeping would orphan the child (stop() would not know it): the
+        # signal waits until the process is recorded.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self.processes[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log_file,
+                                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def start_orchestrator(self, nodes_booting: bool = False) -> None:
         """``nodes_booting``: the nodes start with it (``start``), so plan nodes get the long rejoin grace."""
