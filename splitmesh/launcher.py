@@ -15,8 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -130,6 +131,26 @@ def ensure_local_pki(directory: Path, node_ids: Sequence[str]) -> TlsConfig:
     return TlsConfig.from_dir(directory, DEFAULT_CLIENT_ID)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C (or SIGTERM) between a fork and its bookkeeping would orphan the child, which stop() would then
+    not know: such a signal is held and delivered, to the handler it was meant for, once the block is done.
+    (A blocked signal mask would be inherited by the child and keep it from ever stopping.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers run in the main thread only: no signal interrupts this one
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for held in pending:
+            signal.raise_signal(held)
+
+
 class LocalMesh:
     def __init__(self, spec: MeshSpec) -> None:
         self.spec = spec
@@ -162,8 +183,9 @@ class LocalMesh:
         # The mesh's own flags decide TLS: settings from the caller's environment must not leak into it.
         inherited = {k: v for k, v in os.environ.items() if k not in TLS_ENV}
         env = {**inherited, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
-        self.processes[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log_file,
-                                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with _signals_deferred():
+            self.processes[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log_file,
+                                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def start_orchestrator(self, nodes_booting: bool = False) -> None:
         """``nodes_booting``: the nodes start with it (``start``), so plan nodes get the long rejoin grace."""

@@ -107,8 +107,8 @@ def test_up_with_tls_by_default_and_every_command_after_it(home: Path, monkeypat
         with running(build_app(address)) as url, urllib.request.urlopen(f"{url}/health", timeout=30) as health:
             assert json.loads(health.read())["status"] == "serving"  # and so does the gateway
 
-        adjacent = splitmesh(home, "resplit", "--address", address, "--boundaries", "0,10,20,30",
-                             "--place", "node-0,node-0,node-1", "--dry-run")
+        adjacent = splitmesh(home, "resplit", "--address", address, "--boundaries", "0,5,10,20,30",
+                             "--place", "node-0,node-0,node-1,node-0", "--dry-run")
         assert adjacent.returncode == 0 and "inf ms" not in adjacent.stdout  # a hop within one box costs no link
 
         drained = splitmesh(home, "drain", "--address", address, "node-1")
