@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from common.chat import chat_token_ids
 from common.dtypes import activation_bytes, compute_dtype_name
@@ -19,8 +21,10 @@ from common.reference_model import load_reference_model
 from common.spans import Span
 from node_agent.segment import SegmentRunner
 from tests.conftest import reference_greedy
+from tests.test_split_equals_generate import PROMPTS, SPLITS
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
+SPLIT_TOKENS = 12
 
 
 def _layer_bytes(model: StoredModel) -> int:
@@ -92,24 +96,40 @@ def test_segments_compute_in_the_store_dtype(dtype_store: ModelStore, embedded: 
     assert full.parameter_bytes() / fp32_bytes < (0.51 if dtype == "bfloat16" else 0.27)
 
 
+@pytest.fixture(scope="module")
+def expected_greedy(dtype_store: ModelStore, tokenizer: PreTrainedTokenizerBase) -> dict[str, dict[str, list[int]]]:
+    """``generate`` on the same weights in the same dtype: per dtype, per prompt of the oracle test set."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for dtype in ("bfloat16", "int8"):
+        reference = load_reference_model(dtype_store.open(f"{EMBEDDED_MODEL_NAME}-{dtype}"))
+        out[dtype] = {p: reference_greedy(reference, chat_token_ids(tokenizer, [{"role": "user", "content": p}]),
+                                          SPLIT_TOKENS) for p in PROMPTS}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["uneven, ring closes at head"])  # every split runs live in test_dtype_mesh.py
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_split_greedy_equals_generate_in_dtype(dtype_store: ModelStore, tokenizer: object, dtype: str) -> None:
-    """In-process chain of uneven segments: the same greedy ids as ``generate`` on the same weights and dtype."""
+def test_split_greedy_equals_generate_in_dtype(dtype_store: ModelStore, tokenizer: PreTrainedTokenizerBase,
+                                               expected_greedy: dict[str, dict[str, list[int]]], dtype: str,
+                                               split: str) -> None:
+    """An in-process chain of uneven segments: the same greedy ids as ``generate`` for every oracle prompt."""
     model = dtype_store.open(f"{EMBEDDED_MODEL_NAME}-{dtype}")
-    ids = chat_token_ids(tokenizer, [{"role": "user", "content": "Write a haiku about the sea."}])  # type: ignore[arg-type]
-    expected = reference_greedy(load_reference_model(model), ids, 16)
-    runners = [SegmentRunner(model, s) for s in (Span(0, 2), Span(2, 27), Span(27, 30))]
-    caches = [r.new_cache() for r in runners]
-    tokens: list[int] = []
-    step, position = torch.tensor([ids]), 0
-    while len(tokens) < len(expected):
-        hidden = step
-        for runner, cache in zip(runners, caches, strict=True):
-            hidden = runner.run(cache, hidden, position)
-        position += step.shape[1]
-        tokens.append(int(runners[-1].last_logits(hidden).argmax()))
-        step = torch.tensor([[tokens[-1]]])
-    assert tokens == expected
+    boundaries = SPLITS[split][0]
+    runners = [SegmentRunner(model, Span(a, b)) for a, b in itertools.pairwise(boundaries)]
+    for prompt in PROMPTS:
+        ids = chat_token_ids(tokenizer, [{"role": "user", "content": prompt}])
+        caches = [r.new_cache() for r in runners]
+        tokens: list[int] = []
+        step, position = torch.tensor([ids]), 0
+        while len(tokens) < len(expected_greedy[dtype][prompt]):
+            hidden = step
+            for runner, cache in zip(runners, caches, strict=True):
+                hidden = runner.run(cache, hidden, position)
+            position += step.shape[1]
+            tokens.append(int(runners[-1].last_logits(hidden).argmax()))
+            step = torch.tensor([[tokens[-1]]])
+        assert tokens == expected_greedy[dtype][prompt], f"{dtype}, {split}: {prompt!r}"
 
 
 def test_cli_import_takes_a_dtype(tmp_path: Path) -> None:
