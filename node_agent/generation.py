@@ -177,13 +177,6 @@ def tokenize_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizer
     return PreparedRequest(ids, request.max_new_tokens, _sampling_of(request), tuple(request.stop), eos)
 
 
-def prepare_request(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase | None, limits: RequestLimits,
-                    config_eos: object) -> PreparedRequest:
-    """Validate everything up front so a bad request fails before any node does work."""
-    check_request(request, tokenizer is not None, limits)
-    return tokenize_request(request, tokenizer, limits, config_eos)
-
-
 class Detokenizer:
     """Turns a growing list of ids into text deltas, holding back incomplete UTF-8 sequences.
 
