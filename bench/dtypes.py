@@ -8,6 +8,9 @@ embedded import itself) and measured:
 - a 3-segment mesh on loopback (real node processes, encrypted hops): single-session decode ms/token and
   tokens/s, resident memory (RSS) of every node; the mesh's many-session figures wait for batching;
 - bytes per hop per token: the payload of one decode step's activation, as the tensor codec encodes it;
+- the peer, when ``scripts/build_llama_cpp.sh`` has built it: llama.cpp on the embedded Q4_1 GGUF itself,
+  single-stream, ``--sessions`` parallel sequences and a 2-way RPC split on loopback (bench/llama_cpp_peer.py),
+  with splitmesh / llama.cpp ratios;
 - quality against fp32 (not a gate): greedy agreement on the test prompts and perplexity on the first
   ``--ppl-tokens`` tokens of the Apache-2.0 text that ships in grpcio's dist-info (``licenses/LICENSE``).
 
@@ -39,9 +42,16 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import llama_cpp_peer
 from bench.overhead import single_process_step_times
 from common.chat import chat_token_ids
-from common.model_import import EMBEDDED_MODEL_NAME, default_name, ensure_embedded, import_stored
+from common.model_import import (
+    EMBEDDED_MODEL_NAME,
+    default_name,
+    embedded_gguf_path,
+    ensure_embedded,
+    import_stored,
+)
 from common.model_store import ModelStore, StoredModel
 from common.reference_model import load_reference_model
 from common.spans import Span
@@ -221,6 +231,44 @@ def agreement(ours: dict[str, list[int]], fp32: dict[str, list[int]]) -> tuple[i
     return same, prefix / sum(len(v) for v in fp32.values())
 
 
+def peer_figures(args: argparse.Namespace, figures: dict[str, dict[str, Any]],
+                 console: Console) -> dict[str, Any] | None:
+    """llama.cpp on the same GGUF in the same run, and splitmesh's best figures as ratios of it."""
+    bin_dir = llama_cpp_peer.binaries(args.llama_cpp.expanduser())
+    if bin_dir is None:
+        console.print(f"llama.cpp peer skipped: not built in {args.llama_cpp} (scripts/build_llama_cpp.sh)")
+        return None
+    peer: dict[str, Any] = dict(llama_cpp_peer.measure(bin_dir, embedded_gguf_path(), tokens=args.tokens,
+                                                       sequences=args.sessions, threads=args.threads))
+    parallel = f"parallel{args.sessions}_tokens_per_s"
+    ours = {
+        "single process, 1 session": ("single_tokens_per_s", "single_tokens_per_s"),
+        f"single process, {args.sessions} sessions": (f"batch{args.sessions}_tokens_per_s", parallel),
+        "3-segment mesh vs llama.cpp 2-way RPC split": ("mesh3_tokens_per_s", "rpc2_tokens_per_s"),
+    }
+    table = Table(title=f"llama.cpp {llama_cpp_peer.VERSION} on the Q4_1 GGUF, tokens/s, and splitmesh / llama.cpp")
+    table.add_column("figure")
+    table.add_column("llama.cpp", justify="right")
+    for dtype in figures:
+        table.add_column(dtype, justify="right")
+    ratios: dict[str, dict[str, float]] = {}
+    for label, (key, peer_key) in ours.items():
+        cells = []
+        for dtype, fig in figures.items():
+            if key in fig and peer[peer_key]:
+                ratio = round(fig[key] / peer[peer_key], 3)
+                ratios.setdefault(dtype, {})[key] = ratio
+                cells.append(f"{fig[key]:.1f} ({ratio:.2f}x)")
+            else:
+                cells.append("-")
+        table.add_row(label, f"{peer[peer_key]:.1f}", *cells)
+    table.add_row("llama.cpp 1 thread, 1 sequence", f"{peer['single_1thread_tokens_per_s']:.1f}",
+                  *("" for _ in figures))
+    console.print(table)
+    peer["splitmesh_over_llama_cpp"] = ratios
+    return peer
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="~/.cache/splitmesh/store", help="store holding (or to receive) the models")
@@ -232,6 +280,8 @@ def main() -> int:
     parser.add_argument("--ppl-tokens", type=int, default=2048)
     parser.add_argument("--no-mesh", action="store_true", help="skip the 3-segment mesh")
     parser.add_argument("--no-quality", action="store_true", help="skip perplexity and greedy agreement")
+    parser.add_argument("--llama-cpp", type=Path, default=llama_cpp_peer.DEFAULT_DIR,
+                        help="where scripts/build_llama_cpp.sh built the peer (skipped when it is not there)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
@@ -306,8 +356,10 @@ def main() -> int:
         if best[0]:
             console.print(f"best 3-segment mesh single-session decode: {best[0]:.1f} tokens/s ({best[1]}), target >= "
                           f"{TARGETS['mesh_tps']:.1f} (2x 13.3)")
+    peer = peer_figures(args, figures, console)
     print(json.dumps({"threads": args.threads, "tokens": args.tokens, "sessions": args.sessions,
-                      "ppl_source": "/".join(PPL_SOURCE), "ppl_tokens": args.ppl_tokens, "dtypes": figures}))
+                      "ppl_source": "/".join(PPL_SOURCE), "ppl_tokens": args.ppl_tokens, "dtypes": figures,
+                      "llama_cpp": peer}))
     return 0
 
 
