@@ -1,8 +1,10 @@
 """Per-boundary hop overhead read from the nodes' own Prometheus histograms.
 
-Each sender observes, per step, its wait for the token minus the time the receiver reports for the
-same step (``ForwardReply.downstream_s``): what crossing the boundary cost, with every node's compute
-taken out. That is far steadier on a shared box than subtracting two end-to-end token times.
+The head observes, per step, its wait for the tail's token minus the compute every node after it
+reported for the same step (``ActivationFrame.compute_s``, summed along the chain and passed on in
+``TokenFrame.compute_s``), divided by the chain's node boundaries: what crossing one boundary cost per
+token, the token's direct way back to the head included, with every node's compute taken out. That is
+far steadier on a shared box than subtracting two end-to-end token times.
 """
 
 from __future__ import annotations

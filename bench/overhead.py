@@ -3,10 +3,10 @@
 All run in one session, interleaved round by round so machine noise hits them alike. The 3-segment
 mesh runs twice, with activation encryption on (the default) and off, to price the frame crypto
 (target: encrypted tokens/s >= 0.97x plaintext). The per-hop overhead is measured per step by the
-nodes themselves (see bench/hop_metrics.py): the sender's wait minus the receiver's own time, so
-compute noise cancels; the difference of end-to-end token times is printed beside it, and so is the
-floor of the transport itself on this box (bench/transport_floor.py: a bare gRPC aio stream between two
-processes with the same pause between round trips). Prints a table,
+nodes themselves (see bench/hop_metrics.py): the head's wait for the token minus the compute of every
+node after it, per boundary, so compute noise cancels; the difference of end-to-end token times is
+printed beside it, and so is the floor of the transport itself on this box (bench/transport_floor.py:
+a bare gRPC aio stream between two processes with the same pause between round trips). Prints a table,
 the ratios and the per-hop overhead, then one JSON line with every figure.
 
     .venv/bin/python bench/overhead.py --tokens 64 --rounds 5
@@ -119,7 +119,7 @@ def main() -> int:
         floor = floors(store.root, EMBEDDED_MODEL_NAME)
     median_ms = {k: statistics.median(v) * 1000 for k, v in samples.items()}
     tps = {k: 1000.0 / v for k, v in median_ms.items()}
-    boundaries = 2  # the 3-segment chain crosses two node boundaries per token (activation out, token id back)
+    boundaries = 2  # the 3-segment chain crosses two node boundaries per token (the token goes tail -> head)
     end_to_end_per_hop_ms = (median_ms["mesh3"] - median_ms["mesh1"]) / boundaries
     hop_ms = {f"{'encrypted' if m is three else 'plain'} {a}->{b}": quantile(buckets, 0.5) * 1000
               for m, per_link in hops.items() for (a, b), buckets in sorted(per_link.items())}
@@ -149,7 +149,8 @@ def main() -> int:
                        ("mesh3_plain", "mesh, 3 segments (in clear)")):
         table.add_row(label, f"{median_ms[key]:.2f}", f"{tps[key]:.2f}", f"{tps[key] / tps['single']:.3f}x")
     console.print(table)
-    console.print(f"per-hop overhead (node boundary, activation + token back, measured per step by the sender): "
+    console.print(f"per-hop overhead (per node boundary: the ring's wait beyond compute over its boundaries, "
+                  f"measured per step by the head): "
                   f"{per_hop_ms:.3f} ms median (target <= 0.5 ms); by link: "
                   + ", ".join(f"{k} {v:.3f} ms" for k, v in hop_ms.items()))
     console.print(f"transport floor (bare gRPC aio, no splitmesh code): {floor['floor_back_to_back_ms']:.3f} ms back "

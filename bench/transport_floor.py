@@ -27,7 +27,6 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.proto import splitmesh_pb2 as pb
-from common.proto import splitmesh_pb2_grpc as pb_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Node"].full_name
 HIDDEN = 576
@@ -57,16 +56,17 @@ def _serve(port: int, store_root: str, model: str, compute: bool, ready: mp.sync
         state["position"] += 1
 
     async def forward(request_iterator: AsyncIterator[pb.ForwardRequest],
-                      context: grpc.aio.ServicerContext[pb.ForwardRequest, pb.ForwardReply],
-                      ) -> AsyncIterator[pb.ForwardReply]:
+                      context: grpc.aio.ServicerContext[pb.ForwardRequest, pb.TokenFrame],
+                      ) -> AsyncIterator[pb.TokenFrame]:
         loop = asyncio.get_running_loop()
         async for request in request_iterator:
             started = time.perf_counter()
             await loop.run_in_executor(None, work)
-            yield pb.ForwardReply(step=request.frame.step, downstream_s=time.perf_counter() - started)
+            # The answer is a token frame, as a tail sends one per step; its compute_s is the server's time.
+            yield pb.TokenFrame(step=request.frame.step, token_id=1, compute_s=time.perf_counter() - started)
 
     handler = grpc.stream_stream_rpc_method_handler(forward, request_deserializer=pb.ForwardRequest.FromString,
-                                                    response_serializer=pb.ForwardReply.SerializeToString)
+                                                    response_serializer=pb.TokenFrame.SerializeToString)
 
     async def main() -> None:
         server = grpc.aio.server()
@@ -82,7 +82,8 @@ def _serve(port: int, store_root: str, model: str, compute: bool, ready: mp.sync
 async def _round_trips(port: int, count: int, gap_s: float) -> list[float]:
     payload = bytes(HIDDEN * 4)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = pb_grpc.NodeStub(channel).Forward()
+        call = channel.stream_stream(f"/{SERVICE}/Forward", request_serializer=pb.ForwardRequest.SerializeToString,
+                                     response_deserializer=pb.TokenFrame.FromString)()
         overheads = []
         for step in range(count):
             started = time.perf_counter()
@@ -90,7 +91,8 @@ async def _round_trips(port: int, count: int, gap_s: float) -> list[float]:
                                                                         data=payload))
             await call.write(pb.ForwardRequest(frame=frame))
             reply = await call.read()
-            overheads.append(time.perf_counter() - started - reply.downstream_s)
+            assert isinstance(reply, pb.TokenFrame)
+            overheads.append(time.perf_counter() - started - reply.compute_s)
             if gap_s:
                 await asyncio.sleep(gap_s)
         call.cancel()

@@ -61,6 +61,8 @@ TABLE: Mapping[str, Rule] = {
     _NODE + "Generate": Rule(READERS),
     _NODE + "Cancel": Rule(READERS | {ORCHESTRATOR}, "only the identity that opened the session (NodeServicer)"),
     _NODE + "Forward": Rule(frozenset({NODE}), "the caller is the plan's predecessor of the segment (NodeServicer)"),
+    _NODE + "Deliver": Rule(frozenset({NODE}), "the caller is the plan's tail, this node its head, and the session "
+                            "waits here with no token stream yet (NodeServicer)"),
     _NODE + "Prepare": Rule(frozenset({ORCHESTRATOR})),
     _NODE + "Commit": Rule(frozenset({ORCHESTRATOR})),
     _NODE + "Abort": Rule(frozenset({ORCHESTRATOR})),

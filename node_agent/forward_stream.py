@@ -65,6 +65,7 @@ class ActivationReader:
         self._expected_step: int | None = None  # a stream opened by a replay starts at the step it resumes
         self._next_position = 0  # every stream starts at position 0 (a replay re-sends the whole history)
         self._started = False  # a frame has arrived
+        self.compute_s = 0.0  # the latest frame's compute since the head: a metric, never acted on
 
     def _in_progress(self) -> bool:
         return (self._receiver.in_progress if self._receiver is not None else self._assembler.in_progress)
@@ -148,6 +149,7 @@ class ActivationReader:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "only activation frames may follow the open")
         self._started = True
         frame = message.frame
+        self.compute_s = frame.compute_s
         if self._receiver is not None:
             return self._receiver.add(frame, self._admit)
         if frame.header or frame.ciphertext:

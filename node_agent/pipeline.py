@@ -1,18 +1,21 @@
 """One session's path from a given segment to the tail: local segments in-process, then the next node.
 
-The path ends where the last segment samples; the token id comes back up the same streams, so
-logits never leave the tail and a cancelled stream frees every cache downstream.
+Activations flow one way along the plan; the last segment samples and its node sends the token id
+straight to the head (node_agent/token_ring.py), so logits never leave the tail, no middle node sees a
+token, and a cancelled stream still frees every cache downstream (each node closes the next stream).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
 
 import grpc
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from common.certs import Identity
 from common.frame_crypto import MAX_FRAMES_PER_KEY, FrameCryptoError, public_key_from_bytes
@@ -20,39 +23,18 @@ from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.sealed_frames import SealedHopSender
+from common.sealed_tokens import TokenSender
 from common.tensor_codec import encode_tensor
 from common.tls import TlsConfig
 from common.transport import aio_channel
 from node_agent.compute import ComputeThread
+from node_agent.hops import HopError, broken_hop_code, hop_failure
 from node_agent.metrics_registry import ACTIVATION_BYTES, HOP_OVERHEAD_SECONDS, SEGMENT_SECONDS, TRANSFER_SECONDS
 from node_agent.sampler import SamplingConfig, sample
 from node_agent.segment import SegmentRunner
+from node_agent.token_ring import Delivered, LocalTokenSink, RemoteTokenSink, TokenInbox, TokenInboxes
 
 log = logging.getLogger(__name__)
-
-
-class HopError(Exception):
-    """The next node failed or broke the protocol; carries the status to pass upstream."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
-def broken_hop_code(code: grpc.StatusCode) -> grpc.StatusCode:
-    """No splitmesh node ends a stream with INTERNAL on purpose; gRPC's core reports it when the connection
-    breaks mid-message (a reset link, a proxy that drops the stream). That is a broken hop, as retryable
-    as UNAVAILABLE, not a bug of the request: the session replays on the next plan instead of failing."""
-    return grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.INTERNAL else code
-
-
-def hop_failure(exc: grpc.aio.AioRpcError, peer: str) -> HopError:
-    """What a failed call to the next node means for the session (see :func:`broken_hop_code`)."""
-    code = exc.code()
-    if code == grpc.StatusCode.INTERNAL:
-        return HopError(broken_hop_code(code), f"{peer}: the stream broke ({exc.details()})")
-    return HopError(code, f"{peer}: {exc.details()}")
 
 
 class ChannelPool:
@@ -76,60 +58,76 @@ class ChannelPool:
 
 
 class RemoteHop:
-    """The Forward stream to the node running the next segment of one session.
+    """The Forward stream to the node running the next segment of one session; activations flow one way.
 
-    With a ``sealer`` every activation chunk is encrypted for the peer; the token ids that come back
-    stay in clear at the frame layer (inside mutual TLS): each node on the way back relays them anyway,
-    so sealing them per hop would hide nothing from the nodes and only cost a second key exchange.
+    With a ``sealer`` every activation chunk is encrypted for the peer. The peer sends no reply per step
+    (the token goes from the tail straight to the head, see node_agent/token_ring.py); the stream's end is
+    watched beside the writes, and a failure downstream is reported to ``on_failure`` with its status.
     """
 
     def __init__(self, channel: grpc.aio.Channel, peer: str, opening: pb.ForwardOpen, chunk_bytes: int,
-                 timeout_s: float, sealer: SealedHopSender | None = None) -> None:
+                 timeout_s: float, sealer: SealedHopSender | None = None,
+                 on_failure: Callable[[HopError], None] | None = None) -> None:
         self._stub = pb_grpc.NodeStub(channel)
         self._peer = peer
         self._opening = opening
         self._chunk_bytes = chunk_bytes
         self._timeout_s = timeout_s
         self._sealer = sealer
+        self._on_failure = on_failure
         if sealer is not None:
             opening.key_envelope = sealer.key_envelope()
         self._call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply] | None = None
+        self._watch: asyncio.Future[None] | None = None
+        self._failure: HopError | None = None
+        self._closed = False
         self._seq = 0
         # Metric children looked up once: the per-step path stays short.
         self._sent_bytes = ACTIVATION_BYTES.labels(peer=peer)
         self._hop_seconds = TRANSFER_SECONDS.labels(peer=peer)
         self._overhead = {kind: HOP_OVERHEAD_SECONDS.labels(peer=peer, kind=kind) for kind in ("decode", "prefill")}
 
-    async def _open(self) -> grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]:
-        call = self._stub.Forward()
-        await call.write(pb.ForwardRequest(open=self._opening))
-        self._call = call
-        return call
-
-    async def step(self, step: int, position: int, hidden: torch.Tensor) -> int:
-        started = time.perf_counter()
+    async def send(self, step: int, position: int, hidden: torch.Tensor, compute_s: float) -> None:
+        """Write one step's activation; ``compute_s`` is the step's compute since the head (a metric)."""
+        if self._failure is not None:
+            raise self._failure
+        requests = self._requests(step, position, hidden)
+        for request in requests:
+            if request.HasField("frame"):
+                request.frame.compute_s = compute_s
         try:
-            call = self._call or await self._open()
-            for request in self._requests(step, position, hidden):
-                await call.write(request)
             async with asyncio.timeout(self._timeout_s):  # no task per step, unlike wait_for
-                reply = await call.read()
-            waited = time.perf_counter() - started
-            self._sent_bytes.inc(hidden.numel() * hidden.element_size())
-            self._hop_seconds.inc(waited)
+                if self._call is None:
+                    call = self._stub.Forward()
+                    self._call = call
+                    self._watch = asyncio.ensure_future(self._watch_end(call))
+                    await call.write(pb.ForwardRequest(open=self._opening))
+                for request in requests:
+                    await self._call.write(request)
         except grpc.aio.AioRpcError as exc:
             raise hop_failure(exc, self._peer) from exc
         except asyncio.InvalidStateError:  # the stream ended before we could write: the peer is gone
-            raise await self._ended(call) from None
+            raise await self._ended() from None
         except TimeoutError:
-            raise HopError(grpc.StatusCode.UNAVAILABLE, f"{self._peer}: no reply within {self._timeout_s}s") from None
-        if reply is grpc.aio.EOF:
-            raise await self._ended(call)
-        if reply.step != step:
-            raise HopError(grpc.StatusCode.INTERNAL, f"{self._peer} answered step {reply.step}, expected {step}")
-        if 0.0 <= reply.downstream_s <= waited:  # a peer's figure is only trusted as far as it is plausible
-            self._overhead["decode" if hidden.shape[1] == 1 else "prefill"].observe(waited - reply.downstream_s)
-        return int(reply.token_id)
+            raise HopError(grpc.StatusCode.UNAVAILABLE,
+                           f"{self._peer}: activation not taken within {self._timeout_s}s") from None
+        self._sent_bytes.inc(hidden.numel() * hidden.element_size())
+
+    async def token(self, waiter: asyncio.Future[Delivered], started: float, rows: int,
+                    boundaries: int) -> int:
+        """The head's wait for the token of the step it sent at ``started``, which crosses ``boundaries``
+        node boundaries on its way to the tail; the ring's overhead beyond compute is observed per boundary."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                token, compute_s = await waiter
+        except TimeoutError:
+            raise HopError(grpc.StatusCode.UNAVAILABLE, f"no token from the ring after {self._peer} within "
+                           f"{self._timeout_s}s") from None
+        waited = time.perf_counter() - started
+        self._hop_seconds.inc(waited)
+        if 0.0 <= compute_s <= waited:  # a peer's figure is only trusted as far as it is plausible
+            self._overhead["decode" if rows == 1 else "prefill"].observe((waited - compute_s) / max(1, boundaries))
+        return token
 
     def _requests(self, step: int, position: int, hidden: torch.Tensor) -> list[pb.ForwardRequest]:
         if self._sealer is not None:
@@ -144,13 +142,32 @@ class RemoteHop:
             requests.append(pb.ForwardRequest(frame=frame))
         return requests
 
-    async def _ended(self, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]) -> HopError:
-        code = broken_hop_code(await call.code())
-        if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
-            code = grpc.StatusCode.UNAVAILABLE
-        return HopError(code, f"{self._peer} closed the stream: {await call.details()}")
+    async def _ended(self) -> HopError:
+        if self._watch is not None:
+            await asyncio.wait({self._watch}, timeout=self._timeout_s)
+        return self._failure or HopError(grpc.StatusCode.UNAVAILABLE, f"{self._peer} closed the stream")
+
+    async def _watch_end(self, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]) -> None:
+        """Wait for the stream's end: any end while the session still uses it is a failure downstream."""
+        try:
+            async for _ in call:
+                pass  # a peer sends no replies; one that does is ignored
+            code = broken_hop_code(await call.code())
+            if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
+                code = grpc.StatusCode.UNAVAILABLE
+            error = HopError(code, f"{self._peer} closed the stream: {await call.details()}")
+        except grpc.aio.AioRpcError as exc:
+            error = hop_failure(exc, self._peer)
+        except asyncio.CancelledError:
+            return
+        if self._closed:
+            return
+        self._failure = error
+        if self._on_failure is not None:
+            self._on_failure(error)
 
     def close(self) -> None:
+        self._closed = True
         if self._call is not None:
             self._call.cancel()
             self._call = None
@@ -159,38 +176,75 @@ class RemoteHop:
 def _sealer(view: PlanView, session_id: str, hop: int, rekey_after: int) -> SealedHopSender:
     """A fresh hop key sealed to the receiver's key from the signed plan; no key, no activations."""
     peer = view.segments[hop].node_id
-    raw = view.x25519_keys.get(peer)
+    return SealedHopSender(_x25519_key(view, peer, "activations"), session_id, view.epoch, hop, rekey_after)
+
+
+def _x25519_key(view: PlanView, node_id: str, what: str) -> X25519PublicKey:
+    raw = view.x25519_keys.get(node_id)
     if raw is None:
         raise HopError(grpc.StatusCode.FAILED_PRECONDITION,
-                       f"plan epoch {view.epoch} carries no X25519 key for {peer}: cannot encrypt activations")
-    return SealedHopSender(public_key_from_bytes(raw), session_id, view.epoch, hop, rekey_after)
+                       f"plan epoch {view.epoch} carries no X25519 key for {node_id}: cannot encrypt {what}")
+    return public_key_from_bytes(raw)
+
+
+def _boundaries(view: PlanView) -> int:
+    """Node boundaries a step crosses from the head to the tail (each one message per token)."""
+    nodes = [s.node_id for s in view.segments]
+    return sum(a != b for a, b in itertools.pairwise(nodes))
 
 
 class SessionPipeline:
-    """Runs one session from segment ``first`` of ``view`` onward and returns each sampled token."""
+    """Runs one session from segment ``first`` of ``view`` onward.
+
+    At the head the step returns the sampled token (from its own last segment, or delivered by the
+    tail into ``inboxes``); elsewhere it returns None: a middle node forwards the activation, the tail
+    sends the token straight to the head. ``on_failure`` hears of a failure downstream of this node.
+    """
 
     def __init__(self, *, node_id: str, session_id: str, view: PlanView, first: int, runners: list[SegmentRunner],
                  sampling: SamplingConfig, compute: ComputeThread, channels: ChannelPool, chunk_bytes: int,
                  timeout_s: float, on_compute: Callable[[int, int, float], None] | None = None, encrypt: bool = True,
-                 rekey_after: int = MAX_FRAMES_PER_KEY) -> None:
+                 rekey_after: int = MAX_FRAMES_PER_KEY, inboxes: TokenInboxes | None = None,
+                 on_failure: Callable[[HopError], None] | None = None) -> None:
         self.runners = runners
         self._caches = [r.new_cache() for r in runners]
         self._sampling = sampling
         self._compute = compute
         self._on_compute = on_compute
+        self._on_failure = on_failure
         self._layers = sum(len(r.span) for r in runners)
         self._segment_seconds = SEGMENT_SECONDS.labels(segment=f"{runners[0].span.start}-{runners[-1].span.end}")
+        self._boundaries = _boundaries(view)
+        self._inboxes = inboxes if inboxes is not None else TokenInboxes()
         nxt = first + len(runners)
         self.remote: RemoteHop | None = None
+        self.inbox: TokenInbox | None = None  # the head's, when another node samples
+        self.sink: LocalTokenSink | RemoteTokenSink | None = None  # the tail's, when it is not the head's pipeline
         if nxt < len(view.segments):
             peer = view.segments[nxt].node_id
             opening = pb.ForwardOpen(session_id=session_id, epoch=view.epoch, segment_index=nxt,
                                      sampling=sampling.to_proto())
             sealer = _sealer(view, session_id, nxt, rekey_after) if encrypt else None
             self.remote = RemoteHop(channels.get(view.addresses[peer], peer), peer, opening, chunk_bytes, timeout_s,
-                                    sealer)
+                                    sealer, self._failed)
+            if first == 0:
+                self.inbox = self._inboxes.open(session_id, view.epoch)
         elif not runners[-1].is_last:
             raise ValueError(f"segments from {first} on {node_id} end before the model does")
+        elif first > 0:
+            head = view.head.node_id
+            if head == node_id:
+                self.sink = LocalTokenSink(self._inboxes, session_id, view.epoch)
+            else:
+                key = _x25519_key(view, head, "tokens") if encrypt else None
+                self.sink = RemoteTokenSink(channels.get(view.addresses[head], head), head,
+                                            TokenSender(key, session_id, view.epoch), timeout_s, self._failed)
+
+    def _failed(self, error: HopError) -> None:
+        if self.inbox is not None:
+            self.inbox.fail(error)
+        if self._on_failure is not None:
+            self._on_failure(error)
 
     def _run_local(self, inputs: torch.Tensor, position: int) -> torch.Tensor:
         started = time.perf_counter()
@@ -208,11 +262,23 @@ class SessionPipeline:
         hidden = self._run_local(inputs, position)
         return sample(self.runners[-1].last_logits(hidden), self._sampling, step)
 
-    async def step(self, step: int, position: int, inputs: torch.Tensor) -> int:
+    async def step(self, step: int, position: int, inputs: torch.Tensor, compute_s: float = 0.0) -> int | None:
+        """Run the step here and pass it on; ``compute_s`` is what it had since the head (a metric)."""
+        started = time.perf_counter()
         if self.remote is None:
-            return await self._compute.run(self._run_and_sample, inputs, position, step)
+            token = await self._compute.run(self._run_and_sample, inputs, position, step)
+            if self.sink is None:
+                return token
+            await self.sink.send(step, token, compute_s + time.perf_counter() - started)
+            return None
         hidden = await self._compute.run(self._run_local, inputs, position)
-        return await self.remote.step(step, position, hidden)
+        if self.inbox is None:
+            await self.remote.send(step, position, hidden, compute_s + time.perf_counter() - started)
+            return None
+        waiter = self.inbox.expect(step)  # before the activation leaves: the token may come back at once
+        sent = time.perf_counter()
+        await self.remote.send(step, position, hidden, 0.0)
+        return await self.remote.token(waiter, sent, int(inputs.shape[1]), self._boundaries)
 
     def cache_bytes(self) -> int:
         """Bytes of keys and values this session holds on this node."""
@@ -228,4 +294,8 @@ class SessionPipeline:
     def close(self) -> None:
         if self.remote is not None:
             self.remote.close()
+        if self.inbox is not None:
+            self._inboxes.close(self.inbox)
+        if self.sink is not None:
+            self.sink.close()
         self._caches.clear()

@@ -19,7 +19,8 @@ from common.log_format import EPOCH, SESSION
 from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
-from node_agent.pipeline import HopError, SessionPipeline
+from node_agent.hops import HopError
+from node_agent.pipeline import SessionPipeline
 from node_agent.runtime import NodeRuntime
 from node_agent.sampler import SamplingConfig
 
@@ -109,6 +110,12 @@ class RingSession:
             self.tokens.append(token)
             return token
 
+    async def _step(self, pipeline: SessionPipeline, step: int, position: int, inputs: torch.Tensor) -> int:
+        """One step through the pipeline this node heads: it always ends in the token."""
+        token = await pipeline.step(step, position, inputs)
+        assert token is not None, "a pipeline from segment 0 returns the token"
+        return token
+
     async def _step_or_reroute(self, step: int, inputs: torch.Tensor, started: float) -> int | None:
         """The step's token, or None after moving to a newer plan because the step stalled.
 
@@ -121,7 +128,7 @@ class RingSession:
         and a paused node costs no more time than before (a broken hop still fails at once).
         """
         assert self.pipeline is not None
-        task = asyncio.ensure_future(self.pipeline.step(step, self.cached, inputs))
+        task = asyncio.ensure_future(self._step(self.pipeline, step, self.cached, inputs))
         reroute_s = self.rt.config.stall_reroute_s
         probe: asyncio.Future[list[str]] | None = None
         probe_started = -math.inf

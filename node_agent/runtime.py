@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,13 @@ from common.transport import aio_channel
 from node_agent.admission import Generations, SessionLimitError, SessionSlots
 from node_agent.compute import ComputeThread
 from node_agent.config import NodeConfig
+from node_agent.hops import HopError
 from node_agent.pipeline import ChannelPool, SessionPipeline
 from node_agent.plan_state import PlanState
 from node_agent.sampler import SamplingConfig
 from node_agent.segment import SegmentRunner
 from node_agent.segment_pool import SegmentPool
+from node_agent.token_ring import TokenInboxes
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class NodeRuntime:
         self._session_models: dict[tuple[str, int, int], str] = {}
         self.slots = SessionSlots(config.node_id, config.max_sessions)  # one per session id, taken without awaiting
         self.generations = Generations()  # the generations this node heads, with their owners
+        self.inboxes = TokenInboxes()  # per session this node heads (and epoch): the step waiting for its token
         self.buffers = BufferBudget(config.max_buffer_bytes)  # bytes of partly received tensors, all streams
         # Tokenizing and chat templates take seconds for a large input: one thread, off the event loop.
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
@@ -141,10 +145,11 @@ class NodeRuntime:
             runners.append(self.pool.acquire(view.model_digest, segment.span))
         return runners
 
-    async def open_session(self, session_id: str, view: PlanView, first: int,
-                           sampling: SamplingConfig) -> SessionPipeline:
+    async def open_session(self, session_id: str, view: PlanView, first: int, sampling: SamplingConfig,
+                           on_failure: Callable[[HopError], None] | None = None) -> SessionPipeline:
         """Take the session's slot (before any await: the limit holds under any concurrency) and build its
-        pipeline from segment ``first``; the slot is given back by :meth:`close_session`."""
+        pipeline from segment ``first``; the slot is given back by :meth:`close_session`. ``on_failure``
+        hears of a failure downstream of this node (the head learns through its token inbox)."""
         if view.segments[first].node_id != self.node_id:
             raise NotHostedError(f"epoch {view.epoch} places segment {first} on {view.segments[first].node_id}")
         self.slots.take(session_id)
@@ -164,7 +169,8 @@ class NodeRuntime:
                                        channels=self.channels, chunk_bytes=self.config.chunk_bytes,
                                        timeout_s=self.config.hop_timeout_s, on_compute=self.stats.record_compute,
                                        encrypt=self.config.encrypt_activations,
-                                       rekey_after=self.config.rekey_after_frames)
+                                       rekey_after=self.config.rekey_after_frames, inboxes=self.inboxes,
+                                       on_failure=on_failure)
         except BaseException:
             self._release_runners(view.model_digest, runners)
             self.slots.give(session_id)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -17,6 +17,7 @@ from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.request_errors import field_metadata
 from common.sealed_frames import SealedHopReceiver
+from common.sealed_tokens import TokenReceiver
 from common.tls import peer_identity
 from node_agent.forward_stream import ActivationReader, StreamError, crypto_status
 from node_agent.generation import (
@@ -28,12 +29,14 @@ from node_agent.generation import (
     new_session_id,
     tokenize_request,
 )
+from node_agent.hops import HopError
 from node_agent.memory import return_freed_memory
-from node_agent.pipeline import HopError, SessionPipeline
+from node_agent.pipeline import SessionPipeline
 from node_agent.plan_state import PlanRejected
 from node_agent.read_ahead import read_ahead
 from node_agent.runtime import NodeRuntime, NotHostedError, SessionLimitError
 from node_agent.sampler import SamplingConfig
+from node_agent.token_ring import InboxError, TokenInbox
 from node_agent.weight_fetch import ensure_files
 
 log = logging.getLogger(__name__)
@@ -136,6 +139,8 @@ class NodeServicer(pb_grpc.NodeServicer):
     async def Forward(self, request_iterator: AsyncIterator[pb.ForwardRequest],  # noqa: N802
                       context: grpc.aio.ServicerContext[pb.ForwardRequest, pb.ForwardReply],
                       ) -> AsyncIterator[pb.ForwardReply]:
+        """Activations in, nothing back per step: the stream ends with a status, this node's own refusal or
+        the failure of a node after it (so the head learns it and replays)."""
         caller = peer_identity(context)  # a node (common.authz); it must feed this segment (_check_open)
         requests = aiter(request_iterator)
         timeout_s = self.rt.config.frame_timeout_s
@@ -163,6 +168,37 @@ class NodeServicer(pb_grpc.NodeServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
+        downstream: asyncio.Future[HopError] = asyncio.get_running_loop().create_future()
+
+        def failed(error: HopError) -> None:
+            if not downstream.done():
+                downstream.set_result(error)
+
+        work = asyncio.ensure_future(self._serve_forward(requests, opening, view, receiver, sampling, failed))
+        try:
+            either: set[asyncio.Future[Any]] = {work, downstream}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():
+                work.cancel()
+                await asyncio.wait({work})
+        error: StreamError | HopError | None = downstream.result() if downstream.done() else None
+        if error is None and not work.cancelled():
+            problem = work.exception()
+            if isinstance(problem, StreamError | HopError):
+                error = problem
+            elif problem is not None:
+                raise problem
+        if error is not None:
+            await context.abort(error.code, error.details)
+        for _ in ():  # activations flow one way: this stream yields no reply, it ends with its status
+            yield pb.ForwardReply()
+
+    async def _serve_forward(self, requests: AsyncIterator[pb.ForwardRequest], opening: pb.ForwardOpen,
+                             view: PlanView, receiver: SealedHopReceiver | None, sampling: SamplingConfig,
+                             failed: Callable[[HopError], None]) -> None:
+        """Run every activation of the stream through this node's segments and on; raises StreamError or
+        HopError with the status to end the stream with."""
         reader = self._reader(view, receiver, opening.segment_index)
         pipeline: SessionPipeline | None = None
         try:
@@ -170,16 +206,107 @@ class NodeServicer(pb_grpc.NodeServicer):
                 if pipeline is None:
                     # The slot is taken once there is work to run: a silent stream, or one that stops in
                     # the middle of a tensor, holds no slot (and is closed after the frame timeout).
-                    pipeline = await self._open_pipeline(opening, view, sampling)
-                started = time.perf_counter()
-                token = await pipeline.step(step, position, tensor)
-                yield pb.ForwardReply(step=step, token_id=token, downstream_s=time.perf_counter() - started)
-        except (StreamError, HopError) as exc:
-            await context.abort(exc.code, exc.details)
+                    pipeline = await self._open_pipeline(opening, view, sampling, failed)
+                await pipeline.step(step, position, tensor, reader.compute_s)
         finally:
             if pipeline is not None:
                 self.rt.close_session(opening.session_id, opening.segment_index, opening.epoch, only=pipeline)
             self._trim_after_large_buffers()
+
+    async def Deliver(self, request_iterator: AsyncIterator[pb.DeliverRequest],  # noqa: N802
+                      context: grpc.aio.ServicerContext[pb.DeliverRequest, pb.DeliverReply]) -> pb.DeliverReply:
+        """The tail's sampled tokens of one session this node heads (node_agent/token_ring.py). A stream that
+        is refused leaves the session alone; a stream that breaks after it was accepted fails the session's
+        waiting step with its status, so the head replays (a tail killed mid-session)."""
+        caller = peer_identity(context)  # a node (common.authz); it must be the plan's tail (_check_token_open)
+        requests = aiter(request_iterator)
+        timeout_s = self.rt.config.frame_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                first = await anext(requests, None)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no TokenOpen within {timeout_s:g}s")
+            raise AssertionError("unreachable") from None
+        if first is None:
+            return pb.DeliverReply()
+        if first.WhichOneof("msg") != "open":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown session: token frame before TokenOpen")
+        try:
+            view, inbox, receiver = self._check_token_open(first.open, caller)
+        except StreamError as exc:
+            await context.abort(exc.code, exc.details)
+            raise AssertionError("unreachable") from exc
+        vocab = int(self.rt.manifest(view.model_digest).config["vocab_size"])
+        tail = view.segments[-1].node_id
+        accepted = 0
+        try:
+            accepted = await self._take_tokens(requests, inbox, receiver, vocab)
+        except StreamError as exc:
+            inbox.fail(HopError(exc.code, f"token stream from {tail}: {exc.details}"))
+            await context.abort(exc.code, exc.details)
+        finally:
+            inbox.fail(HopError(grpc.StatusCode.UNAVAILABLE, f"the token stream from {tail} ended"))
+        return pb.DeliverReply(tokens=accepted)
+
+    async def _take_tokens(self, requests: AsyncIterator[pb.DeliverRequest], inbox: TokenInbox,
+                           receiver: TokenReceiver, vocab: int) -> int:
+        """Feed the inbox until the tail ends the stream; returns the tokens taken."""
+        idle_s = self.rt.config.session_idle_timeout_s
+        taken = 0
+        while True:
+            try:
+                async with asyncio.timeout(idle_s):
+                    message = await anext(requests, None)
+            except TimeoutError:
+                raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"the token stream was idle for {idle_s:g}s") from None
+            if message is None:
+                return taken
+            if message.WhichOneof("msg") != "token":
+                raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "only token frames may follow the open")
+            try:
+                step, token = receiver.open(message.token)
+            except FrameCryptoError as exc:
+                raise crypto_status(exc) from exc
+            if token >= vocab:
+                raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, f"token id {token} outside the vocabulary")
+            try:
+                inbox.deliver(step, token, message.token.compute_s)
+            except InboxError as exc:
+                raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            taken += 1
+
+    def _check_token_open(self, opening: pb.TokenOpen, caller: Identity | None,
+                          ) -> tuple[PlanView, TokenInbox, TokenReceiver]:
+        """The inbox a TokenOpen feeds, checked before it is attached: this node heads the plan, the caller
+        is its tail, the session waits here and has no token stream yet, and the key envelope opens."""
+        view = self.rt.plans.plan(opening.epoch)
+        if view is None:
+            committed = self.rt.plans.committed.epoch if self.rt.plans.committed else 0
+            code = grpc.StatusCode.UNAVAILABLE if opening.epoch > committed else grpc.StatusCode.FAILED_PRECONDITION
+            raise StreamError(code, f"epoch {opening.epoch} is not known here (committed: {committed})")
+        if view.head.node_id != self.rt.node_id:
+            raise StreamError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"node {self.rt.node_id} is not the head of epoch {view.epoch}")
+        tail = view.segments[-1].node_id
+        if caller is not None and caller.node_id != tail:
+            raise StreamError(grpc.StatusCode.PERMISSION_DENIED,
+                              f"epoch {view.epoch} takes tokens only from its tail {tail}, not {caller.node_id}")
+        inbox = self.rt.inboxes.get(opening.session_id, view.epoch)
+        if inbox is None:
+            raise StreamError(grpc.StatusCode.NOT_FOUND, f"unknown session {opening.session_id[:64]!r}")
+        if inbox.attached:
+            raise StreamError(grpc.StatusCode.ABORTED,
+                              f"session {opening.session_id[:8]} already has its token stream on epoch {view.epoch}")
+        if not opening.key_envelope and self.rt.config.encrypt_activations:
+            raise StreamError(grpc.StatusCode.UNAUTHENTICATED, "this node accepts only sealed tokens (no key envelope)")
+        try:
+            receiver = TokenReceiver(self.rt.node_key if opening.key_envelope else None, opening.key_envelope,
+                                     opening.session_id, view.epoch)
+        except FrameCryptoError as exc:
+            raise crypto_status(exc) from exc
+        inbox.attached = True
+        return view, inbox, receiver
 
     def _reader(self, view: PlanView, receiver: SealedHopReceiver | None, segment_index: int) -> ActivationReader:
         """The stream's activation reader, with the model's limits (known before any segment is touched)."""
@@ -193,10 +320,10 @@ class NodeServicer(pb_grpc.NodeServicer):
                                 frame_timeout_s=self.rt.config.frame_timeout_s, budget=self.rt.buffers,
                                 dtype=manifest.compute_dtype, segment_index=segment_index)
 
-    async def _open_pipeline(self, opening: pb.ForwardOpen, view: PlanView,
-                             sampling: SamplingConfig) -> SessionPipeline:
+    async def _open_pipeline(self, opening: pb.ForwardOpen, view: PlanView, sampling: SamplingConfig,
+                             failed: Callable[[HopError], None]) -> SessionPipeline:
         try:
-            return await self.rt.open_session(opening.session_id, view, opening.segment_index, sampling)
+            return await self.rt.open_session(opening.session_id, view, opening.segment_index, sampling, failed)
         except NotHostedError as exc:
             raise StreamError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
         except SessionLimitError as exc:

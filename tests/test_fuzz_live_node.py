@@ -1,8 +1,8 @@
 """Malformed requests and frames against a live node: never a crash, always a documented status code,
 health stays SERVING and a generation running meanwhile keeps its exact tokens.
 
-Every RPC of the Node service gets 1,000 generated requests: well-typed messages with hostile values,
-and raw bytes that may not even parse (those must be INVALID_ARGUMENT, never UNKNOWN).
+Every RPC of the Node service gets 1,000 generated requests (streams for Forward and Deliver): well-typed
+messages with hostile values, and raw bytes that may not even parse (those must be INVALID_ARGUMENT, never UNKNOWN).
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ opens = st.builds(pb.ForwardOpen, session_id=st.text(max_size=40), epoch=st.inte
 forward_messages = st.one_of(st.builds(pb.ForwardRequest, open=opens), st.builds(pb.ForwardRequest, frame=frames),
                              st.builds(pb.ForwardRequest, rekey=st.builds(pb.ForwardRekey,
                                                                           key_envelope=st.binary(max_size=200))))
+token_opens = st.builds(pb.TokenOpen, session_id=st.text(max_size=40),
+                        epoch=st.integers(0, 1 << 40) | st.integers(0, 4), key_envelope=st.binary(max_size=200))
+token_frames = st.builds(pb.TokenFrame, step=st.integers(0, 1 << 40), seq=st.integers(0, 5),
+                         token_id=st.integers(0, (1 << 32) - 1), header=st.binary(max_size=80),
+                         ciphertext=st.binary(max_size=64), compute_s=st.floats(allow_nan=True, allow_infinity=True))
+deliver_messages = st.one_of(st.builds(pb.DeliverRequest, open=token_opens),
+                             st.builds(pb.DeliverRequest, token=token_frames))
 sampling = st.builds(pb.SamplingParams, temperature=st.floats(allow_nan=True, allow_infinity=True, width=32),
                      top_p=st.floats(-1, 2, width=32), top_k=st.integers(0, 1 << 31), seed=st.integers(0, 1 << 63))
 chat = st.builds(pb.ChatMessages, messages=st.lists(st.builds(
@@ -65,8 +72,8 @@ UNARY: dict[str, st.SearchStrategy[object]] = {
     "Info": st.binary(max_size=300),  # the request has no fields: raw bytes, parsed or not, are its variety
     "Probe": st.builds(pb.ProbeRequest, payload=st.binary(max_size=1 << 16)),
 }
-RPCS = ("Generate", "Cancel", "Forward", "Prepare", "Commit", "Abort", "Info", "Probe")
-STREAMING_REQUESTS = {"Forward"}
+RPCS = ("Generate", "Cancel", "Forward", "Deliver", "Prepare", "Commit", "Abort", "Info", "Probe")
+STREAMING_REQUESTS = {"Forward", "Deliver"}
 STREAMING_REPLIES = {"Generate", "Forward"}
 
 
@@ -92,6 +99,19 @@ def forward_fuzz(mesh: LocalMesh, streams: list[list[pb.ForwardRequest]]) -> Non
         for messages in streams:
             try:
                 list(stub.Forward(iter(messages), timeout=10))
+            except grpc.RpcError as exc:
+                assert exc.code() in DOCUMENTED, (exc.code(), exc.details())
+
+
+@FUZZ
+@given(streams=st.lists(st.lists(deliver_messages, min_size=1, max_size=4), min_size=1, max_size=1))
+def deliver_fuzz(mesh: LocalMesh, streams: list[list[pb.DeliverRequest]]) -> None:
+    """1,000 malformed token streams to the head, which runs the real session meanwhile."""
+    with sync_channel(mesh.node_addresses["node-0"], mesh.client_tls) as channel:
+        stub = pb_grpc.NodeStub(channel)
+        for messages in streams:
+            try:
+                stub.Deliver(iter(messages), timeout=10)
             except grpc.RpcError as exc:
                 assert exc.code() in DOCUMENTED, (exc.code(), exc.details())
 
@@ -130,7 +150,9 @@ def raw_fuzz(mesh: LocalMesh, method: str, messages: list[bytes]) -> None:
     path = f"/splitmesh.v1.Node/{method}"
     with sync_channel(mesh.node_addresses["node-1"], mesh.client_tls) as channel:
         try:
-            if method in STREAMING_REQUESTS:
+            if method == "Deliver":
+                channel.stream_unary(path)(iter(messages), timeout=30)
+            elif method in STREAMING_REQUESTS:
                 list(channel.stream_stream(path)(iter(messages), timeout=30))
             elif method in STREAMING_REPLIES:
                 list(channel.unary_stream(path)(messages[0], timeout=30))
@@ -142,7 +164,7 @@ def raw_fuzz(mesh: LocalMesh, method: str, messages: list[bytes]) -> None:
 
 def test_every_node_rpc_is_fuzzed() -> None:
     assert set(RPCS) == set(pb.DESCRIPTOR.services_by_name["Node"].methods_by_name)
-    assert set(RPCS) == {"Generate", "Forward", *UNARY}
+    assert set(RPCS) == {"Generate", "Forward", "Deliver", *UNARY}
 
 
 @pytest.mark.slow
@@ -157,6 +179,7 @@ def test_node_survives_fuzzing_with_a_live_session(mesh: LocalMesh, background: 
     worker = threading.Thread(target=generate)
     worker.start()
     forward_fuzz(mesh)
+    deliver_fuzz(mesh)
     generate_fuzz(mesh)
     for method in UNARY:
         unary_fuzz(method)(mesh)

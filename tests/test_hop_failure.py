@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from node_agent.pipeline import hop_failure
+from node_agent.hops import hop_failure
 from node_agent.ring_session import RECOVERABLE
 
 

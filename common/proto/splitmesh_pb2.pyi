@@ -1282,6 +1282,7 @@ class ActivationFrame(_message.Message):
     TENSOR_FIELD_NUMBER: _builtins.int
     HEADER_FIELD_NUMBER: _builtins.int
     CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    COMPUTE_S_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """0 = prefill, then one per generated token"""
     seq: _builtins.int
@@ -1294,6 +1295,10 @@ class ActivationFrame(_message.Message):
     """
     ciphertext: _builtins.bytes
     """AES-256-GCM(nonce = direction || seq) of: position (u32, big-endian) || this chunk's tensor bytes; tag last."""
+    compute_s: _builtins.float
+    """Seconds of segment compute this step has had since the head, up to and including the sender: a figure
+    for the head's hop-overhead metric only, never acted on (so it needs no authentication).
+    """
     @_builtins.property
     def tensor(self) -> Global___TensorChunk: ...
     def __init__(
@@ -1305,10 +1310,11 @@ class ActivationFrame(_message.Message):
         tensor: Global___TensorChunk | None = ...,
         header: _builtins.bytes = ...,
         ciphertext: _builtins.bytes = ...,
+        compute_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tensor", b"tensor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "header", b"header", "position", b"position", "seq", b"seq", "step", b"step", "tensor", b"tensor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "compute_s", b"compute_s", "header", b"header", "position", b"position", "seq", b"seq", "step", b"step", "tensor", b"tensor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1346,33 +1352,141 @@ Global___ForwardRequest: _TypeAlias = ForwardRequest  # noqa: Y015
 
 @_typing.final
 class ForwardReply(_message.Message):
-    """The ring closes: only the sampled token id travels back towards the head."""
+    """Activations flow one way: the receiver sends no reply per step (the sampled token goes from the tail
+    straight to the head over Deliver), and the stream ends with a status saying why.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     STEP_FIELD_NUMBER: _builtins.int
-    TOKEN_ID_FIELD_NUMBER: _builtins.int
-    DOWNSTREAM_S_FIELD_NUMBER: _builtins.int
     step: _builtins.int
-    token_id: _builtins.int
-    downstream_s: _builtins.float
-    """Seconds the receiver spent on this step, from the complete activation to this reply (its own
-    compute and everything downstream). The sender's wait minus this is the hop's own overhead.
-    """
     def __init__(
         self,
         *,
         step: _builtins.int = ...,
-        token_id: _builtins.int = ...,
-        downstream_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["downstream_s", b"downstream_s", "step", b"step", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForwardReply: _TypeAlias = ForwardReply  # noqa: Y015
+
+@_typing.final
+class TokenOpen(_message.Message):
+    """First message of a Deliver stream (tail -> head): whose tokens, under which plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    KEY_ENVELOPE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    epoch: _builtins.int
+    key_envelope: _builtins.bytes
+    """The tail's per-session AES-256-GCM key, sealed with HPKE to the head's X25519 key from the plan
+    (common/frame_crypto.py, direction BACKWARD, hop 0). Empty only when activation encryption is off.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        key_envelope: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "key_envelope", b"key_envelope", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenOpen: _TypeAlias = TokenOpen  # noqa: Y015
+
+@_typing.final
+class TokenFrame(_message.Message):
+    """One sampled token. Plaintext (encryption off): step, seq and token_id. Sealed: header (session, epoch,
+    step, seq; the AES-GCM associated data) and ciphertext (the token id, u32 big-endian) only.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    COMPUTE_S_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    seq: _builtins.int
+    token_id: _builtins.int
+    header: _builtins.bytes
+    ciphertext: _builtins.bytes
+    compute_s: _builtins.float
+    """Seconds of segment compute the step had after the head (every node up to the tail): metrics only."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        seq: _builtins.int = ...,
+        token_id: _builtins.int = ...,
+        header: _builtins.bytes = ...,
+        ciphertext: _builtins.bytes = ...,
+        compute_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "compute_s", b"compute_s", "header", b"header", "seq", b"seq", "step", b"step", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenFrame: _TypeAlias = TokenFrame  # noqa: Y015
+
+@_typing.final
+class DeliverRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def open(self) -> Global___TokenOpen: ...
+    @_builtins.property
+    def token(self) -> Global___TokenFrame: ...
+    def __init__(
+        self,
+        *,
+        open: Global___TokenOpen | None = ...,
+        token: Global___TokenFrame | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["msg", b"msg", "open", b"open", "token", b"token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["msg", b"msg", "open", b"open", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["open", "token"]  # noqa: Y015
+    _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
+
+Global___DeliverRequest: _TypeAlias = DeliverRequest  # noqa: Y015
+
+@_typing.final
+class DeliverReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    tokens: _builtins.int
+    """tokens the head accepted on this stream"""
+    def __init__(
+        self,
+        *,
+        tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverReply: _TypeAlias = DeliverReply  # noqa: Y015
 
 @_typing.final
 class PrepareReply(_message.Message):

@@ -614,6 +614,11 @@ class NodeStub:
                 request_serializer=splitmesh__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=splitmesh__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.Deliver = channel.stream_unary(
+                '/splitmesh.v1.Node/Deliver',
+                request_serializer=splitmesh__pb2.DeliverRequest.SerializeToString,
+                response_deserializer=splitmesh__pb2.DeliverReply.FromString,
+                _registered_method=True)
         self.Prepare = channel.unary_unary(
                 '/splitmesh.v1.Node/Prepare',
                 request_serializer=splitmesh__pb2.SignedPlan.SerializeToString,
@@ -657,6 +662,12 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Deliver(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -709,6 +720,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=splitmesh__pb2.ForwardRequest.FromString,
                     response_serializer=splitmesh__pb2.ForwardReply.SerializeToString,
+            ),
+            'Deliver': grpc.stream_unary_rpc_method_handler(
+                    servicer.Deliver,
+                    request_deserializer=splitmesh__pb2.DeliverRequest.FromString,
+                    response_serializer=splitmesh__pb2.DeliverReply.SerializeToString,
             ),
             'Prepare': grpc.unary_unary_rpc_method_handler(
                     servicer.Prepare,
@@ -817,6 +833,33 @@ class Node:
             '/splitmesh.v1.Node/Forward',
             splitmesh__pb2.ForwardRequest.SerializeToString,
             splitmesh__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deliver(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/splitmesh.v1.Node/Deliver',
+            splitmesh__pb2.DeliverRequest.SerializeToString,
+            splitmesh__pb2.DeliverReply.FromString,
             options,
             channel_credentials,
             insecure,

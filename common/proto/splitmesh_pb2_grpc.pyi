@@ -184,6 +184,7 @@ class NodeStub:
     Generate: _grpc.UnaryStreamMultiCallable[_splitmesh_pb2.GenerateRequest, _splitmesh_pb2.GenerateEvent]
     Cancel: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.CancelRequest, _splitmesh_pb2.CancelReply]
     Forward: _grpc.StreamStreamMultiCallable[_splitmesh_pb2.ForwardRequest, _splitmesh_pb2.ForwardReply]
+    Deliver: _grpc.StreamUnaryMultiCallable[_splitmesh_pb2.DeliverRequest, _splitmesh_pb2.DeliverReply]
     Prepare: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.SignedPlan, _splitmesh_pb2.PrepareReply]
     Commit: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]
     Abort: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]
@@ -196,6 +197,7 @@ class NodeAsyncStub(NodeStub):
     Generate: _aio.UnaryStreamMultiCallable[_splitmesh_pb2.GenerateRequest, _splitmesh_pb2.GenerateEvent]  # type: ignore[assignment]
     Cancel: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.CancelRequest, _splitmesh_pb2.CancelReply]  # type: ignore[assignment]
     Forward: _aio.StreamStreamMultiCallable[_splitmesh_pb2.ForwardRequest, _splitmesh_pb2.ForwardReply]  # type: ignore[assignment]
+    Deliver: _aio.StreamUnaryMultiCallable[_splitmesh_pb2.DeliverRequest, _splitmesh_pb2.DeliverReply]  # type: ignore[assignment]
     Prepare: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.SignedPlan, _splitmesh_pb2.PrepareReply]  # type: ignore[assignment]
     Commit: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]  # type: ignore[assignment]
     Abort: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]  # type: ignore[assignment]
@@ -223,6 +225,13 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_splitmesh_pb2.ForwardRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_splitmesh_pb2.ForwardReply], _abc.AsyncIterator[_splitmesh_pb2.ForwardReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Deliver(
+        self,
+        request_iterator: _MaybeAsyncIterator[_splitmesh_pb2.DeliverRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitmesh_pb2.DeliverReply, _abc.Awaitable[_splitmesh_pb2.DeliverReply]]: ...
 
     @_abc_1.abstractmethod
     def Prepare(
