@@ -25,8 +25,9 @@ from common.tls import TlsConfig
 from common.transport import aio_channel
 from node_agent.compute import ComputeThread
 from node_agent.metrics_registry import ACTIVATION_BYTES, HOP_OVERHEAD_SECONDS, SEGMENT_SECONDS, TRANSFER_SECONDS
-from node_agent.sampler import SamplingConfig, sample
+from node_agent.sampler import SamplingConfig
 from node_agent.segment import SegmentRunner
+from node_agent.step_batcher import StepJob
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,9 @@ class SessionPipeline:
     def __init__(self, *, node_id: str, session_id: str, view: PlanView, first: int, runners: list[SegmentRunner],
                  sampling: SamplingConfig, compute: ComputeThread, channels: ChannelPool, chunk_bytes: int,
                  timeout_s: float, on_compute: Callable[[int, int, float], None] | None = None, encrypt: bool = True,
-                 rekey_after: int = MAX_FRAMES_PER_KEY) -> None:
+                 rekey_after: int = MAX_FRAMES_PER_KEY, prefill_chunk_tokens: int = 0) -> None:
         self.runners = runners
+        self._prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prompt runs whole
         self._caches = [r.new_cache() for r in runners]
         self._sampling = sampling
         self._compute = compute
@@ -192,27 +194,40 @@ class SessionPipeline:
         elif not runners[-1].is_last:
             raise ValueError(f"segments from {first} on {node_id} end before the model does")
 
-    def _run_local(self, inputs: torch.Tensor, position: int) -> torch.Tensor:
-        started = time.perf_counter()
-        hidden = inputs
-        in_layers = 0.0
-        for runner, cache in zip(self.runners, self._caches, strict=True):
-            hidden, seconds = runner.run_timed(cache, hidden, position)
-            in_layers += seconds
-        self._segment_seconds.observe(time.perf_counter() - started)
+    def _record(self, rows: int, in_layers: float, seconds: float) -> None:
+        self._segment_seconds.observe(seconds)
         if self._on_compute is not None:
-            self._on_compute(self._layers, int(hidden.shape[1]), in_layers)
-        return hidden
+            self._on_compute(self._layers, rows, in_layers)
 
-    def _run_and_sample(self, inputs: torch.Tensor, position: int, step: int) -> int:
-        hidden = self._run_local(inputs, position)
-        return sample(self.runners[-1].last_logits(hidden), self._sampling, step)
+    def _job(self, inputs: torch.Tensor, position: int, step: int) -> StepJob:
+        return StepJob(tuple(self.runners), tuple(self._caches), inputs, position,
+                       self._sampling if self.remote is None else None, step, self._record)
+
+    async def _compute_local(self, inputs: torch.Tensor, position: int, step: int) -> torch.Tensor | int:
+        """This node's segments over ``inputs``; a long prefill runs as chunks of ``prefill_chunk_tokens``,
+        each its own job, so other sessions' decode steps run between them."""
+        rows = int(inputs.shape[1])
+        chunk = self._prefill_chunk_tokens
+        if chunk <= 0 or rows <= chunk:
+            return await self._compute.step(self._job(inputs, position, step))
+        parts: list[torch.Tensor] = []
+        for start in range(0, rows, chunk):
+            job = self._job(inputs[:, start:start + chunk], position + start, step)
+            if start + chunk < rows:
+                job.sampling = None  # only the prompt's last row samples
+            result = await self._compute.step(job)
+            if isinstance(result, int):
+                return result
+            parts.append(result)
+        return torch.cat(parts, dim=1)
 
     async def step(self, step: int, position: int, inputs: torch.Tensor) -> int:
+        result = await self._compute_local(inputs, position, step)
         if self.remote is None:
-            return await self._compute.run(self._run_and_sample, inputs, position, step)
-        hidden = await self._compute.run(self._run_local, inputs, position)
-        return await self.remote.step(step, position, hidden)
+            assert isinstance(result, int)
+            return result
+        assert isinstance(result, torch.Tensor)
+        return await self.remote.step(step, position, result)
 
     def cache_bytes(self) -> int:
         """Bytes of keys and values this session holds on this node."""
