@@ -8,11 +8,13 @@ import json
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, PreTrainedModel
@@ -22,7 +24,7 @@ from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
 from common.model_store import ModelStore
 from common.reference_model import load_reference_model
 from splitmesh import Client
-from splitmesh.launcher import LocalMesh, MeshSpec
+from splitmesh.launcher import LocalMesh, MeshSpec, free_port
 
 TOPICS = ("a lighthouse keeper", "a lost cat", "the first snow", "a robot gardener", "an old map", "a night train",
           "a quiet library", "a red kite")
@@ -111,6 +113,22 @@ def mesh_run(address: str, prompts: list[list[int]], tokens: int) -> Run:
     return Run(start, arrivals)
 
 
+def batch_rows(mesh: LocalMesh) -> tuple[float, float]:
+    """(forwards that carried 2+ sessions' rows, rows in them) summed over the mesh's nodes so far."""
+    forwards = rows = 0.0
+    for port in mesh.node_metrics_ports.values():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name == "splitmesh_agent_batch_rows":
+                for sample in family.samples:
+                    if sample.name.endswith("_count"):
+                        forwards += sample.value
+                    elif sample.name.endswith("_sum"):
+                        rows += sample.value
+    return forwards, rows
+
+
 def main(doc: str) -> int:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", default="1,4,16", help="concurrency levels, comma-separated (e.g. 1,4,16,64)")
@@ -138,11 +156,12 @@ def main(doc: str) -> int:
     def three(name: str, **env: str) -> LocalMesh:
         return LocalMesh(MeshSpec(nodes=3, store=store.root, workdir=work / name, orchestrator_port=0,
                                   trusted=("node-0", "node-2"), boundaries=(0, 10, 20, 30),
-                                  placement=("node-0", "node-1", "node-2"), extra_env={**limits, **env}))
+                                  placement=("node-0", "node-1", "node-2"), extra_env={**limits, **env},
+                                  metrics_port=free_port()))
 
     meshes: dict[str, LocalMesh] = {
         "mesh1": LocalMesh(MeshSpec(nodes=1, store=store.root, workdir=work / "one", orchestrator_port=0,
-                                    extra_env=limits)),
+                                    extra_env=limits, metrics_port=free_port())),
         "mesh3": three("three"),
     }
     if args.strict_baseline:
@@ -161,7 +180,14 @@ def main(doc: str) -> int:
         for level in levels:
             for name, run in runs.items():
                 with console.status(f"{name}: {level} sessions x {tokens} tokens"):
+                    measured = meshes.get(name)
+                    before = batch_rows(measured) if measured else (0.0, 0.0)
                     results[name][level] = run(prompts[:level]).figures()
+                    if measured:  # how many sessions' decode rows shared a forward, on average where 2+ did
+                        after = batch_rows(measured)
+                        forwards, rows = after[0] - before[0], after[1] - before[1]
+                        results[name][level]["batched_forwards"] = forwards
+                        results[name][level]["mean_rows_when_batched"] = round(rows / forwards, 2) if forwards else 0.0
     finally:
         for mesh in meshes.values():
             mesh.stop()
@@ -170,13 +196,16 @@ def main(doc: str) -> int:
               "mesh3_strict": "(d) strict 3 seg"}
     table = Table(title=f"{tokens} tokens per session, SmolLM2-135M {model.manifest.compute_dtype} on CPU, "
                         "latencies in ms")
-    for column in ("config", "users", "tok/s", "ITL p50", "ITL p95", "TTFT p50", "TTFT p95"):
+    for column in ("config", "users", "tok/s", "ITL p50", "ITL p95", "TTFT p50", "TTFT p95", "rows"):
         table.add_column(column, justify="right")
     for name, by_level in results.items():
         for level, f in by_level.items():
             table.add_row(labels[name], str(level), f"{f['tokens_per_s']:.2f}", f"{f['itl_p50_ms']:.1f}",
-                          f"{f['itl_p95_ms']:.1f}", f"{f['ttft_p50_ms']:.0f}", f"{f['ttft_p95_ms']:.0f}")
+                          f"{f['itl_p95_ms']:.1f}", f"{f['ttft_p50_ms']:.0f}", f"{f['ttft_p95_ms']:.0f}",
+                          f"{f['mean_rows_when_batched']:.1f}" if "mean_rows_when_batched" in f else str(level))
     console.print(table)
+    console.print("rows: sessions per batched forward on the mesh's nodes (mean over forwards of 2+ rows); "
+                  "batched generate runs every session in each forward")
     top, one = max(levels), min(levels)
     ratios = {
         f"mesh3_vs_single_at_{top}": round(results["mesh3"][top]["tokens_per_s"]
