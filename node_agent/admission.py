@@ -82,3 +82,43 @@ class Generations:
         if generation.task is not None:
             generation.task.cancel()
         return True
+
+
+class BatchAdmission:
+    """What a head takes on beyond its slots: generations (``max_rows`` in a batch plus ``max_queued`` waiting
+    their turn) and prompt tokens admitted but not yet prefilled. Both are checked and taken without awaiting,
+    before any node works on the request, so a burst cannot slip past them."""
+
+    def __init__(self, node_id: str, max_rows: int, max_queued: int, max_pending_tokens: int) -> None:
+        self._node_id = node_id
+        self.max_generations = max_rows + max_queued
+        self.max_pending_tokens = max_pending_tokens
+        self._running: set[str] = set()
+        self._owed: dict[str, int] = {}  # session id -> prompt tokens still to prefill
+
+    def admit(self, session_id: str) -> None:
+        if session_id not in self._running and len(self._running) >= self.max_generations:
+            raise SessionLimitError(f"head {self._node_id} already runs {self.max_generations} generations "
+                                    f"(max_batch_rows + max_queued_sessions)")
+        self._running.add(session_id)
+
+    def owe(self, session_id: str, tokens: int) -> None:
+        """Count ``tokens`` of prompt still to prefill; refused when the pending total would pass the limit."""
+        pending = self.pending_tokens()
+        if pending + tokens > self.max_pending_tokens:
+            raise SessionLimitError(f"head {self._node_id} holds {pending} prompt tokens waiting for prefill; "
+                                    f"{tokens} more would pass max_batch_tokens ({self.max_pending_tokens})")
+        self._owed[session_id] = tokens
+
+    def prefilled(self, session_id: str) -> None:
+        self._owed.pop(session_id, None)
+
+    def leave(self, session_id: str) -> None:
+        self._owed.pop(session_id, None)
+        self._running.discard(session_id)
+
+    def pending_tokens(self) -> int:
+        return sum(self._owed.values())
+
+    def __len__(self) -> int:
+        return len(self._running)

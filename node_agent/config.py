@@ -29,6 +29,16 @@ class NodeConfig:
                                         "each chunk of a tensor this soon after the one before, or it is closed")
     max_sessions: int = field(64, "concurrent sessions this node serves before RESOURCE_EXHAUSTED (one per "
                                   "generation, however many of its segments the node hosts)")
+    max_batch_rows: int = field(32, "most sessions whose decode steps share one forward of a segment; sessions "
+                                    "that are ready together run as one batch")
+    max_queued_sessions: int = field(32, "generations a head accepts beyond max_batch_rows (they wait their turn "
+                                         "in later batches); one more is refused RESOURCE_EXHAUSTED at once")
+    max_batch_tokens: int = field(8192, "prompt tokens a head holds admitted but not yet prefilled; a request "
+                                        "that would pass it is refused RESOURCE_EXHAUSTED before any node works")
+    prefill_chunk_tokens: int = field(256, "a longer prompt is prefilled in chunks of this many tokens, so the "
+                                           "decode steps of running sessions go on between them (0 = whole)")
+    strict_batching: bool = field(False, "run every step alone and every prompt whole: tokens equal single-process "
+                                         "generate bit for bit (overrides max_batch_rows and prefill_chunk_tokens)")
     max_buffer_bytes: int = field(256 << 20, "bytes of partly received tensors this node buffers across all its "
                                              "streams; a tensor that does not fit is refused RESOURCE_EXHAUSTED")
     max_prompt_tokens: int = field(4096, "longest prompt accepted, in tokens")
@@ -71,10 +81,27 @@ class NodeConfig:
                self.max_messages, self.max_new_tokens) < 1:
             raise ConfigError("max_sessions, max_buffer_bytes, max_prompt_tokens, max_prompt_bytes, max_messages "
                               "and max_new_tokens must be at least 1")
+        if min(self.max_batch_rows, self.max_batch_tokens) < 1 or min(self.max_queued_sessions,
+                                                                        self.prefill_chunk_tokens) < 0:
+            raise ConfigError("max_batch_rows and max_batch_tokens must be at least 1, max_queued_sessions and "
+                              "prefill_chunk_tokens at least 0")
+        if self.max_batch_tokens < self.max_prompt_tokens:
+            raise ConfigError(f"max_batch_tokens ({self.max_batch_tokens}) must hold one prompt of "
+                              f"max_prompt_tokens ({self.max_prompt_tokens})")
         try:
             parse_dtypes(self.dtypes)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows per forward in effect (1 in strict mode)."""
+        return 1 if self.strict_batching else self.max_batch_rows
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Prefill chunk in effect (0, whole prompts, in strict mode)."""
+        return 0 if self.strict_batching else self.prefill_chunk_tokens
 
     @property
     def advertised_address(self) -> str:

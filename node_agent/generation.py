@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -212,8 +212,10 @@ def new_session_id() -> str:
 
 async def generate(runtime: NodeRuntime, view: PlanView, request: PreparedRequest,
                    tokenizer: PreTrainedTokenizerBase | None,
-                   session_id: str | None = None) -> AsyncGenerator[pb.GenerateEvent, None]:
-    """Run the ring for one request, yielding one event per token; the last carries finish and usage."""
+                   session_id: str | None = None,
+                   on_prefilled: Callable[[str], None] | None = None) -> AsyncGenerator[pb.GenerateEvent, None]:
+    """Run the ring for one request, yielding one event per token; the last carries finish and usage.
+    ``on_prefilled`` hears the session id once the prompt is through (its first token exists)."""
     session = RingSession(runtime, session_id or new_session_id(), request.sampling, request.prompt_ids,
                           runtime.config.recovery_timeout_s)
     await session.open(view)
@@ -223,6 +225,8 @@ async def generate(runtime: NodeRuntime, view: PlanView, request: PreparedReques
         for index in range(request.max_new_tokens):
             started = time.perf_counter()
             token = await session.next_token(index)
+            if index == 0 and on_prefilled is not None:
+                on_prefilled(session_id)
             if index > 0:
                 runtime.stats.record_token((time.perf_counter() - started) * 1000.0)
             TOKENS.inc()

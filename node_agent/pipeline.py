@@ -30,8 +30,9 @@ from common.transport import aio_channel
 from node_agent.compute import ComputeThread
 from node_agent.hops import HopError, broken_hop_code, hop_failure
 from node_agent.metrics_registry import ACTIVATION_BYTES, HOP_OVERHEAD_SECONDS, SEGMENT_SECONDS, TRANSFER_SECONDS
-from node_agent.sampler import SamplingConfig, sample
+from node_agent.sampler import SamplingConfig
 from node_agent.segment import SegmentRunner
+from node_agent.step_batcher import StepJob
 from node_agent.token_ring import Delivered, LocalTokenSink, RemoteTokenSink, TokenInbox, TokenInboxes
 
 log = logging.getLogger(__name__)
@@ -205,8 +206,9 @@ class SessionPipeline:
                  sampling: SamplingConfig, compute: ComputeThread, channels: ChannelPool, chunk_bytes: int,
                  timeout_s: float, on_compute: Callable[[int, int, float], None] | None = None, encrypt: bool = True,
                  rekey_after: int = MAX_FRAMES_PER_KEY, inboxes: TokenInboxes | None = None,
-                 on_failure: Callable[[HopError], None] | None = None) -> None:
+                 on_failure: Callable[[HopError], None] | None = None, prefill_chunk_tokens: int = 0) -> None:
         self.runners = runners
+        self._prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prompt runs whole
         self._caches = [r.new_cache() for r in runners]
         self._sampling = sampling
         self._compute = compute
@@ -246,38 +248,50 @@ class SessionPipeline:
         if self._on_failure is not None:
             self._on_failure(error)
 
-    def _run_local(self, inputs: torch.Tensor, position: int) -> torch.Tensor:
-        started = time.perf_counter()
-        hidden = inputs
-        in_layers = 0.0
-        for runner, cache in zip(self.runners, self._caches, strict=True):
-            hidden, seconds = runner.run_timed(cache, hidden, position)
-            in_layers += seconds
-        self._segment_seconds.observe(time.perf_counter() - started)
+    def _record(self, rows: int, in_layers: float, seconds: float) -> None:
+        self._segment_seconds.observe(seconds)
         if self._on_compute is not None:
-            self._on_compute(self._layers, int(hidden.shape[1]), in_layers)
-        return hidden
+            self._on_compute(self._layers, rows, in_layers)
 
-    def _run_and_sample(self, inputs: torch.Tensor, position: int, step: int) -> int:
-        hidden = self._run_local(inputs, position)
-        return sample(self.runners[-1].last_logits(hidden), self._sampling, step)
+    def _job(self, inputs: torch.Tensor, position: int, step: int) -> StepJob:
+        return StepJob(tuple(self.runners), tuple(self._caches), inputs, position,
+                       self._sampling if self.remote is None else None, step, self._record)
+
+    async def _compute_local(self, inputs: torch.Tensor, position: int, step: int) -> torch.Tensor | int:
+        """This node's segments over ``inputs``; a long prefill runs as chunks of ``prefill_chunk_tokens``,
+        each its own job, so other sessions' decode steps run between them."""
+        rows = int(inputs.shape[1])
+        chunk = self._prefill_chunk_tokens
+        if chunk <= 0 or rows <= chunk:
+            return await self._compute.step(self._job(inputs, position, step))
+        parts: list[torch.Tensor] = []
+        for start in range(0, rows, chunk):
+            job = self._job(inputs[:, start:start + chunk], position + start, step)
+            if start + chunk < rows:
+                job.sampling = None  # only the prompt's last row samples
+            result = await self._compute.step(job)
+            if isinstance(result, int):
+                return result
+            parts.append(result)
+        return torch.cat(parts, dim=1)
 
     async def step(self, step: int, position: int, inputs: torch.Tensor, compute_s: float = 0.0) -> int | None:
         """Run the step here and pass it on; ``compute_s`` is what it had since the head (a metric)."""
         started = time.perf_counter()
+        result = await self._compute_local(inputs, position, step)
         if self.remote is None:
-            token = await self._compute.run(self._run_and_sample, inputs, position, step)
+            assert isinstance(result, int)
             if self.sink is None:
-                return token
-            await self.sink.send(step, token, compute_s + time.perf_counter() - started)
+                return result
+            await self.sink.send(step, result, compute_s + time.perf_counter() - started)
             return None
-        hidden = await self._compute.run(self._run_local, inputs, position)
+        assert isinstance(result, torch.Tensor)
         if self.inbox is None:
-            await self.remote.send(step, position, hidden, compute_s + time.perf_counter() - started)
+            await self.remote.send(step, position, result, compute_s + time.perf_counter() - started)
             return None
         waiter = self.inbox.expect(step)  # before the activation leaves: the token may come back at once
         sent = time.perf_counter()
-        await self.remote.send(step, position, hidden, 0.0)
+        await self.remote.send(step, position, result, 0.0)
         return await self.remote.token(waiter, sent, int(inputs.shape[1]), self._boundaries)
 
     def cache_bytes(self) -> int:

@@ -19,7 +19,7 @@ from common.model_store import Manifest, ModelStore
 from common.plan_view import PlanView
 from common.tensor_budget import BufferBudget
 from common.transport import aio_channel
-from node_agent.admission import Generations, SessionLimitError, SessionSlots
+from node_agent.admission import BatchAdmission, Generations, SessionLimitError, SessionSlots
 from node_agent.compute import ComputeThread
 from node_agent.config import NodeConfig
 from node_agent.hops import HopError
@@ -84,7 +84,7 @@ class NodeRuntime:
         # The node's frame-encryption identity: kept across restarts so plans made before one stay usable.
         self.node_key = load_or_create_node_key(self.state_dir / "x25519_key.pem")
         self.public_key = public_key_bytes(self.node_key)
-        self.compute = ComputeThread()
+        self.compute = ComputeThread(config.batch_rows)
         self.channels = ChannelPool(self.tls)
         self.stats = LiveStats()
         # (session id, first segment index) -> pipeline: the head may host a session's first and last segment
@@ -93,6 +93,8 @@ class NodeRuntime:
         self.sessions: dict[tuple[str, int, int], SessionPipeline] = {}
         self._session_models: dict[tuple[str, int, int], str] = {}
         self.slots = SessionSlots(config.node_id, config.max_sessions)  # one per session id, taken without awaiting
+        self.admission = BatchAdmission(config.node_id, config.batch_rows, config.max_queued_sessions,
+                                        config.max_batch_tokens)  # what this node takes on as a head
         self.generations = Generations()  # the generations this node heads, with their owners
         self.inboxes = TokenInboxes()  # per session this node heads (and epoch): the step waiting for its token
         self.buffers = BufferBudget(config.max_buffer_bytes)  # bytes of partly received tensors, all streams
@@ -170,7 +172,7 @@ class NodeRuntime:
                                        timeout_s=self.config.hop_timeout_s, on_compute=self.stats.record_compute,
                                        encrypt=self.config.encrypt_activations,
                                        rekey_after=self.config.rekey_after_frames, inboxes=self.inboxes,
-                                       on_failure=on_failure)
+                                       on_failure=on_failure, prefill_chunk_tokens=self.config.prefill_chunk)
         except BaseException:
             self._release_runners(view.model_digest, runners)
             self.slots.give(session_id)

@@ -20,6 +20,7 @@ from common.int8 import Int8Embedding, Int8Linear, embedding_from, is_quantized,
 from common.model_config import config_from_manifest
 from common.model_store import EMBED_ROLE, HEAD_ROLE, StoredModel, layer_role
 from common.spans import Span
+from node_agent.batched_cache import BatchedDecodeCache, padding_mask
 
 
 class SegmentRunner:
@@ -135,6 +136,29 @@ class SegmentRunner:
                            use_cache=True, position_embeddings=rope)
         return hidden, time.perf_counter() - started
 
+    @torch.inference_mode()
+    def run_batch_timed(self, caches: list[DynamicCache], inputs: torch.Tensor,
+                        positions: list[int]) -> tuple[torch.Tensor, float]:
+        """One decode step of ``len(caches)`` sessions as one forward: token ids ``[B, 1]`` (first span) or
+        hidden states ``[B, 1, H]`` -> ``[B, 1, H]``; row ``b`` is at ``positions[b]`` with its own history."""
+        hidden = self.embed(inputs) if self.embed is not None else inputs.to(self.dtype)
+        cache = BatchedDecodeCache(caches)
+        position_ids = torch.tensor(positions).unsqueeze(1)
+        mask = padding_mask(cache.lengths, self.dtype, self.attn_implementation)
+        rope = self.rotary(hidden, position_ids)
+        started = time.perf_counter()
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                           use_cache=True, position_embeddings=rope)
+        return hidden, time.perf_counter() - started
+
+    @property
+    def attn_implementation(self) -> str | None:
+        """The attention function the layers call (it decides the mask's form)."""
+        config = getattr(self.layers[0].self_attn, "config", self.config) if len(self.layers) else self.config
+        implementation = getattr(config, "_attn_implementation", None)
+        return implementation if isinstance(implementation, str) else None
+
     def warm_up(self) -> None:
         """One prefill and one decode step on a throwaway cache, so the first real token pays no set-up."""
         cache = self.new_cache()
@@ -152,3 +176,11 @@ class SegmentRunner:
             raise RuntimeError(f"span {self.span} is not the last span: it has no head")
         logits: torch.Tensor = self.lm_head(self.norm(hidden[:, -1:, :]))
         return logits[0, -1].float()
+
+    @torch.inference_mode()
+    def last_logits_batch(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head on the last row of every session of a batch: logits ``[B, vocab]``."""
+        if self.norm is None or self.lm_head is None:
+            raise RuntimeError(f"span {self.span} is not the last span: it has no head")
+        logits: torch.Tensor = self.lm_head(self.norm(hidden[:, -1:, :]))
+        return logits[:, -1].float()

@@ -91,6 +91,12 @@ class NodeServicer(pb_grpc.NodeServicer):
         except SessionLimitError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             return
+        try:
+            self.rt.admission.admit(session_id)
+        except SessionLimitError as exc:
+            self.rt.slots.give(session_id)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return
         generation = self.rt.generations.add(session_id, owner)
         try:
             async for event in self._generate(request, view, limits, session_id, context):
@@ -101,6 +107,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.CANCELLED, f"session {session_id} was cancelled")
         finally:
             self.rt.generations.remove(session_id)
+            self.rt.admission.leave(session_id)
             self.rt.slots.give(session_id)
 
     async def _generate(self, request: pb.GenerateRequest, view: PlanView, limits: RequestLimits, session_id: str,
@@ -117,8 +124,14 @@ class NodeServicer(pb_grpc.NodeServicer):
             await _refuse(context, exc)
             return
         try:
+            self.rt.admission.owe(session_id, len(prepared.prompt_ids))  # no await since the check: atomic
+        except SessionLimitError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return
+        try:
             # Token k goes out to the client while the ring already works on token k+1.
-            async for event in read_ahead(generate(self.rt, view, prepared, tokenizer, session_id)):
+            async for event in read_ahead(generate(self.rt, view, prepared, tokenizer, session_id,
+                                                 on_prefilled=self.rt.admission.prefilled)):
                 yield event
         except SessionLimitError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))

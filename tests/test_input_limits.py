@@ -23,7 +23,7 @@ from common.certs import Identity
 from common.proto import splitmesh_pb2 as pb
 from common.tensor_budget import BufferBudget
 from common.tensor_codec import TensorAssembler, TensorError, encode_tensor
-from node_agent.admission import Generations, SessionLimitError, SessionSlots
+from node_agent.admission import BatchAdmission, Generations, SessionLimitError, SessionSlots
 from node_agent.forward_stream import ActivationReader, StreamError
 from node_agent.generation import RequestError, RequestLimits, check_request
 from node_agent.sampler import SamplingConfig
@@ -266,7 +266,8 @@ def test_tokenizing_runs_off_the_event_loop() -> None:
                              max_sessions=4)
     runtime = SimpleNamespace(
         tls=None, node_id="node-0", config=config, plans=SimpleNamespace(committed=view),
-        slots=SessionSlots("node-0", 4), generations=Generations(), tokenizing=ThreadPoolExecutor(1),
+        slots=SessionSlots("node-0", 4), admission=BatchAdmission("node-0", 4, 0, 1000),
+        generations=Generations(), tokenizing=ThreadPoolExecutor(1),
         manifest=lambda digest: SimpleNamespace(config={"vocab_size": 1000, "max_position_embeddings": 128},
                                                  has_tokenizer=True),
         tokenizer=lambda digest: Recording())

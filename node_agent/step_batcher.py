@@ -1,0 +1,165 @@
+"""How the compute thread runs what is waiting: decode rows of many sessions as one forward.
+
+Everything a node computes arrives as work on the compute thread's queue. When the thread becomes
+free it takes all that waits and hands it here. Decode steps (one token row) of sessions on the same
+local segments run as one batch through transformers' decoder layers, each row with its own position,
+history and padding mask (node_agent/batched_cache.py); everything else runs alone, in arrival order.
+A group of one, or ``max_rows`` of 1, runs exactly the single-session code, bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from node_agent.metrics_registry import BATCH_ROWS
+from node_agent.sampler import SamplingConfig, sample
+from node_agent.segment import SegmentRunner
+
+log = logging.getLogger(__name__)
+
+StepResult = torch.Tensor | int
+OnDone = Callable[[int, float, float], None]  # (token rows, seconds in decoder layers, seconds in all)
+
+
+@dataclass(eq=False)
+class StepJob:
+    """One session's run of its local segments: hidden states out, or a sampled token on the tail."""
+
+    runners: tuple[SegmentRunner, ...]
+    caches: tuple[DynamicCache, ...]
+    inputs: torch.Tensor  # token ids [1, n] (first span) or hidden states [1, n, H]
+    position: int
+    sampling: SamplingConfig | None = None  # set: the last runner samples and the result is the token id
+    step: int = 0
+    on_done: OnDone | None = None
+    future: Future[StepResult] = field(default_factory=Future)
+
+    @property
+    def rows(self) -> int:
+        return int(self.inputs.shape[1])
+
+    def group(self) -> tuple[int, ...]:
+        """Jobs with the same key may share a forward: they run the very same segment objects."""
+        return tuple(id(r) for r in self.runners)
+
+
+@dataclass(eq=False)
+class CallJob:
+    """Any other work that must own torch (loading a segment, warming it up)."""
+
+    fn: Callable[..., object]
+    args: tuple[object, ...]
+    future: Future[object] = field(default_factory=Future)
+
+
+Job = StepJob | CallJob
+
+
+def run_one(job: StepJob) -> StepResult:
+    """One session alone: today's exact path (per-session cache, no padding)."""
+    started = time.perf_counter()
+    hidden = job.inputs
+    in_layers = 0.0
+    for runner, cache in zip(job.runners, job.caches, strict=True):
+        hidden, seconds = runner.run_timed(cache, hidden, job.position)
+        in_layers += seconds
+    if job.on_done is not None:
+        job.on_done(job.rows, in_layers, time.perf_counter() - started)
+    if job.sampling is None:
+        return hidden
+    return sample(job.runners[-1].last_logits(hidden), job.sampling, job.step)
+
+
+def run_batch(jobs: list[StepJob]) -> list[StepResult]:
+    """Decode rows of ``jobs`` (same runners, one row each) as one forward per segment."""
+    started = time.perf_counter()
+    hidden = torch.cat([job.inputs for job in jobs])
+    positions = [job.position for job in jobs]
+    in_layers = 0.0
+    for index, runner in enumerate(jobs[0].runners):
+        hidden, seconds = runner.run_batch_timed([job.caches[index] for job in jobs], hidden, positions)
+        in_layers += seconds
+    BATCH_ROWS.observe(len(jobs))
+    head = jobs[0]
+    if head.on_done is not None:  # once per forward: the step time every row of it waited
+        head.on_done(1, in_layers, time.perf_counter() - started)
+    if head.sampling is None:
+        return [hidden[row:row + 1] for row in range(len(jobs))]
+    logits = head.runners[-1].last_logits_batch(hidden)
+    return [sample(logits[row], job.sampling, job.step) for row, job in enumerate(jobs)
+            if job.sampling is not None]
+
+
+class StepBatcher:
+    """Runs one round of waiting work; decode rows of a group share forwards of at most ``max_rows``."""
+
+    def __init__(self, max_rows: int) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        self.max_rows = max_rows
+
+    def run_round(self, jobs: list[Job]) -> None:
+        """Run every job (already marked running) and settle its future."""
+        done: set[int] = set()
+        for index, job in enumerate(jobs):
+            if index in done:
+                continue
+            done.add(index)
+            if isinstance(job, CallJob):
+                _settle(job.future, partial(job.fn, *job.args))
+                continue
+            batch = [job]
+            if job.rows == 1 and self.max_rows > 1:
+                batch += self._companions(jobs, index, done)
+            if len(batch) == 1:
+                _settle(job.future, partial(run_one, job))
+            else:
+                self._run_batch(batch)
+
+    def _companions(self, jobs: list[Job], index: int, done: set[int]) -> list[StepJob]:
+        """Later decode jobs of the same group, up to the batch limit, each cache at most once."""
+        first = jobs[index]
+        assert isinstance(first, StepJob)
+        key = first.group()
+        seen = {id(c) for c in first.caches}
+        found: list[StepJob] = []
+        for later in range(index + 1, len(jobs)):
+            if len(found) + 1 >= self.max_rows:
+                break
+            other = jobs[later]
+            if (later in done or not isinstance(other, StepJob) or other.rows != 1 or other.group() != key
+                    or any(id(c) in seen for c in other.caches)):
+                continue
+            seen.update(id(c) for c in other.caches)
+            found.append(other)
+            done.add(later)
+        return found
+
+    @staticmethod
+    def _run_batch(batch: list[StepJob]) -> None:
+        try:
+            results = run_batch(batch)
+        except Exception as exc:  # every row of a failed forward hears why
+            log.exception("batched step of %d sessions failed", len(batch))
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        for job, result in zip(batch, results, strict=True):
+            job.future.set_result(result)
+
+
+def _settle(future: Future[object] | Future[StepResult], fn: Callable[[], object]) -> None:
+    try:
+        result = fn()
+    except BaseException as exc:  # the awaiting coroutine re-raises it
+        future.set_exception(exc)
+        return
+    future.set_result(result)  # type: ignore[arg-type]

@@ -1,0 +1,210 @@
+"""Decode rows of many sessions as one forward: each row equals its session run alone; a row alone is exact."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from common.config import ConfigError
+from common.model_store import StoredModel
+from common.spans import Span
+from node_agent.admission import BatchAdmission, SessionLimitError
+from node_agent.compute import ComputeThread
+from node_agent.config import NodeConfig
+from node_agent.sampler import SamplingConfig
+from node_agent.segment import SegmentRunner
+from node_agent.step_batcher import StepBatcher, StepJob, StepResult
+
+PROMPT_LENGTHS = (3, 17, 9, 1)
+
+
+@pytest.fixture(scope="module")
+def runners(embedded: StoredModel) -> tuple[SegmentRunner, SegmentRunner]:
+    """Two local segments of one node (head with a 4-layer span, then the rest with the head): the whole model."""
+    return SegmentRunner(embedded, Span(0, 4)), SegmentRunner(embedded, Span(4, 30))
+
+
+def _prefilled(runners: tuple[SegmentRunner, ...], length: int, seed: int) -> tuple[DynamicCache, ...]:
+    caches = tuple(r.new_cache() for r in runners)
+    hidden: torch.Tensor = torch.randint(0, 5000, (1, length), generator=torch.Generator().manual_seed(seed))
+    for runner, cache in zip(runners, caches, strict=True):
+        hidden = runner.run(cache, hidden, 0)
+    return caches
+
+
+def _job(runners: tuple[SegmentRunner, ...], caches: tuple[DynamicCache, ...], token: int, position: int,
+         sampling: SamplingConfig | None = None, step: int = 0) -> StepJob:
+    job = StepJob(runners, caches, torch.tensor([[token]]), position, sampling, step)
+    assert job.future.set_running_or_notify_cancel()
+    return job
+
+
+def _results(jobs: list[StepJob]) -> list[StepResult]:
+    return [job.future.result(timeout=0) for job in jobs]
+
+
+def _sessions(runners: tuple[SegmentRunner, ...]) -> list[tuple[DynamicCache, ...]]:
+    return [_prefilled(runners, length, seed) for seed, length in enumerate(PROMPT_LENGTHS)]
+
+
+def test_batched_decode_equals_each_session_alone(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    """Rows of different history lengths in one forward: each row's hidden state, logits and grown cache match
+    that session run alone (to batched-matmul rounding), and the greedy token is the same."""
+    solo, batched = _sessions(runners), _sessions(runners)
+    tokens = [11, 222, 3333, 44]
+    alone = [StepBatcher(1) for _ in solo]
+    solo_jobs = [_job(runners, c, t, n) for c, t, n in zip(solo, tokens, PROMPT_LENGTHS, strict=True)]
+    for batcher, job in zip(alone, solo_jobs, strict=True):
+        batcher.run_round([job])
+    batch_jobs = [_job(runners, c, t, n) for c, t, n in zip(batched, tokens, PROMPT_LENGTHS, strict=True)]
+    StepBatcher(8).run_round(list(batch_jobs))
+    last = runners[-1]
+    for one, many in zip(_results(solo_jobs), _results(batch_jobs), strict=True):
+        assert isinstance(one, torch.Tensor) and isinstance(many, torch.Tensor)
+        assert many.shape == one.shape == (1, 1, last.hidden_size)
+        torch.testing.assert_close(last.last_logits(many), last.last_logits(one), rtol=0, atol=1e-3)
+        assert int(last.last_logits(many).argmax()) == int(last.last_logits(one).argmax())
+    for one_caches, many_caches, length in zip(solo, batched, PROMPT_LENGTHS, strict=True):
+        for one_cache, many_cache in zip(one_caches, many_caches, strict=True):
+            assert many_cache.get_seq_length() == one_cache.get_seq_length() == length + 1
+            for a, b in zip(one_cache.layers, many_cache.layers, strict=True):
+                assert isinstance(a, DynamicLayer) and isinstance(b, DynamicLayer)
+                torch.testing.assert_close(b.keys, a.keys, rtol=0, atol=1e-4)
+                torch.testing.assert_close(b.values, a.values, rtol=0, atol=1e-4)
+
+
+def test_waiting_decode_rows_share_forwards_of_at_most_max_rows(
+        runners: tuple[SegmentRunner, SegmentRunner], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five decode rows and a prefill waiting together: forwards of 2, 2 and 1 rows, the prefill alone."""
+    sizes: list[int] = []
+    for runner in runners:
+        batched, alone = runner.run_batch_timed, runner.run_timed
+
+        def count_batch(caches: list[DynamicCache], inputs: torch.Tensor, positions: list[int],
+                        _run: object = batched, _runner: SegmentRunner = runner) -> tuple[torch.Tensor, float]:
+            if _runner is runners[0]:
+                sizes.append(len(caches))
+            return _run(caches, inputs, positions)  # type: ignore[operator, no-any-return]
+
+        def count_alone(cache: DynamicCache, inputs: torch.Tensor, position: int,
+                        _run: object = alone, _runner: SegmentRunner = runner) -> tuple[torch.Tensor, float]:
+            if _runner is runners[0]:
+                sizes.append(-int(inputs.shape[1]))  # negative: run alone, with this many rows
+            return _run(cache, inputs, position)  # type: ignore[operator, no-any-return]
+
+        monkeypatch.setattr(runner, "run_batch_timed", count_batch)
+        monkeypatch.setattr(runner, "run_timed", count_alone)
+    sessions = [_prefilled(runners, 4, seed) for seed in range(6)]
+    jobs = [_job(runners, c, 7, 4) for c in sessions[:5]]
+    prefill = StepJob(runners, sessions[5], torch.tensor([[5, 6, 7]]), 4)
+    assert prefill.future.set_running_or_notify_cancel()
+    sizes.clear()  # the prefills above ran alone too
+    StepBatcher(2).run_round([jobs[0], prefill, *jobs[1:]])
+    assert sizes == [2, -3, 2, -1]
+    assert all(isinstance(r, torch.Tensor) for r in _results([*jobs, prefill]))
+
+
+def test_a_row_alone_and_strict_mode_keep_the_exact_single_session_path(
+        runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    """Batch size 1 (a lone row, or max_rows=1 with rows waiting together) is bit-identical to run_timed."""
+    sessions = _sessions(runners)
+    reference = copy.deepcopy(sessions)
+    jobs = [_job(runners, c, 99, n) for c, n in zip(sessions, PROMPT_LENGTHS, strict=True)]
+    StepBatcher(1).run_round(list(jobs[:3]))
+    StepBatcher(16).run_round([jobs[3]])
+    for job, caches, length in zip(jobs, reference, PROMPT_LENGTHS, strict=True):
+        hidden: torch.Tensor = torch.tensor([[99]])
+        for runner, cache in zip(runners, caches, strict=True):
+            hidden = runner.run(cache, hidden, length)
+        result = job.future.result(timeout=0)
+        assert isinstance(result, torch.Tensor) and torch.equal(result, hidden)
+
+
+def test_seeded_sampling_is_the_same_whoever_shares_the_batch(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    sampling = SamplingConfig(temperature=0.8, top_p=0.95, top_k=50, seed=1234)
+
+    def sampled(companions: int) -> list[int]:
+        mine = _prefilled(runners, 12, seed=77)
+        others = [_prefilled(runners, 5 + 9 * i, seed=i) for i in range(companions)]
+        token, out = 42, []
+        for step in range(6):
+            job = _job(runners, mine, token, 12 + step, sampling, step)
+            other_jobs = [_job(runners, c, 3 + i, 5 + 9 * i + step, SamplingConfig(temperature=1.0, seed=i), step)
+                          for i, c in enumerate(others)]
+            StepBatcher(8).run_round([*other_jobs, job])
+            result = job.future.result(timeout=0)
+            assert isinstance(result, int)
+            token = result
+            out.append(token)
+        return out
+
+    alone = sampled(0)
+    assert sampled(3) == alone
+    assert sampled(1) == alone
+
+
+def test_compute_thread_batches_steps_waiting_together(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    """Steps submitted while the thread is busy form one round and share a forward; a cancelled one never runs."""
+    compute = ComputeThread(max_batch_rows=8)
+    sessions = [_prefilled(runners, n, seed) for seed, n in enumerate(PROMPT_LENGTHS)]
+    solo = copy.deepcopy(sessions)
+    dropped_caches = _prefilled(runners, 2, 9)
+    forwards_before = REGISTRY.get_sample_value("splitmesh_agent_batch_rows_count") or 0.0
+
+    async def scenario() -> list[StepResult]:
+        blocker = asyncio.ensure_future(compute.run(time.sleep, 0.3))
+        await asyncio.sleep(0.05)  # the thread is busy: everything below waits for the same round
+        steps = [asyncio.ensure_future(compute.step(StepJob(runners, c, torch.tensor([[8]]), n)))
+                 for c, n in zip(sessions, PROMPT_LENGTHS, strict=True)]
+        dropped = asyncio.ensure_future(compute.step(StepJob(runners, dropped_caches, torch.tensor([[8]]), 2)))
+        await asyncio.sleep(0)
+        dropped.cancel()
+        await blocker
+        return list(await asyncio.gather(*steps))
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        compute.shutdown()
+    assert (REGISTRY.get_sample_value("splitmesh_agent_batch_rows_count") or 0.0) == forwards_before + 1
+    assert dropped_caches[0].get_seq_length() == 2  # the cancelled step never touched its cache
+    for result, caches, length in zip(results, solo, PROMPT_LENGTHS, strict=True):
+        expected = _job(runners, caches, 8, length)
+        StepBatcher(1).run_round([expected])
+        alone = expected.future.result(timeout=0)
+        assert isinstance(result, torch.Tensor) and isinstance(alone, torch.Tensor)
+        torch.testing.assert_close(result, alone, rtol=1e-3, atol=1e-3)  # hidden states reach ~1e2
+
+
+def test_head_admission_limits_generations_and_pending_prefill_tokens() -> None:
+    admission = BatchAdmission("node-0", max_rows=2, max_queued=1, max_pending_tokens=100)
+    for session in ("a", "b", "c"):
+        admission.admit(session)
+    with pytest.raises(SessionLimitError, match="3 generations"):
+        admission.admit("d")
+    admission.owe("a", 60)
+    with pytest.raises(SessionLimitError, match="max_batch_tokens"):
+        admission.owe("b", 41)
+    admission.owe("b", 40)
+    admission.prefilled("a")
+    admission.owe("c", 60)
+    assert admission.pending_tokens() == 100
+    admission.leave("b")
+    admission.admit("d")
+    assert len(admission) == 3 and admission.pending_tokens() == 60
+
+
+def test_strict_batching_overrides_rows_and_chunks() -> None:
+    assert (NodeConfig().batch_rows, NodeConfig().prefill_chunk) == (32, 256)
+    strict = NodeConfig(strict_batching=True, max_batch_rows=16, prefill_chunk_tokens=64)
+    assert (strict.batch_rows, strict.prefill_chunk) == (1, 0)
+    with pytest.raises(ConfigError, match="max_batch_rows"):
+        NodeConfig(max_batch_rows=0)
+    with pytest.raises(ConfigError, match="max_batch_tokens"):
+        NodeConfig(max_batch_tokens=100)
