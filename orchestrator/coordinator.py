@@ -18,6 +18,7 @@ from common.plan_view import PLAN_KIND, PlanView
 from common.privacy import ENDS_ONLY, TrustRule
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.store_roles import roles_for_span
 from common.transport import aio_channel
 from orchestrator.config import OrchestratorConfig
 from orchestrator.planning import Plan
@@ -40,6 +41,7 @@ class Coordinator:
                                  rejoin_grace_s=config.rejoin_grace_s)
         self.signed: pb.SignedPlan | None = self.state.committed_plan()
         self.view: PlanView | None = None
+        self.preparing: PlanView | None = None  # the plan in PREPARE: its nodes may fetch their new layers
         if self.signed is not None:
             plan = pb.Plan()
             plan.ParseFromString(self.signed.plan_bytes)
@@ -94,7 +96,11 @@ class Coordinator:
             self.state.record_plan(signed, epoch)
             participants = view.node_ids()
             log.info("PREPARE epoch %d: %s", epoch, view.describe())
-            results = await asyncio.gather(*(self._prepare(n, signed) for n in participants))
+            self.preparing = view
+            try:
+                results = await asyncio.gather(*(self._prepare(n, signed) for n in participants))
+            finally:
+                self.preparing = None
             failures = [reason for ok, reason in results if not ok]
             if failures:
                 log.warning("ABORT epoch %d: %s", epoch, "; ".join(failures))
@@ -123,6 +129,14 @@ class Coordinator:
     async def _call(self, node_id: str, method: str, request: pb.CommitRequest) -> None:
         stub = self._stub(self.registry.nodes[node_id].address, node_id)
         await getattr(stub, method)(request, timeout=10)
+
+    def assigned_blobs(self, node_id: str) -> frozenset[str]:
+        """Hashes of the store files ``node_id`` needs for the segments the committed plan or the plan in
+        PREPARE gives it: the only ones it may fetch."""
+        manifest = self.model.manifest
+        roles = {role for view in (self.view, self.preparing) if view is not None
+                 for seg in view.segments_on(node_id) for role in roles_for_span(manifest, seg.span)}
+        return frozenset(manifest.files[r].sha256 for r in roles)
 
     def lost_plan_nodes(self) -> list[str]:
         """Nodes of the committed plan known to be gone (see :meth:`Registry.lost`)."""
