@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.privacy import segment_is_critical
+from common.privacy import ENDS_ONLY, TrustRule
 from common.proto import splitmesh_pb2 as pb
 from common.spans import Span, check_cover
 
@@ -35,6 +35,7 @@ class PlanView:
     issued_at_ms: int
     expires_at_ms: int
     x25519_keys: dict[str, bytes] = field(default_factory=dict)  # node id -> raw key for sealing hop keys
+    trust: TrustRule = ENDS_ONLY  # the trusted depth the plan records (a node enforces it on its own)
 
     @property
     def head(self) -> Segment:
@@ -66,16 +67,17 @@ class PlanView:
         bad_keys = sorted(n for n, k in keys.items() if len(k) != 32)
         if bad_keys:
             raise PlanError(f"X25519 keys of {bad_keys} are not 32 bytes")
+        trust = TrustRule(plan.trusted_leading_layers, plan.trusted_trailing_layers)
         segments = []
         for i, (s, span) in enumerate(zip(plan.segments, spans, strict=True)):
             if s.node_id not in addresses:
                 raise PlanError(f"segment {i} is placed on unlisted node {s.node_id!r}")
-            critical = s.privacy_critical or segment_is_critical(span, plan.num_layers)
+            critical = s.privacy_critical or trust.segment_is_critical(span, plan.num_layers)
             if critical and not trusted[s.node_id]:
                 raise PlanError(f"privacy-critical segment {i} {span} is placed on untrusted node {s.node_id!r}")
             segments.append(Segment(i, span, s.node_id, critical))
         return cls(plan.epoch, plan.cluster_id, plan.model_digest, plan.num_layers, tuple(segments), addresses,
-                   trusted, plan.issued_at_ms, plan.expires_at_ms, keys)
+                   trusted, plan.issued_at_ms, plan.expires_at_ms, keys, trust)
 
     def describe(self) -> str:
         return " ".join(f"{s.span}@{s.node_id}" for s in self.segments)

@@ -11,6 +11,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY, start_http_server
 
+from common.audit_tap import install_from_env
 from common.authz import ORCHESTRATOR, authorized_server
 from common.log_format import setup_logging
 from common.proto import splitmesh_pb2_grpc as pb_grpc
@@ -25,6 +26,8 @@ log = logging.getLogger("node_agent")
 
 
 async def serve(config: NodeConfig) -> None:
+    if install_from_env(config.node_id):
+        log.warning("audit tap on: recording every message this node receives (security tests only)")
     try:
         runtime = NodeRuntime(config)
     except TransportError as exc:

@@ -47,6 +47,10 @@ class OrchestratorConfig:
     hysteresis: float = field(_P.hysteresis, "a new plan must cut the predicted cost by more than this fraction, "
                                              "[0, 1)")
     ewma_alpha: float = field(_P.ewma_alpha, "smoothing of the end-to-end latency EWMA, (0, 1]")
+    trusted_leading_layers: int = field(_P.trusted_leading_layers, "trusted depth: layers [0, n) run on trusted "
+                                                                   "nodes only (>= 1)")
+    trusted_trailing_layers: int = field(_P.trusted_trailing_layers, "the last n layers run on trusted nodes only "
+                                                                     "(>= 1)")
     metrics_port: int = field(0, "HTTP port for Prometheus /metrics (0 = off)")
     log_level: str = field("INFO", "logging level")
     log_json: bool = field(False, "log one JSON object per line")

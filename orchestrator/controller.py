@@ -94,7 +94,7 @@ class Controller:
                 alive = self.adapter.schedulable()
                 if len(alive) >= co.config.min_nodes:
                     await self.install(place(alive, co.model.num_layers, co.config.boundaries, co.config.placement,
-                                             self.adapter.policy.enforced_critical_layers()))
+                                             self.adapter.policy.trust_rule()))
             elif lost := co.lost_plan_nodes():
                 await self.replace_plan("node-lost", f"lost {', '.join(lost)}")
             elif not all(co.registry.alive(n) for n in co.view.node_ids()):
@@ -136,7 +136,7 @@ class Controller:
 
     # -- every change goes through here --------------------------------------------
     async def install(self, plan: Plan) -> tuple[bool, str, pb.Plan | None]:
-        return await self.co.install(plan, self.adapter.policy.enforced_critical_layers())
+        return await self.co.install(plan, self.adapter.policy.trust_rule())
 
     def record(self, kind: str, reason: str, cluster: ClusterState | None, epoch_before: int, epoch_after: int, *,
                triggers: str = "", old: float = 0.0, new: float = 0.0, old_ms: float = 0.0,
@@ -235,7 +235,7 @@ class Controller:
         try:
             if boundaries or placement:
                 plan = place(self.adapter.schedulable(), self.co.model.num_layers, list(boundaries), list(placement),
-                             self.adapter.policy.enforced_critical_layers())
+                             self.adapter.policy.trust_rule())
                 how = "operator"
             else:
                 plan, how = best_plan(self.adapter)
@@ -244,7 +244,7 @@ class Controller:
         before = self.adapter.predicted_ms(self.co.current_plan())
         after = self.adapter.predicted_ms(plan)
         if dry_run:
-            wire = self.co.build_plan(plan, 0, self.adapter.policy.enforced_critical_layers())
+            wire = self.co.build_plan(plan, 0, self.adapter.policy.trust_rule())
             return pb.ResplitReply(committed=False, plan=wire, reason=f"dry run: {how}", predicted_ms_old=before,
                                    predicted_ms_new=after)
         epoch_before = self._epoch()

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -15,9 +15,10 @@ from common.certs import Identity
 from common.model_store import ModelStore, StoredModel
 from common.plan_signing import load_or_create_signing_key, public_bytes, sign_plan
 from common.plan_view import PLAN_KIND, PlanView
-from common.privacy import segment_is_critical
+from common.privacy import ENDS_ONLY, TrustRule
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.store_roles import roles_for_span
 from common.transport import aio_channel
 from orchestrator.config import OrchestratorConfig
 from orchestrator.planning import Plan
@@ -40,6 +41,7 @@ class Coordinator:
                                  rejoin_grace_s=config.rejoin_grace_s)
         self.signed: pb.SignedPlan | None = self.state.committed_plan()
         self.view: PlanView | None = None
+        self.preparing: PlanView | None = None  # the plan in PREPARE: its nodes may fetch their new layers
         if self.signed is not None:
             plan = pb.Plan()
             plan.ParseFromString(self.signed.plan_bytes)
@@ -64,10 +66,11 @@ class Coordinator:
             self._channels[key] = aio_channel(address, self.tls, Identity("node", node_id))
         return pb_grpc.NodeStub(self._channels[key])
 
-    def build_plan(self, candidate: Plan, epoch: int, extra_critical: Iterable[int] = ()) -> pb.Plan:
-        """The wire plan; segments holding a critical layer (common.privacy) are marked for the nodes to enforce."""
+    def build_plan(self, candidate: Plan, epoch: int, rule: TrustRule = ENDS_ONLY) -> pb.Plan:
+        """The wire plan; it records the trusted depth and marks segments holding a critical layer
+        (common.privacy) for the nodes to enforce."""
         now_ms = int(time.time() * 1000)
-        extra = frozenset(extra_critical)
+        n_layers = self.model.num_layers
         used = set(candidate.node_ids)
         nodes = [pb.PlanNode(node_id=r.node_id, address=r.address, trusted=r.trusted,
                              x25519_public_key=r.x25519_public_key)
@@ -75,25 +78,29 @@ class Coordinator:
         return pb.Plan(kind=PLAN_KIND, cluster_id=self.config.cluster_id, epoch=epoch, model_digest=self.model.digest,
                        num_layers=self.model.num_layers, issued_at_ms=now_ms,
                        expires_at_ms=now_ms + self.config.plan_ttl_s * 1000, nodes=nodes,
+                       trusted_leading_layers=max(1, rule.leading), trusted_trailing_layers=max(1, rule.trailing),
                        segments=[pb.PlanSegment(start=s.span.start, end=s.span.end, node_id=s.node_id,
-                                                privacy_critical=segment_is_critical(s.span, self.model.num_layers,
-                                                                                     extra))
+                                                privacy_critical=rule.segment_is_critical(s.span, n_layers))
                                  for s in candidate.segments])
 
-    async def install(self, candidate: Plan, extra_critical: Iterable[int] = ()) -> tuple[bool, str, pb.Plan | None]:
+    async def install(self, candidate: Plan, rule: TrustRule = ENDS_ONLY) -> tuple[bool, str, pb.Plan | None]:
         """Two-phase switch to ``candidate``; the old plan stays if any node NACKs. Only the controller calls it."""
         async with self._lock:
             missing = [n for n in candidate.node_ids if n not in self.registry.nodes]
             if missing:
                 return False, f"unknown nodes {missing}", None
             epoch = self.state.next_epoch()
-            plan = self.build_plan(candidate, epoch, extra_critical)
+            plan = self.build_plan(candidate, epoch, rule)
             view = PlanView.parse(plan)
             signed = sign_plan(plan, self.signing_key)
             self.state.record_plan(signed, epoch)
             participants = view.node_ids()
             log.info("PREPARE epoch %d: %s", epoch, view.describe())
-            results = await asyncio.gather(*(self._prepare(n, signed) for n in participants))
+            self.preparing = view
+            try:
+                results = await asyncio.gather(*(self._prepare(n, signed) for n in participants))
+            finally:
+                self.preparing = None
             failures = [reason for ok, reason in results if not ok]
             if failures:
                 log.warning("ABORT epoch %d: %s", epoch, "; ".join(failures))
@@ -122,6 +129,14 @@ class Coordinator:
     async def _call(self, node_id: str, method: str, request: pb.CommitRequest) -> None:
         stub = self._stub(self.registry.nodes[node_id].address, node_id)
         await getattr(stub, method)(request, timeout=10)
+
+    def assigned_blobs(self, node_id: str) -> frozenset[str]:
+        """Hashes of the store files ``node_id`` needs for the segments the committed plan or the plan in
+        PREPARE gives it: the only ones it may fetch."""
+        manifest = self.model.manifest
+        roles = {role for view in (self.view, self.preparing) if view is not None
+                 for seg in view.segments_on(node_id) for role in roles_for_span(manifest, seg.span)}
+        return frozenset(manifest.files[r].sha256 for r in roles)
 
     def lost_plan_nodes(self) -> list[str]:
         """Nodes of the committed plan known to be gone (see :meth:`Registry.lost`)."""

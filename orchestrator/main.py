@@ -65,7 +65,7 @@ async def serve(config: OrchestratorConfig, sources: Mapping[str, str]) -> None:
     server = authorized_server(tls_on=co.tls is not None)
     pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(co, controller), server)
     pb_grpc.add_AdminServicer_to_server(AdminServicer(co, controller), server)
-    pb_grpc.add_ModelFilesServicer_to_server(ModelFilesServicer(co.model.store), server)
+    pb_grpc.add_ModelFilesServicer_to_server(ModelFilesServicer(co.model.store, co.assigned_blobs), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if bind(server, config.listen, co.tls, insecure=config.insecure) == 0:  # mTLS, or plaintext where allowed

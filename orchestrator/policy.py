@@ -13,10 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from common.privacy import TrustRule
 from orchestrator.planning import CostWeights, DecisionConfig, PrivacyPolicy, Workload
 
 MAX_LAYERS = 65_536  # layer indices a policy may name
 MAX_TOKENS = 1 << 20
+TRUSTED_DEPTH = 1  # default leading trusted depth (README, "What split inference protects")
 
 
 class PolicyError(ValueError):
@@ -42,6 +44,8 @@ class Policy(BaseModel):
     gamma: float = Field(default=10.0, ge=0.0, le=1e6)  # Phi weight per critical layer untrusted (soft)
     privacy_hard: bool = True  # critical layers only on trusted nodes (False: penalise with gamma)
     extra_critical_layers: frozenset[int] = Field(default=frozenset(), max_length=4096)  # more layers that stay trusted
+    trusted_leading_layers: int = Field(default=TRUSTED_DEPTH, ge=1, le=MAX_LAYERS)  # layers [0, n) trusted only
+    trusted_trailing_layers: int = Field(default=1, ge=1, le=MAX_LAYERS)  # the last n layers trusted only
     prompt_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS)  # request shape the cost model optimises for
     decode_tokens: int = Field(default=128, ge=1, le=MAX_TOKENS)
     kv_budget_tokens: int = Field(default=4096, ge=0, le=MAX_TOKENS)  # KV tokens a host reserves per layer
@@ -74,15 +78,19 @@ class Policy(BaseModel):
             bandwidth_min_bps=self.bandwidth_min_bps, bandwidth_scope=self.bandwidth_scope,
             cooldown_s=self.cooldown_s, hysteresis=self.hysteresis, ewma_alpha=self.ewma_alpha,
             weights=CostWeights(self.alpha, self.beta, self.gamma, self.privacy_hard),
-            privacy=PrivacyPolicy(self.extra_critical_layers))
+            privacy=PrivacyPolicy(self.extra_critical_layers, self.trusted_leading_layers,
+                                  self.trusted_trailing_layers))
 
     def workload(self) -> Workload:
         return Workload(self.prompt_tokens, self.decode_tokens, self.kv_budget_tokens)
 
-    def enforced_critical_layers(self) -> frozenset[int]:
-        """Extra layers the nodes must refuse on untrusted boxes: all of them when privacy is hard, else none
-        (soft privacy only penalises them; the first and last layer are enforced either way)."""
-        return self.extra_critical_layers if self.privacy_hard else frozenset()
+    def trust_rule(self) -> TrustRule:
+        """What the plans record and the nodes refuse on untrusted boxes: the trusted depth and the extra
+        layers when privacy is hard; soft privacy only penalises them, and the first and last layer are
+        enforced either way."""
+        if not self.privacy_hard:
+            return TrustRule()
+        return TrustRule(self.trusted_leading_layers, self.trusted_trailing_layers, self.extra_critical_layers)
 
 
 def _text(value: Any) -> str:

@@ -28,6 +28,8 @@ CONFIG_FIELDS: Mapping[str, tuple[str, float]] = {
     "cooldown_s": ("cooldown_s", 1.0),
     "hysteresis": ("hysteresis", 1.0),
     "ewma_alpha": ("ewma_alpha", 1.0),
+    "trusted_leading_layers": ("trusted_leading_layers", 1.0),
+    "trusted_trailing_layers": ("trusted_trailing_layers", 1.0),
 }
 
 

@@ -54,7 +54,7 @@ def best_plan(adapter: Adapter, keep_head: str | None = None) -> tuple[Plan, str
     _no_solution.warning(f"solver found no feasible plan ({result.reason}); falling back to the static placement")
     try:
         plan = place(adapter.schedulable(), adapter.co.model.num_layers,
-                     extra_critical=adapter.policy.enforced_critical_layers())
+                     rule=adapter.policy.trust_rule())
     except PlacementError as exc:
         log.debug("static placement failed too: %s", exc)
         raise PlacementError(result.reason) from exc

@@ -6,9 +6,9 @@ one, closing the token ring at the head); middle segments spread over the other 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-from common.privacy import segment_is_critical
+from common.privacy import ENDS_ONLY, TrustRule
 from common.spans import check_cover, even_boundaries, spans_from_boundaries
 from orchestrator.planning import Plan
 from orchestrator.registry import NodeRecord
@@ -19,9 +19,8 @@ class PlacementError(ValueError):
 
 
 def place(nodes: Sequence[NodeRecord], num_layers: int, boundaries: Sequence[int] = (),
-          placement: Sequence[str] = (), extra_critical: Iterable[int] = ()) -> Plan:
+          placement: Sequence[str] = (), rule: TrustRule = ENDS_ONLY) -> Plan:
     """A plan for ``nodes``: the operator's split and placement when given (checked), else an even split."""
-    extra = frozenset(extra_critical)
     if not nodes:
         raise PlacementError("no live nodes")
     by_id = {n.node_id: n for n in nodes}
@@ -43,7 +42,7 @@ def place(nodes: Sequence[NodeRecord], num_layers: int, boundaries: Sequence[int
         for i, node_id in enumerate(placement):
             if node_id not in by_id:
                 raise PlacementError(f"segment {i}: node {node_id!r} is not registered and alive")
-            if segment_is_critical(spans[i], num_layers, extra) and not by_id[node_id].trusted:
+            if rule.segment_is_critical(spans[i], num_layers) and not by_id[node_id].trusted:
                 raise PlacementError(f"segment {i} is privacy-critical; node {node_id!r} is not trusted")
         return Plan.of(list(zip(spans, placement, strict=True)))
     trusted = [n.node_id for n in nodes if n.trusted]
@@ -56,7 +55,7 @@ def place(nodes: Sequence[NodeRecord], num_layers: int, boundaries: Sequence[int
     chosen = [head] + [middle_pool[(i - 1) % len(middle_pool)] for i in range(1, last)] + ([tail] if last else [])
     plan = Plan.of(list(zip(spans, chosen, strict=True)))
     exposed = [s for s in plan.segments
-               if not by_id[s.node_id].trusted and segment_is_critical(s.span, num_layers, extra)]
+               if not by_id[s.node_id].trusted and rule.segment_is_critical(s.span, num_layers)]
     if exposed:
         raise PlacementError(f"segment {exposed[0].span} is privacy-critical and only untrusted nodes are left for it")
     return plan

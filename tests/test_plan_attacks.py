@@ -129,3 +129,20 @@ def test_untrusted_node_refuses_privacy_critical_segment(setup: tuple[ModelStore
         plans.verify(sign_plan(plan, KEY))
     assert caught.value.code in ("PERMISSION_DENIED", "INVALID_ARGUMENT")
 
+
+
+def test_untrusted_node_refuses_a_segment_within_the_recorded_trusted_depth(
+        setup: tuple[ModelStore, str, Path]) -> None:
+    """The plan records the trusted depth; the node applies it even to a segment the plan did not mark."""
+    store, digest, state = setup
+    plans = _node(store, state)
+    segments = [(0, 2, "peer"), (2, 5, "me"), (5, 6, "peer")]
+    shallow = _plan(digest, 8, segments, trusted=("peer",), trusted_leading_layers=2)
+    assert plans.verify(sign_plan(shallow, KEY)) is not None  # [2, 5) lies outside a depth of 2
+    deep = _plan(digest, 9, segments, trusted=("peer",), trusted_leading_layers=3)
+    with pytest.raises(PlanRejected, match="untrusted node 'me'") as caught:
+        plans.verify(sign_plan(deep, KEY))
+    assert caught.value.code == "INVALID_ARGUMENT"
+    tail_deep = _plan(digest, 10, segments, trusted=("peer",), trusted_trailing_layers=2)
+    with pytest.raises(PlanRejected, match="untrusted node 'me'"):
+        plans.verify(sign_plan(tail_deep, KEY))

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from common.config import build_with_sources
+from common.privacy import TrustRule
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from orchestrator.config import OrchestratorConfig
@@ -41,7 +42,7 @@ def test_out_of_range_values_are_refused_with_the_field_named(name: str, value: 
 def test_a_valid_update_round_trips_and_a_bad_one_names_every_bad_key() -> None:
     policy = apply_policy(Policy(), {"latency_max_ms": "120", "extra_critical_layers": "3,1", "privacy_hard": "off"})
     assert policy_values(policy)["extra_critical_layers"] == "1,3" and policy.latency_max_ms == 120.0
-    assert policy.decision.weights.privacy_hard is False and policy.enforced_critical_layers() == frozenset()
+    assert policy.decision.weights.privacy_hard is False and policy.trust_rule() == TrustRule()
     assert policy_from_json(policy_to_json(policy)) == policy
     with pytest.raises(PolicyError, match="unknown policy keys: nope"):
         apply_policy(policy, {"nope": "1"})

@@ -13,7 +13,7 @@ import pytest
 
 from common.model_store import ModelStore
 from common.plan_view import PlanError, PlanView
-from common.privacy import critical_layers, segment_is_critical
+from common.privacy import TrustRule, critical_layers, segment_is_critical
 from common.proto import splitmesh_pb2 as pb
 from common.spans import Span
 from orchestrator.config import OrchestratorConfig
@@ -40,9 +40,9 @@ def test_operator_and_automatic_placements_keep_extra_critical_layers_on_trusted
     nodes = _nodes(("a", True), ("b", False), ("c", True))
     assert place(nodes, 30, [0, 10, 20, 30], ["a", "b", "c"]).node_ids == ("a", "b", "c")
     with pytest.raises(PlacementError, match="privacy-critical"):
-        place(nodes, 30, [0, 10, 20, 30], ["a", "b", "c"], extra_critical=[15])
+        place(nodes, 30, [0, 10, 20, 30], ["a", "b", "c"], rule=TrustRule(extra=frozenset({15})))
     with pytest.raises(PlacementError, match="privacy-critical"):
-        place(nodes, 30, extra_critical=[15])  # the even split puts layer 15 on b
+        place(nodes, 30, rule=TrustRule(extra=frozenset({15})))  # the even split puts layer 15 on b
 
 
 def test_signed_plans_mark_every_critical_segment_and_nodes_refuse_them_untrusted(store: ModelStore,
@@ -55,9 +55,14 @@ def test_signed_plans_mark_every_critical_segment_and_nodes_refuse_them_untruste
         plain = co.build_plan(candidate, 1)
         assert [s.privacy_critical for s in plain.segments] == [True, False, True]
         PlanView.parse(plain)  # b may host [10, 20) when only the ends are critical
-        marked = co.build_plan(candidate, 1, extra_critical=[15])
+        marked = co.build_plan(candidate, 1, rule=TrustRule(extra=frozenset({15})))
         assert [s.privacy_critical for s in marked.segments] == [True, True, True]
         with pytest.raises(PlanError, match="untrusted node 'b'"):
             PlanView.parse(marked)  # what a node's plan check runs before it prepares anything
+        deep = co.build_plan(candidate, 1, rule=TrustRule(12, 1))
+        assert (deep.trusted_leading_layers, deep.trusted_trailing_layers) == (12, 1)  # the plan records the depth
+        assert [s.privacy_critical for s in deep.segments] == [True, True, True]
+        with pytest.raises(PlanError, match="untrusted node 'b'"):
+            PlanView.parse(deep)
     finally:
         co.state.close()

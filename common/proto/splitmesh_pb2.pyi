@@ -141,6 +141,8 @@ class Plan(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    TRUSTED_LEADING_LAYERS_FIELD_NUMBER: _builtins.int
+    TRUSTED_TRAILING_LAYERS_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"splitmesh.plan/1" """
     cluster_id: _builtins.str
@@ -150,6 +152,10 @@ class Plan(_message.Message):
     num_layers: _builtins.int
     issued_at_ms: _builtins.int
     expires_at_ms: _builtins.int
+    trusted_leading_layers: _builtins.int
+    """layers [0, n) only on trusted nodes (0 counts as 1)"""
+    trusted_trailing_layers: _builtins.int
+    """the last n layers only on trusted nodes (0 counts as 1)"""
     @_builtins.property
     def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanSegment]: ...
     @_builtins.property
@@ -166,10 +172,12 @@ class Plan(_message.Message):
         nodes: _abc.Iterable[Global___PlanNode] | None = ...,
         issued_at_ms: _builtins.int = ...,
         expires_at_ms: _builtins.int = ...,
+        trusted_leading_layers: _builtins.int = ...,
+        trusted_trailing_layers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "epoch", b"epoch", "expires_at_ms", b"expires_at_ms", "issued_at_ms", b"issued_at_ms", "kind", b"kind", "model_digest", b"model_digest", "nodes", b"nodes", "num_layers", b"num_layers", "segments", b"segments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "epoch", b"epoch", "expires_at_ms", b"expires_at_ms", "issued_at_ms", b"issued_at_ms", "kind", b"kind", "model_digest", b"model_digest", "nodes", b"nodes", "num_layers", b"num_layers", "segments", b"segments", "trusted_leading_layers", b"trusted_leading_layers", "trusted_trailing_layers", b"trusted_trailing_layers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.dtypes import activation_bytes, weight_bytes
-from common.privacy import critical_layers
+from common.privacy import TrustRule
 
 
 @dataclass(frozen=True)
@@ -159,12 +159,19 @@ class CostWeights:
 
 @dataclass(frozen=True)
 class PrivacyPolicy:
-    """Which layers see raw tokens or produce them; the first and the last layer always do."""
+    """Which layers see raw tokens or produce them: the trusted depth at both ends (at least the first and
+    the last layer) and any extra layers."""
 
     extra_critical_layers: frozenset[int] = frozenset()  # further layer indices that must stay trusted
+    leading: int = 1  # layers [0, leading) stay trusted
+    trailing: int = 1  # the last ``trailing`` layers stay trusted
+
+    @property
+    def rule(self) -> TrustRule:
+        return TrustRule(self.leading, self.trailing, self.extra_critical_layers)
 
     def critical_layers(self, num_layers: int) -> frozenset[int]:
-        return critical_layers(num_layers, self.extra_critical_layers)
+        return self.rule.critical_layers(num_layers)
 
 
 @dataclass(frozen=True)
