@@ -47,7 +47,8 @@ class NodeConfig:
     max_messages: int = field(1024, "most chat messages one request may carry")
     max_new_tokens: int = field(2048, "largest max_new_tokens a request may ask for")
     chunk_bytes: int = field(1 << 20, "activation bytes per wire message")
-    hop_timeout_s: float = field(30.0, "deadline for one step's reply from the next node")
+    hop_timeout_s: float = field(30.0, "deadline for one step's token at the head, and for the next node "
+                                           "to take a step's activation or token")
     stall_reroute_s: float = field(2.0, "a step waiting this long moves to a newer plan if one is committed and a "
                                         "node on its path does not answer a probe (a working node keeps its step)")
     recovery_timeout_s: float = field(20.0, "how long a session waits for a replacement plan after a failure")
@@ -58,8 +59,8 @@ class NodeConfig:
     probe_rtt_window: int = field(5, "probe rounds whose lowest RTT is reported (a reading behind a queue reads high)")
     report_interval_ms: int = field(1000, "capacity report period (overridden by the orchestrator)")
     plan_public_key: str = field("", "pinned orchestrator Ed25519 public key (hex); empty = learn at registration")
-    encrypt_activations: bool = field(True, "seal activation frames per hop (AES-256-GCM, HPKE key exchange); "
-                                            "when on, plaintext activation streams are refused")
+    encrypt_activations: bool = field(True, "seal activation frames per hop and the tail's tokens to the head "
+                                            "(AES-256-GCM, HPKE key exchange); when on, plaintext streams are refused")
     rekey_after_frames: int = field(MAX_FRAMES_PER_KEY, "frames sealed under one hop key before a fresh one is sent")
     tls_dir: str = field("", "folder with ca.crt, NODE_ID.crt and NODE_ID.key (from `splitmesh certs`): mutual TLS")
     tls_ca: str = field("", "cluster CA certificate (overrides tls_dir)")

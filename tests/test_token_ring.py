@@ -104,17 +104,29 @@ def test_the_inbox_takes_only_the_token_it_waits_for() -> None:
 
 
 # ------------------------------------------------------------------ a live mTLS mesh with recording taps
-@pytest.fixture(scope="module")
-def tapped_mesh(store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, Path]]:
-    """node-0 (head) -> node-1 (middle, untrusted) -> node-2 (tail); node-0 and node-1 record their traffic."""
-    taps = tmp_path_factory.mktemp("taps")
+def _tapped(store: ModelStore, factory: pytest.TempPathFactory, secure: bool) -> Iterator[tuple[LocalMesh, Path]]:
+    """node-0 (head) -> node-1 (middle, untrusted) -> node-2 (tail); node-0 and node-1 record their traffic.
+    ``secure``: mutual TLS and sealed frames (the default deployment), else dev mode: plaintext, nothing sealed."""
+    taps = factory.mktemp("taps")
     path = os.pathsep.join([str(TAP), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-    spec = MeshSpec(nodes=3, store=store.root, workdir=tmp_path_factory.mktemp("ring-mesh"), orchestrator_port=0,
+    spec = MeshSpec(nodes=3, store=store.root, workdir=factory.mktemp("ring-mesh"), orchestrator_port=0,
                     trusted=("node-0", "node-2"), boundaries=(0, 10, 20, 30), placement=("node-0", "node-1", "node-2"),
-                    tls=True, extra_env={"PYTHONPATH": path, "SPLITMESH_TAP_NODES": "node-0,node-1",
-                                         "SPLITMESH_TAP_DIR": str(taps)})
+                    tls=secure, encrypt_activations=secure,
+                    extra_env={"PYTHONPATH": path, "SPLITMESH_TAP_NODES": "node-0,node-1",
+                               "SPLITMESH_TAP_DIR": str(taps)})
     with LocalMesh(spec) as mesh:
         yield mesh, taps
+
+
+@pytest.fixture(scope="module")
+def tapped_mesh(store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, Path]]:
+    yield from _tapped(store, tmp_path_factory, secure=True)
+
+
+@pytest.fixture(scope="module")
+def plain_tapped_mesh(store: ModelStore, tmp_path_factory: pytest.TempPathFactory,
+                      ) -> Iterator[tuple[LocalMesh, Path]]:
+    yield from _tapped(store, tmp_path_factory, secure=False)
 
 
 def _records(taps: Path, node: str) -> list[dict[str, Any]]:
@@ -141,9 +153,10 @@ MAX_NEW = 24
 
 
 @pytest.mark.slow
-def test_no_token_id_passes_the_middle_node(tapped_mesh: tuple[LocalMesh, Path], reference: PreTrainedModel,
+@pytest.mark.parametrize("which", ["tapped_mesh", "plain_tapped_mesh"])
+def test_no_token_id_passes_the_middle_node(which: str, request: pytest.FixtureRequest, reference: PreTrainedModel,
                                             tokenizer: PreTrainedTokenizerBase) -> None:
-    mesh, taps = tapped_mesh
+    mesh, taps = request.getfixturevalue(which)
     prompt_ids = chat_token_ids(tokenizer, PROMPT)
     expected = reference_greedy(reference, prompt_ids, MAX_NEW)
     with mesh.client() as client:
@@ -160,10 +173,14 @@ def test_no_token_id_passes_the_middle_node(tapped_mesh: tuple[LocalMesh, Path],
     assert not any(sent[i:i + 4] == tokens[:4] for i in range(len(sent))), "the completion left the middle node"
     received = [value for record in middle if record["dir"] == "in" for _, value in record["ints"]]
     assert not any(received[i:i + 4] == tokens[:4] for i in range(len(received)))
-    # The head received the tokens from the tail, sealed: one frame per generated token.
+    # The head received the tokens from the tail: one frame per generated token, sealed unless in dev mode.
     head = [r for r in _records(taps, "node-0") if r["method"] == "/splitmesh.v1.Node/Deliver" and r["dir"] == "in"]
+    delivered = [value for r in head for name, value in r["ints"] if name == "token.token_id"]
     assert sum("token" in r["fields"] for r in head) >= MAX_NEW
-    assert all("token.token_id" not in r["fields"] for r in head)
+    if mesh.spec.encrypt_activations:
+        assert not delivered and all("token.ciphertext" in r["fields"] for r in head if "token" in r["fields"])
+    else:
+        assert delivered == tokens  # dev mode: plain frames, straight from the tail all the same
 
 
 @pytest.mark.slow
