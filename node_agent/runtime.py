@@ -93,7 +93,7 @@ class NodeRuntime:
         self.sessions: dict[tuple[str, int, int], SessionPipeline] = {}
         self._session_models: dict[tuple[str, int, int], str] = {}
         self.slots = SessionSlots(config.node_id, config.max_sessions)  # one per session id, taken without awaiting
-        self.admission = BatchAdmission(config.node_id, config.batch_rows, config.max_queued_sessions,
+        self.admission = BatchAdmission(config.node_id, config.max_batch_rows, config.max_queued_sessions,
                                         config.max_batch_tokens)  # what this node takes on as a head
         self.generations = Generations()  # the generations this node heads, with their owners
         self.inboxes = TokenInboxes()  # per session this node heads (and epoch): the step waiting for its token

@@ -129,7 +129,7 @@ def test_strict_batching_gives_exact_tokens_and_the_head_refuses_beyond_its_limi
     """Batch size 1: every concurrent session equals generate exactly. With max_batch_rows 1 and 3 queued,
     a fifth generation while four stream is refused RESOURCE_EXHAUSTED by the head at once."""
     spec = _three_nodes(store, tmp_path_factory.mktemp("strict"), SPLITMESH_STRICT_BATCHING="true",
-                        SPLITMESH_MAX_QUEUED_SESSIONS="3")
+                        SPLITMESH_MAX_BATCH_ROWS="1", SPLITMESH_MAX_QUEUED_SESSIONS="3")
     chosen = [prompts[i] for i in (0, 3, 4, 7)]
     with LocalMesh(spec) as mesh:
         clients = [Client(mesh.address) for _ in chosen]
