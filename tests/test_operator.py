@@ -49,6 +49,7 @@ def test_automatic_resplit_dry_run_and_drain(mesh: LocalMesh) -> None:
 
 
 def test_the_async_client_operates_the_mesh_too(mesh: LocalMesh) -> None:
+    mesh.wait_serving()  # the test before ends with a commit; nodes report its epoch a moment later
     async def run() -> None:
         async with AsyncClient(mesh.address) as client:
             status = await client.status()
