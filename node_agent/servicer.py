@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -43,6 +43,21 @@ log = logging.getLogger(__name__)
 
 TRIM_AFTER_BYTES = 64 << 20  # incoming tensor buffers above this, once all freed, are trimmed from the heap
 TRIM_DELAY_S = 1.0
+
+
+Opening = TypeVar("Opening")
+
+
+async def _opening(requests: AsyncIterator[Opening], context: grpc.aio.ServicerContext[Any, Any], timeout_s: float,
+                   what: str) -> Opening | None:
+    """A stream's first message within the frame timeout (None: the peer closed at once), so a peer that
+    opens a stream and goes quiet holds nothing for longer than that."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await anext(requests, None)
+    except TimeoutError:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {what} within {timeout_s:g}s")
+        raise AssertionError("unreachable") from None
 
 
 async def _refuse(context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateEvent], exc: RequestError) -> None:
@@ -156,13 +171,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         the failure of a node after it (so the head learns it and replays)."""
         caller = peer_identity(context)  # a node (common.authz); it must feed this segment (_check_open)
         requests = aiter(request_iterator)
-        timeout_s = self.rt.config.frame_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                first = await anext(requests, None)
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no ForwardOpen within {timeout_s:g}s")
-            return
+        first = await _opening(requests, context, self.rt.config.frame_timeout_s, "ForwardOpen")
         if first is None:
             return
         if first.WhichOneof("msg") != "open":
@@ -233,13 +242,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         waiting step with its status, so the head replays (a tail killed mid-session)."""
         caller = peer_identity(context)  # a node (common.authz); it must be the plan's tail (_check_token_open)
         requests = aiter(request_iterator)
-        timeout_s = self.rt.config.frame_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                first = await anext(requests, None)
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no TokenOpen within {timeout_s:g}s")
-            raise AssertionError("unreachable") from None
+        first = await _opening(requests, context, self.rt.config.frame_timeout_s, "TokenOpen")
         if first is None:
             return pb.DeliverReply()
         if first.WhichOneof("msg") != "open":
