@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from common.int8 import Int8Embedding, Int8Linear, embedding_from, is_quantized, load_module
@@ -130,11 +130,7 @@ class SegmentRunner:
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
                                   past_key_values=cache, position_ids=position_ids)
         rope = self.rotary(hidden, position_ids)
-        started = time.perf_counter()
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                           use_cache=True, position_embeddings=rope)
-        return hidden, time.perf_counter() - started
+        return self._layers_timed(hidden, mask, position_ids, cache, rope)
 
     @torch.inference_mode()
     def run_batch_timed(self, caches: list[DynamicCache], inputs: torch.Tensor,
@@ -146,6 +142,11 @@ class SegmentRunner:
         position_ids = torch.tensor(positions).unsqueeze(1)
         mask = padding_mask(cache.lengths, self.dtype, self.attn_implementation)
         rope = self.rotary(hidden, position_ids)
+        return self._layers_timed(hidden, mask, position_ids, cache, rope)
+
+    def _layers_timed(self, hidden: torch.Tensor, mask: object, position_ids: torch.Tensor, cache: Cache,
+                      rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """The decoder layers alone over prepared inputs, and the seconds they took."""
         started = time.perf_counter()
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
