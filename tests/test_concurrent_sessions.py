@@ -13,16 +13,15 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from bench.session_oracle import TIE_TOLERANCE, judge, reference_with_gaps
 from common.model_store import ModelStore
 from splitmesh import Client
 from splitmesh.client import SplitmeshError
 from splitmesh.launcher import LocalMesh, MeshSpec, free_port
 
-TIE_TOLERANCE = 0.01  # logits: batched rounding moves them by ~1e-4 on this model in fp32
 NEW_TOKENS = 16
 PROMPT_LENGTHS = (1, 6, 33, 120, 300, 17, 64, 9)  # 300 > the default 256-token prefill chunk
 TEXT = ("The lighthouse keeper climbed the spiral stairs every evening, counting the steps as his father had "
@@ -45,27 +44,6 @@ def batched_mesh(store: ModelStore, tmp_path_factory: pytest.TempPathFactory) ->
 def prompts(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     ids = [int(i) for i in tokenizer(TEXT * 12)["input_ids"]]
     return [ids[7 * k:7 * k + n] for k, n in enumerate(PROMPT_LENGTHS)]
-
-
-def reference_with_gaps(model: PreTrainedModel, prompt: list[int], new: int) -> tuple[list[int], list[float]]:
-    """Greedy ``generate`` on the prompt alone, with each step's top-2 logit gap."""
-    with torch.inference_mode():
-        out = model.generate(  # type: ignore[operator]
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=new,
-            do_sample=False, pad_token_id=model.config.eos_token_id, output_scores=True, return_dict_in_generate=True)
-    tokens = [int(t) for t in out.sequences[0, len(prompt):]]
-    gaps = [float(top[0] - top[1]) for top in (torch.topk(s[0].float(), 2).values for s in out.scores)]
-    return tokens, gaps
-
-
-def needed_tolerance(got: list[int], expected: list[int], gaps: list[float]) -> bool:
-    """Assert the per-session rule; True when the tokens part at or after a near-tie step of the reference."""
-    tie = next((step for step, gap in enumerate(gaps) if gap < TIE_TOLERANCE), None)
-    if tie is None:
-        assert got == expected
-        return False
-    assert got[:tie] == expected[:tie], (tie, got, expected)
-    return got != expected
 
 
 def _concurrently(mesh: LocalMesh, requests: list[tuple[list[int], float, int]]) -> list[list[int] | Exception]:
@@ -112,8 +90,10 @@ def test_concurrent_sessions_share_forwards_and_keep_their_tokens(
                                                      seed=4242, ignore_eos=True)]
     outs = _concurrently(batched_mesh, [(p, 0.0, 0) for p in prompts] + [(sampled_prompt, 0.8, 4242)])
     assert all(isinstance(o, list) and len(o) == NEW_TOKENS for o in outs), outs
-    tolerated = sum(needed_tolerance(got, tokens, gaps)  # type: ignore[arg-type]
-                    for got, (tokens, gaps) in zip(outs, expected, strict=False))
+    verdicts = [judge(got, tokens, gaps)  # type: ignore[arg-type]
+                for got, (tokens, gaps) in zip(outs, expected, strict=False)]
+    assert all(v.ok for v in verdicts), [v.describe() for v in verdicts]
+    tolerated = sum(v.needed_tolerance for v in verdicts)
     assert outs[-1] == alone  # seeded sampling: the same tokens whoever shared its batches
     forwards = batched_forwards(batched_mesh)
     assert sum(forwards.values()) > 0, forwards  # the sessions did share forwards
