@@ -17,12 +17,10 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
+from bench.embedded import embedded_model
 from common.chat import chat_token_ids
-from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
-from common.model_store import ModelStore
-from common.reference_model import load_reference_model
 from splitmesh import Client
 from splitmesh.launcher import LocalMesh, MeshSpec, free_port
 
@@ -140,11 +138,8 @@ def main(doc: str) -> int:
     levels = [1, 4] if args.quick else [int(s) for s in args.sessions.split(",")]
     tokens = 16 if args.quick else args.tokens
     console = Console()
-    store = ModelStore(Path(args.store).expanduser())
-    ensure_embedded(store)
-    model = store.open(EMBEDDED_MODEL_NAME)
-    reference = load_reference_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(str(model.export_tokenizer(Path(tempfile.mkdtemp()))))
+    embedded = embedded_model(args.store)
+    store, model, reference, tokenizer = embedded.store, embedded.model, embedded.reference, embedded.tokenizer
     prompts = [chat_token_ids(tokenizer, [{"role": "user", "content": f"Write a short story about {TOPICS[i % 8]}."}])
                for i in range(max(levels))]
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)

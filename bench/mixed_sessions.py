@@ -32,12 +32,10 @@ bound_spinning(1000)
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
-from transformers import AutoTokenizer, PreTrainedModel  # noqa: E402
+from transformers import PreTrainedModel  # noqa: E402
 
+from bench.embedded import embedded_model  # noqa: E402
 from bench.session_oracle import TIE_TOLERANCE, judge, reference_with_gaps  # noqa: E402
-from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded  # noqa: E402
-from common.model_store import ModelStore  # noqa: E402
-from common.reference_model import load_reference_model  # noqa: E402
 from splitmesh.client import SplitmeshError  # noqa: E402
 from splitmesh.launcher import LocalMesh, MeshSpec  # noqa: E402
 
@@ -90,11 +88,8 @@ def main() -> int:
     parser.add_argument("--store", default="~/.cache/splitmesh/store")
     args = parser.parse_args()
     console = Console()
-    store = ModelStore(Path(args.store).expanduser())
-    ensure_embedded(store)
-    model = store.open(EMBEDDED_MODEL_NAME)
-    reference = load_reference_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(str(model.export_tokenizer(Path(tempfile.mkdtemp()))))
+    embedded = embedded_model(args.store)
+    store, reference, tokenizer = embedded.store, embedded.reference, embedded.tokenizer
     text = importlib.metadata.distribution(TEXT_SOURCE[0]).read_text(TEXT_SOURCE[1]) or ""
     ids = [int(i) for i in tokenizer(text)["input_ids"]]
     if len(ids) < args.max_prompt + 7 * args.sessions:

@@ -32,12 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import itertools
 
+from bench.embedded import embedded_model
 from bench.hop_metrics import delta, quantile, scrape
 from bench.transport_floor import floors
 from common.chat import chat_token_ids
-from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
-from common.model_store import ModelStore
-from common.reference_model import load_reference_model
+from common.model_import import EMBEDDED_MODEL_NAME
 from splitmesh import Client
 from splitmesh.launcher import LocalMesh, MeshSpec, free_port
 
@@ -72,13 +71,8 @@ def main() -> int:
     parser.add_argument("--store", default="~/.cache/splitmesh/store")
     args = parser.parse_args()
     console = Console()
-    store = ModelStore(Path(args.store).expanduser())
-    ensure_embedded(store)
-    model = store.open(EMBEDDED_MODEL_NAME)
-    reference = load_reference_model(model)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model.export_tokenizer(Path(tempfile.mkdtemp()))))
+    embedded = embedded_model(args.store)
+    store, reference, tokenizer = embedded.store, embedded.reference, embedded.tokenizer
     prompt_ids = chat_token_ids(tokenizer, PROMPT)
 
     work = Path(tempfile.mkdtemp(prefix="splitmesh-bench-"))
