@@ -59,7 +59,7 @@ def paths(weight: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], torch
         "dequant_linear": lambda: functional.linear(x, q.to(torch.bfloat16) * scale.unsqueeze(1)),
     }
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_  # type: ignore[import-not-found]
     except ImportError:
         pass
     else:
@@ -67,7 +67,8 @@ def paths(weight: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], torch
         module.weight.data.copy_(w_bf16)
         quantize_(module, Int8WeightOnlyConfig())
         out["torchao_int8wo"] = lambda: module(x)
-    dynamic = torch.ao.nn.quantized.dynamic.Linear(weight.shape[1], weight.shape[0], bias_=False)
+    dynamic = torch.ao.nn.quantized.dynamic.Linear(  # type: ignore[no-untyped-call]
+        weight.shape[1], weight.shape[0], bias_=False)
     dynamic.set_weight_bias(torch.quantize_per_channel(weight.float(), scale.float(), torch.zeros(
         weight.shape[0], dtype=torch.long), 0, torch.qint8), None)
     xf = x.float()
@@ -97,8 +98,8 @@ def main() -> int:
     for column in ("shape", "rows", *columns, "int8pack/bf16", "dequant/int8pack"):
         table.add_column(column, justify="right")
     for name, by_rows in figures.items():
-        for m, f in by_rows.items():
-            table.add_row(name, m, *(str(f[c]) for c in columns),
+        for rows_key, f in by_rows.items():
+            table.add_row(name, rows_key, *(str(f[c]) for c in columns),
                           f"{f['int8pack_mm'] / f['bf16_linear']:.2f}", f"{f['dequant_linear'] / f['int8pack_mm']:.2f}")
     Console().print(table)
     print(json.dumps({"threads": args.threads, "torch": torch.__version__, "us_per_call": figures}))
