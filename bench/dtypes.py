@@ -23,7 +23,6 @@ Prints tables, ratios to fp32 beside the issue's targets, then one JSON line wit
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import itertools
 import json
 import math
@@ -43,6 +42,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import llama_cpp_peer
+from bench.embedded import TEXT_SOURCE, shipped_text
 from bench.overhead import single_process_step_times
 from common.chat import chat_token_ids
 from common.model_import import (
@@ -71,7 +71,6 @@ BATCH_PROMPTS = [*PROMPTS, "Why is the sky blue?", "Name a famous painter.", "Wh
                  "Describe a cat in five words.", "Give me a synonym for happy.", "What is the boiling point of water?",
                  "Who wrote Hamlet?", "Suggest a name for a dog.", "What does a bee make?",
                  "How many legs does a spider have?", "Tell me a fun fact about the moon."]
-PPL_SOURCE = ("grpcio", "licenses/LICENSE")  # the Apache-2.0 text (and the licences after it) grpcio ships
 QUALITY_TOKENS = 24
 TARGETS = {"batch_bf16": 1.3, "batch_int8": 1.6, "mem_bf16": 0.55, "mem_int8": 0.35, "mesh_tps": 2 * 13.3}
 
@@ -288,10 +287,10 @@ def main() -> int:
     store = ModelStore(Path(args.store).expanduser())
     fp32 = store.open(ensure_embedded(store))
     tokenizer = AutoTokenizer.from_pretrained(str(fp32.export_tokenizer(Path(tempfile.mkdtemp()))))
-    text = importlib.metadata.distribution(PPL_SOURCE[0]).read_text(PPL_SOURCE[1]) or ""
+    text = shipped_text()
     ppl_ids = tokenizer(text)["input_ids"][: args.ppl_tokens]
     if len(ppl_ids) < args.ppl_tokens:
-        raise SystemExit(f"{PPL_SOURCE} has only {len(ppl_ids)} tokens")
+        raise SystemExit(f"{TEXT_SOURCE} has only {len(ppl_ids)} tokens")
     work = Path(tempfile.mkdtemp(prefix="splitmesh-dtypes-"))
     models = {d.strip(): model_in(store, d.strip()) for d in args.dtypes.split(",")}
     figures, outputs = measure(models, args, tokenizer, ppl_ids, console)
@@ -358,7 +357,7 @@ def main() -> int:
                           f"{TARGETS['mesh_tps']:.1f} (2x 13.3)")
     peer = peer_figures(args, figures, console)
     print(json.dumps({"threads": args.threads, "tokens": args.tokens, "sessions": args.sessions,
-                      "ppl_source": "/".join(PPL_SOURCE), "ppl_tokens": args.ppl_tokens, "dtypes": figures,
+                      "ppl_source": "/".join(TEXT_SOURCE), "ppl_tokens": args.ppl_tokens, "dtypes": figures,
                       "llama_cpp": peer}))
     return 0
 

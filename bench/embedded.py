@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
 from common.model_store import ModelStore, StoredModel
 from common.reference_model import load_reference_model
+
+TEXT_SOURCE = ("grpcio", "licenses/LICENSE")  # the Apache-2.0 text (and the licences after it) grpcio ships
 
 
 @dataclass(frozen=True)
@@ -28,3 +31,8 @@ def embedded_model(store_path: str) -> EmbeddedModel:
     model = store.open(EMBEDDED_MODEL_NAME)
     tokenizer = AutoTokenizer.from_pretrained(str(model.export_tokenizer(Path(tempfile.mkdtemp()))))
     return EmbeddedModel(store, model, load_reference_model(model), tokenizer)
+
+
+def shipped_text() -> str:
+    """A fixed text of several thousand tokens that ships with an installed package: nothing is downloaded."""
+    return importlib.metadata.distribution(TEXT_SOURCE[0]).read_text(TEXT_SOURCE[1]) or ""

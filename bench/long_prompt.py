@@ -12,7 +12,6 @@ Rounds alternate between the meshes. Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import itertools
 import json
 import sys
@@ -31,10 +30,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bench.concurrency_runs import quantile  # noqa: E402
-from bench.embedded import embedded_model  # noqa: E402
+from bench.embedded import embedded_model, shipped_text  # noqa: E402
 from splitmesh.launcher import LocalMesh, MeshSpec  # noqa: E402
-
-TEXT_SOURCE = ("grpcio", "licenses/LICENSE")  # an Apache-2.0 text that ships with an installed package
 
 
 def one_round(mesh: LocalMesh, short: list[list[int]], long_prompt: list[int], warm: int,
@@ -42,16 +39,13 @@ def one_round(mesh: LocalMesh, short: list[list[int]], long_prompt: list[int], w
     """Gaps of the running sessions before and during the long prefill, and the long prompt's TTFT."""
     arrivals: list[list[float]] = [[] for _ in short]
     warmed = threading.Barrier(len(short) + 1)
-    done_warm = [False] * len(short)
 
     def running(index: int) -> None:
         with mesh.client() as client:
-            for event in client.generate(short[index], max_new_tokens=tokens, ignore_eos=True):
+            for _ in client.generate(short[index], max_new_tokens=tokens, ignore_eos=True):
                 arrivals[index].append(time.perf_counter())
-                if len(arrivals[index]) == warm and not done_warm[index]:
-                    done_warm[index] = True
+                if len(arrivals[index]) == warm:
                     warmed.wait()
-                del event
 
     threads = [threading.Thread(target=running, args=(i,)) for i in range(len(short))]
     for thread in threads:
@@ -95,7 +89,7 @@ def main() -> int:
     args = parser.parse_args()
     console = Console()
     embedded = embedded_model(args.store)
-    text = importlib.metadata.distribution(TEXT_SOURCE[0]).read_text(TEXT_SOURCE[1]) or ""
+    text = shipped_text()
     ids = [int(i) for i in embedded.tokenizer(text)["input_ids"]]
     if len(ids) < args.long + 100:
         raise SystemExit(f"the text has {len(ids)} tokens, fewer than --long {args.long}")

@@ -13,7 +13,6 @@ session must complete. Prints a table by outcome, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import signal
 import sys
@@ -34,12 +33,10 @@ from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 from transformers import PreTrainedModel  # noqa: E402
 
-from bench.embedded import embedded_model  # noqa: E402
+from bench.embedded import embedded_model, shipped_text  # noqa: E402
 from bench.session_oracle import TIE_TOLERANCE, judge, reference_with_gaps  # noqa: E402
 from splitmesh.client import SplitmeshError  # noqa: E402
 from splitmesh.launcher import LocalMesh, MeshSpec  # noqa: E402
-
-TEXT_SOURCE = ("grpcio", "licenses/LICENSE")  # an Apache-2.0 text that ships with an installed package
 
 
 def prompt_lengths(sessions: int, longest: int) -> list[int]:
@@ -90,7 +87,7 @@ def main() -> int:
     console = Console()
     embedded = embedded_model(args.store)
     store, reference, tokenizer = embedded.store, embedded.reference, embedded.tokenizer
-    text = importlib.metadata.distribution(TEXT_SOURCE[0]).read_text(TEXT_SOURCE[1]) or ""
+    text = shipped_text()
     ids = [int(i) for i in tokenizer(text)["input_ids"]]
     if len(ids) < args.max_prompt + 7 * args.sessions:
         raise SystemExit(f"the text has {len(ids)} tokens, too few for these prompts")
