@@ -24,6 +24,7 @@ class ComputeThread:
         self._waiting: list[Job] = []
         self._wake = threading.Condition()
         self._closed = False
+        self.rounds_done = 0  # rounds finished: progress a waiting head can read (see ProbeReply.compute_rounds)
         self._thread = threading.Thread(target=self._loop, name="torch", daemon=True)
         self._thread.start()
 
@@ -54,6 +55,7 @@ class ComputeThread:
                 taken, self._waiting = self._waiting, []
             # A job whose caller went away (cancelled) before the thread reached it is dropped here.
             self._batcher.run_round([job for job in taken if job.future.set_running_or_notify_cancel()])
+            self.rounds_done += 1  # one writer (this thread); readers only compare successive values
 
     def shutdown(self) -> None:
         with self._wake:

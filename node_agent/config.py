@@ -47,8 +47,10 @@ class NodeConfig:
     max_messages: int = field(1024, "most chat messages one request may carry")
     max_new_tokens: int = field(2048, "largest max_new_tokens a request may ask for")
     chunk_bytes: int = field(1 << 20, "activation bytes per wire message")
-    hop_timeout_s: float = field(30.0, "deadline for one step's token at the head, and for the next node "
-                                           "to take a step's activation or token")
+    hop_timeout_s: float = field(30.0, "a head's step fails when a node on its path has not answered a probe, or "
+                                       "no node on the path has finished any work, for this long (a busy path "
+                                       "keeps its step); also how long the next node may take to accept an "
+                                       "activation or token")
     stall_reroute_s: float = field(2.0, "a step waiting this long moves to a newer plan if one is committed and a "
                                         "node on its path does not answer a probe (a working node keeps its step)")
     recovery_timeout_s: float = field(20.0, "how long a session waits for a replacement plan after a failure")

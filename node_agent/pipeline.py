@@ -118,12 +118,9 @@ class RemoteHop:
                     boundaries: int) -> int:
         """The head's wait for the token of the step it sent at ``started``, which crosses ``boundaries``
         node boundaries on its way to the tail; the ring's overhead beyond compute is observed per boundary."""
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                token, compute_s = await waiter
-        except TimeoutError:
-            raise HopError(grpc.StatusCode.UNAVAILABLE, f"no token from the ring after {self._peer} within "
-                           f"{self._timeout_s}s") from None
+        # No deadline of its own: a busy path may take long, and the head's PathWatch (ring_session)
+        # decides from probes when the path is stuck; a broken stream fails ``waiter`` at once.
+        token, compute_s = await waiter
         waited = time.perf_counter() - started
         self._hop_seconds.inc(waited)
         if 0.0 <= compute_s <= waited:  # a peer's figure is only trusted as far as it is plausible

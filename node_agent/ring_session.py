@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 
 import grpc
@@ -17,9 +16,8 @@ import torch
 
 from common.log_format import EPOCH, SESSION
 from common.plan_view import PlanView
-from common.proto import splitmesh_pb2 as pb
-from common.proto import splitmesh_pb2_grpc as pb_grpc
 from node_agent.hops import HopError
+from node_agent.path_watch import PROBE_TIMEOUT_S, PathWatch, PeerReading
 from node_agent.pipeline import SessionPipeline
 from node_agent.runtime import NodeRuntime
 from node_agent.sampler import SamplingConfig
@@ -27,8 +25,6 @@ from node_agent.sampler import SamplingConfig
 log = logging.getLogger(__name__)
 
 STALL_POLL_S = 0.1  # how often a waiting step looks for a plan that routes around a stalled peer
-STALL_PROBE_TIMEOUT_S = 1.0  # a downstream node that does not answer an empty probe this fast counts as stalled
-STALL_PROBE_INTERVAL_S = 0.5  # while a step waits, its path is probed at most this often
 RECOVERABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
                          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED})
 
@@ -119,20 +115,24 @@ class RingSession:
     async def _step_or_reroute(self, step: int, inputs: torch.Tensor, started: float) -> int | None:
         """The step's token, or None after moving to a newer plan because the step stalled.
 
-        A paused node (SIGSTOP, an overloaded box) neither answers nor breaks the stream; once the
-        orchestrator has committed a newer plan, waiting longer only delays the session. But a step can
-        also be slow because it is working (a long prompt's prefill takes seconds), and a plan change for
-        speed is no reason to throw that work away. So a step older than ``stall_reroute_s`` moves only if
-        a node on its downstream path did not answer an empty probe. The probes start one probe timeout
-        before that age and repeat while the step waits, so a verdict is ready when the newer plan arrives
-        and a paused node costs no more time than before (a broken hop still fails at once).
+        A step can be slow because its path is working (a long prompt's prefill, or many sessions
+        replaying after a re-split, takes seconds to a minute) or because a node is paused (SIGSTOP, an
+        overloaded box) or gone. Once the step is older than the probe lead, the head reads its path
+        (node_agent/path_watch.py): every node's answer to an empty probe and its count of finished
+        compute rounds. The step fails (UNAVAILABLE, so the session waits for a replacement plan) only when
+        a node has been silent, or the whole path has finished no work, for ``hop_timeout_s``; a busy path
+        keeps its step however long the work takes. A step older than ``stall_reroute_s`` moves to a newer
+        committed plan only if a node on its path is silent: a plan change for speed is no reason to throw
+        working prefill away. The probes start one probe timeout before the earlier of the two ages, so a
+        verdict is ready when it is needed (a broken hop still fails at once).
         """
-        assert self.pipeline is not None
+        assert self.pipeline is not None and self.view is not None
         task = asyncio.ensure_future(self._step(self.pipeline, step, self.cached, inputs))
-        reroute_s = self.rt.config.stall_reroute_s
-        probe: asyncio.Future[list[str]] | None = None
-        probe_started = -math.inf
-        silent: list[str] | None = None  # the latest probe's verdict: downstream nodes that did not answer
+        config = self.rt.config
+        reroute_s = config.stall_reroute_s
+        probe_from = max(0.0, min(reroute_s, config.hop_timeout_s) - PROBE_TIMEOUT_S)
+        watch: PathWatch | None = None
+        probe: asyncio.Future[dict[str, PeerReading]] | None = None
         kept_logged = False
         try:
             while True:
@@ -140,23 +140,31 @@ class RingSession:
                 if done:
                     return task.result()
                 now = time.perf_counter()
+                if watch is None:
+                    if now - started < probe_from:
+                        continue
+                    watch = PathWatch(self.view, self.rt.node_id, lambda: self.rt.compute.rounds_done,
+                                      config.hop_timeout_s)
                 if probe is not None and probe.done():
-                    silent, probe = probe.result(), None
-                if (probe is None and now - started >= reroute_s - STALL_PROBE_TIMEOUT_S
-                        and now - probe_started >= STALL_PROBE_INTERVAL_S):
-                    probe, probe_started = asyncio.ensure_future(self._silent_downstream()), now
+                    watch.observe(probe.result())
+                    probe = None
+                if probe is None:
+                    probe = asyncio.ensure_future(self.rt.peer_probes.read_all(self.view, watch.peers))
+                reason = watch.stuck()
+                if reason is not None:
+                    raise PathWatch.error(reason, now - started)
                 newer = self._newer_plan()
-                if newer is None or now - started < reroute_s or silent is None:
+                if newer is None or now - started < reroute_s or watch.silent is None:
                     continue
-                if not silent:
+                if not watch.silent:
                     if not kept_logged:
                         log.info("session %s step %d running for %.1fs on epoch %d; every node on its path "
                                  "answers, so it finishes there", self.session_id[:8], step, now - started,
-                                 self.view.epoch if self.view else 0)
+                                 self.view.epoch)
                         kept_logged = True
                     continue
                 log.warning("session %s step %d stalled for %.1fs (%s not answering); moving to epoch %d",
-                            self.session_id[:8], step, now - started, ", ".join(silent), newer.epoch)
+                            self.session_id[:8], step, now - started, ", ".join(watch.silent), newer.epoch)
                 task.cancel()
                 self.close()
                 await self.open(newer)
@@ -165,21 +173,3 @@ class RingSession:
             for pending in (task, probe):
                 if pending is not None and not pending.done():
                     pending.cancel()
-
-    async def _silent_downstream(self) -> list[str]:
-        """Nodes after this one on the session's plan that do not answer an empty probe in time."""
-        view = self.view
-        if view is None:
-            return []
-        peers = sorted({s.node_id for s in view.segments if s.node_id != self.rt.node_id})
-
-        async def answers(peer: str) -> bool:
-            stub = pb_grpc.NodeStub(self.rt.channels.get(view.addresses[peer], peer))
-            try:
-                await stub.Probe(pb.ProbeRequest(), timeout=STALL_PROBE_TIMEOUT_S)
-            except grpc.aio.AioRpcError:
-                return False
-            return True
-
-        alive = await asyncio.gather(*(answers(p) for p in peers))
-        return [p for p, ok in zip(peers, alive, strict=True) if not ok]

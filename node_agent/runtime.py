@@ -23,6 +23,7 @@ from node_agent.admission import BatchAdmission, Generations, SessionLimitError,
 from node_agent.compute import ComputeThread
 from node_agent.config import NodeConfig
 from node_agent.hops import HopError
+from node_agent.path_watch import PeerProbes, grpc_probe
 from node_agent.pipeline import ChannelPool, SessionPipeline
 from node_agent.plan_state import PlanState
 from node_agent.sampler import SamplingConfig
@@ -86,6 +87,7 @@ class NodeRuntime:
         self.public_key = public_key_bytes(self.node_key)
         self.compute = ComputeThread(config.batch_rows)
         self.channels = ChannelPool(self.tls)
+        self.peer_probes = PeerProbes(grpc_probe(self.channels.get))  # shared by every step waiting on a peer
         self.stats = LiveStats()
         # (session id, first segment index) -> pipeline: the head may host a session's first and last segment
         # (session id, epoch, first segment) -> pipeline. The epoch keeps a replayed session's new stream apart

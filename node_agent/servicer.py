@@ -440,7 +440,7 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def Probe(self, request: pb.ProbeRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext[pb.ProbeRequest, pb.ProbeReply]) -> pb.ProbeReply:
-        return pb.ProbeReply(received_bytes=len(request.payload))
+        return pb.ProbeReply(received_bytes=len(request.payload), compute_rounds=self.rt.compute.rounds_done)
 
     async def Info(self, request: pb.NodeInfoRequest,  # noqa: N802
                    context: grpc.aio.ServicerContext[pb.NodeInfoRequest, pb.NodeInfoReply]) -> pb.NodeInfoReply:

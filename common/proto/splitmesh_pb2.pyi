@@ -1595,15 +1595,21 @@ class ProbeReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECEIVED_BYTES_FIELD_NUMBER: _builtins.int
+    COMPUTE_ROUNDS_FIELD_NUMBER: _builtins.int
     received_bytes: _builtins.int
+    compute_rounds: _builtins.int
+    """Rounds of model work this node's compute thread has finished since it started: a head waiting for
+    a token tells a busy path (the count moves) from a stuck one (it does not).
+    """
     def __init__(
         self,
         *,
         received_bytes: _builtins.int = ...,
+        compute_rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["received_bytes", b"received_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_rounds", b"compute_rounds", "received_bytes", b"received_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
