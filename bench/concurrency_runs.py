@@ -132,6 +132,8 @@ def main(doc: str) -> int:
     parser.add_argument("--sessions", default="1,4,16", help="concurrency levels, comma-separated (e.g. 1,4,16,64)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per session")
     parser.add_argument("--strict-baseline", action="store_true", help="also the 3-segment mesh in strict mode")
+    parser.add_argument("--gather-baseline", action="store_true",
+                        help="also the 3-segment mesh with no gather window (batch_gather_ms 0)")
     parser.add_argument("--quick", action="store_true", help="levels 1,4 and 16 tokens (a smoke run)")
     parser.add_argument("--store", default="~/.cache/splitmesh/store")
     args = parser.parse_args()
@@ -161,6 +163,8 @@ def main(doc: str) -> int:
     }
     if args.strict_baseline:
         meshes["mesh3_strict"] = three("three-strict", SPLITMESH_STRICT_BATCHING="true")
+    if args.gather_baseline:
+        meshes["mesh3_nogather"] = three("three-nogather", SPLITMESH_BATCH_GATHER_MS="0")
     runs: dict[str, Callable[[list[list[int]]], Run]] = {
         "single": lambda ps: single_process(reference, ps, tokens, pad_id)}
     for name, mesh in meshes.items():
@@ -187,7 +191,8 @@ def main(doc: str) -> int:
         for mesh in meshes.values():
             mesh.stop()
 
-    labels = {"single": "(a) single", "mesh1": "(b) mesh1", "mesh3": "(c) mesh3", "mesh3_strict": "(d) strict3"}
+    labels = {"single": "(a) single", "mesh1": "(b) mesh1", "mesh3": "(c) mesh3", "mesh3_strict": "(d) strict3",
+              "mesh3_nogather": "(e) no gather"}
     table = Table(title=f"{tokens} tokens per session, SmolLM2-135M {model.manifest.compute_dtype} on CPU, "
                         "latencies in ms")
     for column in ("config", "users", "tok/s", "ITL p50", "ITL p95", "TTFT p50", "TTFT p95", "rows"):
@@ -207,6 +212,9 @@ def main(doc: str) -> int:
         ratios[f"mesh3_vs_single_at_{at}"] = round(mesh3["tokens_per_s"] / results["single"][at]["tokens_per_s"], 3)
         ratios[f"mesh3_at_{at}_vs_mesh3_at_{one}"] = round(mesh3["tokens_per_s"] / base["tokens_per_s"], 3)
         ratios[f"mesh3_itl_p95_at_{at}_vs_at_{one}"] = round(mesh3["itl_p95_ms"] / base["itl_p95_ms"], 3)
+        if "mesh3_nogather" in results:
+            ratios[f"mesh3_vs_nogather_at_{at}"] = round(mesh3["tokens_per_s"]
+                                                         / results["mesh3_nogather"][at]["tokens_per_s"], 3)
         if "mesh3_strict" in results:
             ratios[f"mesh3_vs_strict_at_{at}"] = round(mesh3["tokens_per_s"]
                                                        / results["mesh3_strict"][at]["tokens_per_s"], 3)

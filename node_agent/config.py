@@ -35,6 +35,9 @@ class NodeConfig:
                                          "in later batches); one more is refused RESOURCE_EXHAUSTED at once")
     max_batch_tokens: int = field(8192, "prompt tokens a head holds admitted but not yet prefilled; a request "
                                         "that would pass it is refused RESOURCE_EXHAUSTED before any node works")
+    batch_gather_ms: float = field(8.0, "while fewer decode rows wait than the node has sessions, a forward waits up "
+                                        "to this long for more (ended by a gap of a quarter of it between "
+                                        "arrivals), so rows of one batch upstream stay one batch here (0 = off)")
     prefill_chunk_tokens: int = field(256, "a longer prompt is prefilled in chunks of this many tokens, so the "
                                            "decode steps of running sessions go on between them (0 = whole)")
     strict_batching: bool = field(False, "run every step alone and every prompt whole: tokens equal single-process "
@@ -85,9 +88,10 @@ class NodeConfig:
             raise ConfigError("max_sessions, max_buffer_bytes, max_prompt_tokens, max_prompt_bytes, max_messages "
                               "and max_new_tokens must be at least 1")
         if min(self.max_batch_rows, self.max_batch_tokens) < 1 or min(self.max_queued_sessions,
-                                                                        self.prefill_chunk_tokens) < 0:
-            raise ConfigError("max_batch_rows and max_batch_tokens must be at least 1, max_queued_sessions and "
-                              "prefill_chunk_tokens at least 0")
+                                                                        self.prefill_chunk_tokens,
+                                                                        self.batch_gather_ms) < 0:
+            raise ConfigError("max_batch_rows and max_batch_tokens must be at least 1, max_queued_sessions, "
+                              "prefill_chunk_tokens and batch_gather_ms at least 0")
         if self.max_batch_tokens < self.max_prompt_tokens:
             raise ConfigError(f"max_batch_tokens ({self.max_batch_tokens}) must hold one prompt of "
                               f"max_prompt_tokens ({self.max_prompt_tokens})")

@@ -85,7 +85,8 @@ class NodeRuntime:
         # The node's frame-encryption identity: kept across restarts so plans made before one stay usable.
         self.node_key = load_or_create_node_key(self.state_dir / "x25519_key.pem")
         self.public_key = public_key_bytes(self.node_key)
-        self.compute = ComputeThread(config.batch_rows)
+        self.compute = ComputeThread(config.batch_rows, config.batch_gather_ms / 1000.0,
+                                     lambda: len(self.sessions))
         self.channels = ChannelPool(self.tls)
         self.peer_probes = PeerProbes(grpc_probe(self.channels.get))  # shared by every step waiting on a peer
         self.stats = LiveStats()

@@ -182,6 +182,45 @@ def test_compute_thread_batches_steps_waiting_together(runners: tuple[SegmentRun
         torch.testing.assert_close(result, alone, rtol=1e-3, atol=1e-3)  # hidden states reach ~1e2
 
 
+def _staggered_forwards(runners: tuple[SegmentRunner, SegmentRunner], gather_s: float) -> int:
+    """Four decode rows reaching an idle compute thread 3 ms apart (one message per session from the node
+    before): how many forwards they took."""
+    compute = ComputeThread(max_batch_rows=8, gather_s=gather_s, expected_rows=lambda: len(PROMPT_LENGTHS))
+    sessions = [_prefilled(runners, n, seed) for seed, n in enumerate(PROMPT_LENGTHS)]
+    forwards: list[int] = []
+
+    async def scenario() -> None:
+        steps = []
+        for caches, length in zip(sessions, PROMPT_LENGTHS, strict=True):
+            job = StepJob(runners, caches, torch.tensor([[8]]), length, on_done=lambda *_: forwards.append(1))
+            steps.append(asyncio.ensure_future(compute.step(job)))
+            await asyncio.sleep(0.003)
+        await asyncio.gather(*steps)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        compute.shutdown()
+    return len(forwards)
+
+
+def test_rows_arriving_apart_are_gathered_into_one_forward(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    """With a gather window the staggered rows share one round; without it the first runs alone."""
+    assert _staggered_forwards(runners, gather_s=0.2) == 1
+    assert _staggered_forwards(runners, gather_s=0.0) >= 2
+
+
+def test_a_lone_session_never_waits_for_company(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    compute = ComputeThread(max_batch_rows=8, gather_s=5.0, expected_rows=lambda: 1)
+    caches = _prefilled(runners, 3, 0)
+    try:
+        started = time.monotonic()
+        asyncio.run(compute.step(StepJob(runners, caches, torch.tensor([[8]]), 3)))
+        assert time.monotonic() - started < 2.0  # far below the 5 s window
+    finally:
+        compute.shutdown()
+
+
 def test_head_admission_limits_generations_and_pending_prefill_tokens() -> None:
     admission = BatchAdmission("node-0", max_rows=2, max_queued=1, max_pending_tokens=100)
     for session in ("a", "b", "c"):
