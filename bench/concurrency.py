@@ -3,7 +3,8 @@
 Configurations, all measured in one run on the same model and dtype (SmolLM2-135M fp32 by default):
 (a) single process: transformers' own batched ``generate`` over all sessions' prompts (left-padded);
 (b) the mesh with 1 segment; (c) the mesh with 3 segments (one node each, loopback, encrypted hops);
-(d) with ``--strict-baseline``, the 3-segment mesh in strict mode (every step alone: no batching).
+(d) with ``--strict-baseline``, the 3-segment mesh in strict mode (every step alone: no batching);
+(e) with ``--gather-baseline``, the 3-segment mesh with no gather window (``batch_gather_ms`` 0).
 Each mesh session is its own SDK client on its own thread, all released together; a token's time is
 when the client receives it. Inter-token figures pool every session's gaps after its first token.
 Prints a table, the ratios the targets are stated in, then one JSON line with every figure.

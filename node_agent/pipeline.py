@@ -293,14 +293,7 @@ class SessionPipeline:
 
     def cache_bytes(self) -> int:
         """Bytes of keys and values this session holds on this node."""
-        total = 0
-        for cache in self._caches:
-            for layer in getattr(cache, "layers", []):
-                for name in ("keys", "values"):
-                    tensor = getattr(layer, name, None)
-                    if isinstance(tensor, torch.Tensor):
-                        total += tensor.numel() * tensor.element_size()
-        return total
+        return sum(cache.kv_bytes() for cache in self._caches)
 
     def close(self) -> None:
         if self.remote is not None:

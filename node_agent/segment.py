@@ -20,7 +20,7 @@ from common.int8 import Int8Embedding, Int8Linear, embedding_from, is_quantized,
 from common.model_config import config_from_manifest
 from common.model_store import EMBED_ROLE, HEAD_ROLE, StoredModel, layer_role
 from common.spans import Span
-from node_agent.batched_cache import BatchedDecodeCache, padding_mask
+from node_agent.batched_cache import BatchedDecodeCache, SessionCache, padding_mask, settle
 
 
 class SegmentRunner:
@@ -98,8 +98,8 @@ class SegmentRunner:
                 module.eval()
                 module.requires_grad_(False)
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache()
+    def new_cache(self) -> SessionCache:
+        return SessionCache()
 
     def parameter_bytes(self) -> int:
         seen: set[int] = set()
@@ -124,6 +124,7 @@ class SegmentRunner:
         The cost model scales a per-layer figure by the layers a plan puts on a node; the per-run set-up
         (embedding, mask, rotary tables) would inflate that figure most on the shortest segments.
         """
+        settle(cache)  # a session that decoded in a batch holds its own history again
         hidden = self.embed(inputs) if self.embed is not None else inputs.to(self.dtype)
         n = hidden.shape[1]
         position_ids = torch.arange(position, position + n).unsqueeze(0)
@@ -142,7 +143,9 @@ class SegmentRunner:
         position_ids = torch.tensor(positions).unsqueeze(1)
         mask = padding_mask(cache.lengths, self.dtype, self.attn_implementation)
         rope = self.rotary(hidden, position_ids)
-        return self._layers_timed(hidden, mask, position_ids, cache, rope)
+        out = self._layers_timed(hidden, mask, position_ids, cache, rope)
+        cache.group.advance()
+        return out
 
     def _layers_timed(self, hidden: torch.Tensor, mask: object, position_ids: torch.Tensor, cache: Cache,
                       rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, float]:

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 from transformers.cache_utils import DynamicCache
 
+from node_agent.batched_cache import SessionCache
 from node_agent.metrics_registry import BATCH_ROWS
 from node_agent.sampler import SamplingConfig, sample
 from node_agent.segment import SegmentRunner
@@ -79,7 +80,15 @@ def run_one(job: StepJob) -> StepResult:
 
 
 def run_batch(jobs: list[StepJob]) -> list[StepResult]:
-    """Decode rows of ``jobs`` (same runners, one row each) as one forward per segment."""
+    """Decode rows of ``jobs`` (same runners, one row each) as one forward per segment; results in the
+    order of ``jobs``."""
+    order = _group_order(jobs)
+    if order != list(range(len(jobs))):
+        results = run_batch([jobs[i] for i in order])
+        placed: list[StepResult] = [0] * len(jobs)
+        for result, index in zip(results, order, strict=True):
+            placed[index] = result
+        return placed
     started = time.perf_counter()
     hidden = torch.cat([job.inputs for job in jobs])
     positions = [job.position for job in jobs]
@@ -96,6 +105,17 @@ def run_batch(jobs: list[StepJob]) -> list[StepResult]:
     logits = head.runners[-1].last_logits_batch(hidden)
     return [sample(logits[row], job.sampling, job.step) for row, job in enumerate(jobs)
             if job.sampling is not None]
+
+
+def _group_order(jobs: list[StepJob]) -> list[int]:
+    """Job indices in the row order of the decode group their first caches form (node_agent/batched_cache.py),
+    so a batch of the same sessions as the last step keeps its group whatever order its rows arrived in."""
+    first = jobs[0].caches[0]
+    group = first.group if isinstance(first, SessionCache) else None
+    rows = [group.row_of(job.caches[0]) for job in jobs] if group is not None else []
+    if not rows or any(row is None for row in rows):
+        return list(range(len(jobs)))
+    return sorted(range(len(jobs)), key=lambda index: rows[index] or 0)
 
 
 class StepBatcher:

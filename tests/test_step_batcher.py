@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import time
+import weakref
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from common.config import ConfigError
 from common.model_store import StoredModel
 from common.spans import Span
 from node_agent.admission import BatchAdmission, SessionLimitError
+from node_agent.batched_cache import settle
 from node_agent.compute import ComputeThread
 from node_agent.config import NodeConfig
 from node_agent.sampler import SamplingConfig
@@ -73,6 +76,8 @@ def test_batched_decode_equals_each_session_alone(runners: tuple[SegmentRunner, 
     for one_caches, many_caches, length in zip(solo, batched, PROMPT_LENGTHS, strict=True):
         for one_cache, many_cache in zip(one_caches, many_caches, strict=True):
             assert many_cache.get_seq_length() == one_cache.get_seq_length() == length + 1
+            settle(many_cache)  # the decode group held the batch's history: each session holds its own again
+            assert many_cache.get_seq_length() == length + 1
             for a, b in zip(one_cache.layers, many_cache.layers, strict=True):
                 assert isinstance(a, DynamicLayer) and isinstance(b, DynamicLayer)
                 torch.testing.assert_close(b.keys, a.keys, rtol=0, atol=1e-4)
@@ -147,6 +152,41 @@ def test_seeded_sampling_is_the_same_whoever_shares_the_batch(runners: tuple[Seg
     alone = sampled(0)
     assert sampled(3) == alone
     assert sampled(1) == alone
+
+
+def test_a_decode_group_persists_across_steps_and_sessions_leave_and_rejoin(
+        runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    """Six decode steps of four sessions, rows in a new order each step, one session running alone at step 3:
+    every row stays equal to its session run alone throughout, the group is kept while its members are the
+    same, and it is freed with its sessions."""
+    solo, batched = _sessions(runners), _sessions(runners)
+    feed = [[11 + 97 * step + 13 * s for step in range(6)] for s in range(len(PROMPT_LENGTHS))]
+    orders = [[0, 1, 2, 3], [3, 1, 0, 2], [2, 0, 3, 1], [1, 2, 3], [0, 1, 2, 3], [3, 2, 1, 0]]
+    groups = []
+    for step, order in enumerate(orders):
+        expected = {}
+        for s, (caches, length) in enumerate(zip(solo, PROMPT_LENGTHS, strict=True)):
+            job = _job(runners, caches, feed[s][step], length + step)
+            StepBatcher(1).run_round([job])
+            expected[s] = job.future.result(timeout=0)
+        jobs = {s: _job(runners, batched[s], feed[s][step], PROMPT_LENGTHS[s] + step) for s in order}
+        if step == 3:
+            jobs[0] = _job(runners, batched[0], feed[0][step], PROMPT_LENGTHS[0] + step)
+            StepBatcher(1).run_round([jobs[0]])  # alone: its group is dissolved first
+        StepBatcher(8).run_round([jobs[s] for s in order])
+        for s, job in jobs.items():
+            got, want = job.future.result(timeout=0), expected[s]
+            assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        groups.append(batched[1][0].group)
+    assert groups[0] is not None and groups[0] is groups[1] is groups[2]  # same members: kept, in any order
+    assert groups[3] is not groups[2] and groups[4] is not groups[3] and groups[4] is groups[5]
+    for caches, length in zip(batched, PROMPT_LENGTHS, strict=True):
+        assert caches[0].get_seq_length() == length + 6
+    freed = weakref.ref(groups[5])
+    del groups, batched, jobs, job, caches
+    gc.collect()
+    assert freed() is None
 
 
 def test_compute_thread_batches_steps_waiting_together(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
