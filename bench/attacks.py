@@ -41,12 +41,12 @@ from common import certs
 from common.certs import Identity
 from common.chat import text_token_ids
 from common.frame_crypto import Direction, HopSealer, public_key_from_bytes
+from common.hop_codec import POSITION, SealedHopSender
 from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
 from common.model_store import ModelStore
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.reference_model import load_reference_model
-from common.sealed_frames import POSITION, SealedHopSender
 from common.tls import TlsConfig
 from common.transport import aio_channel, sync_channel
 from splitmesh import SplitmeshError

@@ -135,12 +135,14 @@ def main(doc: str) -> int:
     parser.add_argument("--gather-baseline", action="store_true",
                         help="also the 3-segment mesh with no gather window (batch_gather_ms 0)")
     parser.add_argument("--quick", action="store_true", help="levels 1,4 and 16 tokens (a smoke run)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "int8"),
+                        help="the embedded model's weights and compute dtype, for every configuration")
     parser.add_argument("--store", default="~/.cache/splitmesh/store")
     args = parser.parse_args()
     levels = [1, 4] if args.quick else [int(s) for s in args.sessions.split(",")]
     tokens = 16 if args.quick else args.tokens
     console = Console()
-    embedded = embedded_model(args.store)
+    embedded = embedded_model(args.store, args.dtype)
     store, model, reference, tokenizer = embedded.store, embedded.model, embedded.reference, embedded.tokenizer
     prompts = [chat_token_ids(tokenizer, [{"role": "user", "content": f"Write a short story about {TOPICS[i % 8]}."}])
                for i in range(max(levels))]
@@ -152,12 +154,14 @@ def main(doc: str) -> int:
 
     def three(name: str, **env: str) -> LocalMesh:
         return LocalMesh(MeshSpec(nodes=3, store=store.root, workdir=work / name, orchestrator_port=0,
+                                  model=model.manifest.name,
                                   trusted=("node-0", "node-2"), boundaries=(0, 10, 20, 30),
                                   placement=("node-0", "node-1", "node-2"), extra_env={**limits, **env},
                                   metrics_port=free_port()))
 
     meshes: dict[str, LocalMesh] = {
         "mesh1": LocalMesh(MeshSpec(nodes=1, store=store.root, workdir=work / "one", orchestrator_port=0,
+                                    model=model.manifest.name,
                                     extra_env=limits, metrics_port=free_port())),
         "mesh3": three("three"),
     }

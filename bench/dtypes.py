@@ -42,15 +42,12 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import llama_cpp_peer
-from bench.embedded import TEXT_SOURCE, shipped_text
+from bench.embedded import TEXT_SOURCE, model_in, shipped_text
 from bench.overhead import single_process_step_times
 from common.chat import chat_token_ids
 from common.model_import import (
-    EMBEDDED_MODEL_NAME,
-    default_name,
     embedded_gguf_path,
     ensure_embedded,
-    import_stored,
 )
 from common.model_store import ModelStore, StoredModel
 from common.reference_model import load_reference_model
@@ -73,17 +70,6 @@ BATCH_PROMPTS = [*PROMPTS, "Why is the sky blue?", "Name a famous painter.", "Wh
                  "How many legs does a spider have?", "Tell me a fun fact about the moon."]
 QUALITY_TOKENS = 24
 TARGETS = {"batch_bf16": 1.3, "batch_int8": 1.6, "mem_bf16": 0.55, "mem_int8": 0.35, "mesh_tps": 2 * 13.3}
-
-
-def model_in(store: ModelStore, dtype: str) -> StoredModel:
-    """The embedded model in ``dtype``, converted from the fp32 import the first time."""
-    fp32 = store.open(ensure_embedded(store))
-    if dtype == "float32":
-        return fp32
-    name = default_name(EMBEDDED_MODEL_NAME, dtype)
-    if name not in store.names() or store.open(name).missing_or_corrupt():
-        import_stored(store, fp32, name, dtype)
-    return store.open(name)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

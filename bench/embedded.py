@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
+from common.model_import import EMBEDDED_MODEL_NAME, default_name, ensure_embedded, import_stored
 from common.model_store import ModelStore, StoredModel
 from common.reference_model import load_reference_model
 
@@ -24,11 +24,22 @@ class EmbeddedModel:
     tokenizer: PreTrainedTokenizerBase
 
 
-def embedded_model(store_path: str) -> EmbeddedModel:
-    """Import the embedded model into ``store_path`` if needed and load its reference and tokenizer."""
+def model_in(store: ModelStore, dtype: str) -> StoredModel:
+    """The embedded model in ``dtype``, converted from the fp32 import the first time."""
+    fp32 = store.open(ensure_embedded(store))
+    if dtype == "float32":
+        return fp32
+    name = default_name(EMBEDDED_MODEL_NAME, dtype)
+    if name not in store.names() or store.open(name).missing_or_corrupt():
+        import_stored(store, fp32, name, dtype)
+    return store.open(name)
+
+
+def embedded_model(store_path: str, dtype: str = "float32") -> EmbeddedModel:
+    """The embedded model in ``dtype`` (imported or converted into ``store_path`` if needed), its reference
+    and tokenizer."""
     store = ModelStore(Path(store_path).expanduser())
-    ensure_embedded(store)
-    model = store.open(EMBEDDED_MODEL_NAME)
+    model = model_in(store, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(model.export_tokenizer(Path(tempfile.mkdtemp()))))
     return EmbeddedModel(store, model, load_reference_model(model), tokenizer)
 

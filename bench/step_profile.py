@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.dtypes import model_in
+from bench.embedded import model_in
 from common.model_store import ModelStore
 from common.spans import Span
 from node_agent.segment import SegmentRunner

@@ -49,7 +49,7 @@ def install_from_env(name: str) -> bool:
     for message_name in pb.DESCRIPTOR.message_types_by_name:
         cls = getattr(pb, message_name)
         cls.FromString = staticmethod(_wrap(recorder, message_name, cls.FromString))
-    from common.sealed_frames import SealedHopReceiver
+    from common.hop_codec import SealedHopReceiver
 
     add = SealedHopReceiver.add
 

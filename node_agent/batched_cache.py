@@ -23,7 +23,7 @@ from __future__ import annotations
 import weakref
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 HEADROOM = 64  # positions a group's buffers hold beyond the longest history, so most steps never grow them
 
@@ -64,9 +64,8 @@ class DecodeGroup:
         self._members = [weakref.ref(c) for c in caches]
         self._rows = {id(c): row for row, c in enumerate(caches)}
         self.lengths = [c.get_seq_length() for c in caches]  # history before the step being run (no group yet)
-        layers = len(caches[0].layers)
-        self._keys: list[torch.Tensor | None] = [None] * layers
-        self._values: list[torch.Tensor | None] = [None] * layers
+        self._keys: dict[int, torch.Tensor] = {}  # by layer index, filled as the first step reaches each layer
+        self._values: dict[int, torch.Tensor] = {}
         self._where: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (rows, positions) to write
         for cache in caches:
             cache.group = self
@@ -104,15 +103,14 @@ class DecodeGroup:
         length = self.length_of(cache)
         total = 0
         for buffers in (self._keys, self._values):
-            for buffer in buffers:
-                if buffer is not None:
-                    total += buffer[0, :, :length].numel() * buffer.element_size()
+            for buffer in buffers.values():
+                total += buffer[0, :, :length].numel() * buffer.element_size()
         return total
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's keys/values ``[B, heads, 1, d]`` -> the batch's ``[B, heads, longest, d]``."""
-        keys, values = self._keys[layer_idx], self._values[layer_idx]
+        keys, values = self._keys.get(layer_idx), self._values.get(layer_idx)
         longest = max(self.lengths) + 1
         if keys is None or values is None:
             keys, values = self._gather(layer_idx, key_states, longest + HEADROOM)
@@ -138,15 +136,19 @@ class DecodeGroup:
             if cache is None or cache.group is not self:
                 continue
             length = self.lengths[row]
-            for index, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
-                if keys is None or values is None:
-                    continue  # this layer never ran in the group: the session's own layer is still the truth
+            for index, keys in self._keys.items():  # a layer the group never reached: the session's own holds
+                values = self._values[index]
+                while len(cache.layers) <= index:  # a session whose first step ran in the group
+                    cache.layers.append(DynamicLayer())  # type: ignore[no-untyped-call]
                 layer = cache.layers[index]
-                layer.keys = keys[row:row + 1, :, :length].clone()  # type: ignore[union-attr]
-                layer.values = values[row:row + 1, :, :length].clone()  # type: ignore[union-attr]
+                assert isinstance(layer, DynamicLayer), "a session cache holds full-attention layers"
+                own_keys, own_values = keys[row:row + 1, :, :length].clone(), values[row:row + 1, :, :length].clone()
+                if not layer.is_initialized:
+                    layer.lazy_initialization(own_keys, own_values)
+                layer.keys, layer.values = own_keys, own_values
             cache.group = None
         self._members = []
-        self._keys = self._values = []
+        self._keys, self._values = {}, {}
 
     def _gather(self, layer_idx: int, like: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's buffers built from every member's own history (once, when the group forms)."""
@@ -156,8 +158,10 @@ class DecodeGroup:
         for row, ref in enumerate(self._members):
             cache = ref()
             assert cache is not None, "a member of a forming group is alive"
-            layer = cache.layers[layer_idx]
             length = self.lengths[row]
+            if not length:
+                continue
+            layer = cache.layers[layer_idx]
             own_keys, own_values = getattr(layer, "keys", None), getattr(layer, "values", None)
             if length and isinstance(own_keys, torch.Tensor) and isinstance(own_values, torch.Tensor):
                 keys[row, :, :length] = own_keys[0]

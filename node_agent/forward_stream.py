@@ -20,10 +20,10 @@ import grpc
 import torch
 
 from common.frame_crypto import FrameCryptoError
+from common.hop_codec import HopReceiver, PlaintextFrameError
 from common.proto import splitmesh_pb2 as pb
-from common.sealed_frames import PlaintextFrameError, SealedHopReceiver
-from common.tensor_budget import BufferBudget, BufferFullError
-from common.tensor_codec import TensorAssembler, TensorError, check_activation
+from common.tensor_budget import BufferFullError
+from common.tensor_codec import TensorError, check_activation
 
 
 class StreamError(Exception):
@@ -41,16 +41,15 @@ def crypto_status(exc: FrameCryptoError) -> StreamError:
 
 
 class ActivationReader:
-    """Yields ``(step, position, activation)`` per complete tensor; ``receiver`` None = a plaintext stream.
+    """Yields ``(step, position, activation)`` per complete tensor out of ``receiver``'s frames (sealed or plain).
 
     ``frame_timeout_s`` bounds the wait for the first frame after the open and for each chunk after the
     one before (a sender writes a tensor's chunks back to back); ``idle_timeout_s`` the wait between tensors.
     """
 
-    def __init__(self, receiver: SealedHopReceiver | None, hidden_size: int, max_rows: int,
+    def __init__(self, receiver: HopReceiver, hidden_size: int, max_rows: int,
                  idle_timeout_s: float = 300.0, *, max_positions: int | None = None,
-                 frame_timeout_s: float | None = None, budget: BufferBudget | None = None,
-                 dtype: str | None = None, segment_index: int = 0) -> None:
+                 frame_timeout_s: float | None = None, dtype: str | None = None, segment_index: int = 0) -> None:
         self._receiver = receiver
         self._dtype = dtype  # the segment's compute dtype: a plan runs one model in one dtype
         self._segment_index = segment_index
@@ -59,21 +58,15 @@ class ActivationReader:
         self._hidden_size = hidden_size
         self._max_rows = max_rows
         self._max_positions = max_positions
-        self._assembler = TensorAssembler(budget)
-        self._expected_seq = 0
-        self._plain_context = (0, 0)  # (step, position) of the plaintext tensor being assembled
         self._expected_step: int | None = None  # a stream opened by a replay starts at the step it resumes
         self._next_position = 0  # every stream starts at position 0 (a replay re-sends the whole history)
         self._started = False  # a frame has arrived
         self.compute_s = 0.0  # the latest frame's compute since the head: a metric, never acted on
 
-    def _in_progress(self) -> bool:
-        return (self._receiver.in_progress if self._receiver is not None else self._assembler.in_progress)
-
     def _timeout(self) -> tuple[float, str]:
         if not self._started:
             return self._frame_timeout_s, "sent no activation after its open"
-        if self._in_progress():
+        if self._receiver.in_progress:
             return self._frame_timeout_s, "stopped in the middle of a tensor"
         return self._idle_timeout_s, "was idle"
 
@@ -102,9 +95,7 @@ class ActivationReader:
             self._discard()
 
     def _discard(self) -> None:
-        if self._receiver is not None:
-            self._receiver.discard()
-        self._assembler.discard()
+        self._receiver.discard()
 
     def _checked(self, message: pb.ForwardRequest) -> tuple[int, int, torch.Tensor] | None:
         try:
@@ -141,26 +132,10 @@ class ActivationReader:
     def _add(self, message: pb.ForwardRequest) -> tuple[int, int, torch.Tensor] | None:
         kind = message.WhichOneof("msg")
         if kind == "rekey":
-            if self._receiver is None:
-                raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "rekey on a plaintext activation stream")
             self._receiver.rekey(message.rekey.key_envelope)
             return None
         if kind != "frame":
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "only activation frames may follow the open")
         self._started = True
-        frame = message.frame
-        self.compute_s = frame.compute_s
-        if self._receiver is not None:
-            return self._receiver.add(frame, self._admit)
-        if frame.header or frame.ciphertext:
-            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "sealed frame on a stream opened without a key")
-        if frame.seq != self._expected_seq:
-            raise StreamError(grpc.StatusCode.ABORTED, f"frame seq {frame.seq}, expected {self._expected_seq}")
-        self._expected_seq += 1
-        if not self._assembler.in_progress:
-            self._plain_context = (frame.step, frame.position)
-        elif (frame.step, frame.position) != self._plain_context:
-            raise TensorError("chunk step/position differ from the first chunk of its tensor")
-        step, position = self._plain_context
-        tensor = self._assembler.add(frame.tensor, lambda dtype, shape: self._admit(step, position, dtype, shape))
-        return None if tensor is None else (step, position, tensor)
+        self.compute_s = message.frame.compute_s
+        return self._receiver.add(message.frame, self._admit)

@@ -19,12 +19,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from common.certs import Identity
 from common.frame_crypto import MAX_FRAMES_PER_KEY, FrameCryptoError, public_key_from_bytes
+from common.hop_codec import HopSender, PlainHopSender, SealedHopSender
 from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
-from common.sealed_frames import SealedHopSender
 from common.sealed_tokens import TokenSender
-from common.tensor_codec import encode_tensor
 from common.tls import TlsConfig
 from common.transport import aio_channel
 from node_agent.compute import ComputeThread
@@ -61,28 +60,26 @@ class ChannelPool:
 class RemoteHop:
     """The Forward stream to the node running the next segment of one session; activations flow one way.
 
-    With a ``sealer`` every activation chunk is encrypted for the peer. The peer sends no reply per step
+    ``sender`` frames every activation (sealed for the peer, or plain on a dev mesh). The peer sends no reply per step
     (the token goes from the tail straight to the head, see node_agent/token_ring.py); the stream's end is
     watched beside the writes, and a failure downstream is reported to ``on_failure`` with its status.
     """
 
     def __init__(self, channel: grpc.aio.Channel, peer: str, opening: pb.ForwardOpen, chunk_bytes: int,
-                 timeout_s: float, sealer: SealedHopSender | None = None,
+                 timeout_s: float, sender: HopSender,
                  on_failure: Callable[[HopError], None] | None = None) -> None:
         self._stub = pb_grpc.NodeStub(channel)
         self._peer = peer
         self._opening = opening
         self._chunk_bytes = chunk_bytes
         self._timeout_s = timeout_s
-        self._sealer = sealer
+        self._sender = sender
         self._on_failure = on_failure
-        if sealer is not None:
-            opening.key_envelope = sealer.key_envelope()
+        opening.key_envelope = sender.key_envelope()
         self._call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply] | None = None
         self._watch: asyncio.Future[None] | None = None
         self._failure: HopError | None = None
         self._closed = False
-        self._seq = 0
         # Metric children looked up once: the per-step path stays short.
         self._sent_bytes = ACTIVATION_BYTES.labels(peer=peer)
         self._hop_seconds = TRANSFER_SECONDS.labels(peer=peer)
@@ -128,17 +125,10 @@ class RemoteHop:
         return token
 
     def _requests(self, step: int, position: int, hidden: torch.Tensor) -> list[pb.ForwardRequest]:
-        if self._sealer is not None:
-            try:
-                return self._sealer.requests(step, position, hidden, self._chunk_bytes)
-            except FrameCryptoError as exc:
-                raise HopError(grpc.StatusCode.INTERNAL, f"cannot seal frames for {self._peer}: {exc}") from exc
-        requests = []
-        for chunk in encode_tensor(hidden, self._chunk_bytes):
-            frame = pb.ActivationFrame(step=step, seq=self._seq, position=position, tensor=chunk)
-            self._seq += 1
-            requests.append(pb.ForwardRequest(frame=frame))
-        return requests
+        try:
+            return self._sender.requests(step, position, hidden, self._chunk_bytes)
+        except FrameCryptoError as exc:
+            raise HopError(grpc.StatusCode.INTERNAL, f"cannot seal frames for {self._peer}: {exc}") from exc
 
     async def _ended(self) -> HopError:
         if self._watch is not None:
@@ -223,9 +213,9 @@ class SessionPipeline:
             peer = view.segments[nxt].node_id
             opening = pb.ForwardOpen(session_id=session_id, epoch=view.epoch, segment_index=nxt,
                                      sampling=sampling.to_proto())
-            sealer = _sealer(view, session_id, nxt, rekey_after) if encrypt else None
+            sender = _sealer(view, session_id, nxt, rekey_after) if encrypt else PlainHopSender()
             self.remote = RemoteHop(channels.get(view.addresses[peer], peer), peer, opening, chunk_bytes, timeout_s,
-                                    sealer, self._failed)
+                                    sender, self._failed)
             if first == 0:
                 self.inbox = self._inboxes.open(session_id, view.epoch)
         elif not runners[-1].is_last:

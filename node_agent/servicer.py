@@ -11,12 +11,12 @@ import grpc
 
 from common.certs import Identity
 from common.frame_crypto import FrameCryptoError
+from common.hop_codec import HopReceiver, PlainHopReceiver, SealedHopReceiver
 from common.model_store import StoreError
 from common.plan_view import PlanView
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.request_errors import field_metadata
-from common.sealed_frames import SealedHopReceiver
 from common.sealed_tokens import TokenReceiver
 from common.tls import peer_identity
 from node_agent.forward_stream import ActivationReader, StreamError, crypto_status
@@ -217,7 +217,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             yield pb.ForwardReply()
 
     async def _serve_forward(self, requests: AsyncIterator[pb.ForwardRequest], opening: pb.ForwardOpen,
-                             view: PlanView, receiver: SealedHopReceiver | None, sampling: SamplingConfig,
+                             view: PlanView, receiver: HopReceiver, sampling: SamplingConfig,
                              failed: Callable[[HopError], None]) -> None:
         """Run every activation of the stream through this node's segments and on; raises StreamError or
         HopError with the status to end the stream with."""
@@ -324,7 +324,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         inbox.attached = True
         return view, inbox, receiver
 
-    def _reader(self, view: PlanView, receiver: SealedHopReceiver | None, segment_index: int) -> ActivationReader:
+    def _reader(self, view: PlanView, receiver: HopReceiver, segment_index: int) -> ActivationReader:
         """The stream's activation reader, with the model's limits (known before any segment is touched)."""
         manifest = self.rt.manifest(view.model_digest)
         model_config = manifest.config
@@ -333,7 +333,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                        max_positions)
         return ActivationReader(receiver, int(model_config["hidden_size"]), max_rows,
                                 self.rt.config.session_idle_timeout_s, max_positions=max_positions,
-                                frame_timeout_s=self.rt.config.frame_timeout_s, budget=self.rt.buffers,
+                                frame_timeout_s=self.rt.config.frame_timeout_s,
                                 dtype=manifest.compute_dtype, segment_index=segment_index)
 
     async def _open_pipeline(self, opening: pb.ForwardOpen, view: PlanView, sampling: SamplingConfig,
@@ -365,7 +365,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             self._trim = None
 
     def _check_open(self, opening: pb.ForwardOpen, caller: Identity | None,
-                    ) -> tuple[PlanView, SealedHopReceiver | None]:
+                    ) -> tuple[PlanView, HopReceiver]:
         """The plan and frame receiver of a ForwardOpen, checked before any session state is allocated."""
         view = self.rt.plans.plan(opening.epoch)
         if view is None:
@@ -388,7 +388,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             if self.rt.config.encrypt_activations:
                 raise StreamError(grpc.StatusCode.UNAUTHENTICATED,
                                   "this node accepts only encrypted activation streams (no key envelope)")
-            return view, None
+            return view, PlainHopReceiver(self.rt.buffers)
         try:
             receiver = SealedHopReceiver(self.rt.node_key, opening.key_envelope, opening.session_id, view.epoch,
                                          index, self.rt.buffers)

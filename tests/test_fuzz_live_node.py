@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.hop_codec import PlainHopReceiver
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.transport import sync_channel
@@ -199,7 +200,7 @@ def test_idle_upstream_is_cut_off() -> None:
         yield pb.ForwardRequest()
 
     async def run() -> None:
-        reader = ActivationReader(None, hidden_size=8, max_rows=4, idle_timeout_s=0.2)
+        reader = ActivationReader(PlainHopReceiver(), hidden_size=8, max_rows=4, idle_timeout_s=0.2)
         async for _ in reader.activations(silent()):  # type: ignore[arg-type]
             pass
 

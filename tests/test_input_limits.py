@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from common.certs import Identity
+from common.hop_codec import PlainHopReceiver
 from common.proto import splitmesh_pb2 as pb
 from common.tensor_budget import BufferBudget
 from common.tensor_codec import TensorAssembler, TensorError, encode_tensor
@@ -68,7 +69,7 @@ async def _drain(reader: ActivationReader, source: AsyncIterator[pb.ForwardReque
 def _read(requests: Iterable[pb.ForwardRequest], budget: BufferBudget | None = None, **kwargs: Any,
           ) -> tuple[list[tuple[int, int]], grpc.StatusCode | None, int]:
     pulled: list[int] = []
-    reader = ActivationReader(None, HIDDEN, 64, max_positions=128, budget=budget, **kwargs)
+    reader = ActivationReader(PlainHopReceiver(budget), HIDDEN, 64, max_positions=128, **kwargs)
     got, code = asyncio.run(_drain(reader, _source(requests, pulled)))
     return got, code, len(pulled)
 
@@ -128,8 +129,8 @@ def test_the_node_buffer_cap_is_shared_by_all_streams_and_given_back() -> None:
 
     async def run() -> tuple[grpc.StatusCode | None, grpc.StatusCode | None]:
         hold = asyncio.Event()
-        first = ActivationReader(None, HIDDEN, 256, max_positions=1024, budget=budget)
-        second = ActivationReader(None, HIDDEN, 256, max_positions=1024, budget=budget)
+        first = ActivationReader(PlainHopReceiver(budget), HIDDEN, 256, max_positions=1024)
+        second = ActivationReader(PlainHopReceiver(budget), HIDDEN, 256, max_positions=1024)
         holder = asyncio.ensure_future(_drain(first, _source([_frame(0, 0, 0, half[0])], [], hold)))
         while budget.in_use == 0:
             await asyncio.sleep(0.01)
@@ -149,7 +150,7 @@ HALF_A_TENSOR = _frame(0, 0, 0, encode_tensor(torch.ones(1, 200, HIDDEN), chunk_
 @pytest.mark.parametrize("sent", [[], [HALF_A_TENSOR]], ids=["nothing after the open", "half a tensor"])
 def test_a_stream_that_goes_quiet_is_closed_after_the_frame_timeout(sent: list[pb.ForwardRequest]) -> None:
     async def run() -> grpc.StatusCode | None:
-        reader = ActivationReader(None, HIDDEN, 256, 3600.0, max_positions=1024, frame_timeout_s=0.2)
+        reader = ActivationReader(PlainHopReceiver(), HIDDEN, 256, 3600.0, max_positions=1024, frame_timeout_s=0.2)
         return (await _drain(reader, _source(sent, [], asyncio.Event())))[1]
 
     assert asyncio.run(run()) == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -10,10 +10,10 @@ import torch
 
 from common.frame_crypto import public_key_from_bytes
 from common.grpc_options import CHANNEL_OPTIONS
+from common.hop_codec import SealedHopSender
 from common.model_store import layer_role
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
-from common.sealed_frames import SealedHopSender
 from common.tensor_codec import encode_tensor
 from splitmesh import AsyncClient, Client, SplitmeshError
 from splitmesh.launcher import LocalMesh

@@ -22,10 +22,10 @@ from common import certs
 from common.certs import Identity
 from common.chat import chat_token_ids
 from common.frame_crypto import FrameCryptoError, public_key_from_bytes
+from common.hop_codec import PlainHopReceiver, SealedHopReceiver, SealedHopSender
 from common.model_store import ModelStore
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
-from common.sealed_frames import SealedHopReceiver, SealedHopSender
 from common.tensor_codec import encode_tensor
 from common.tls import TlsConfig
 from common.transport import TransportError, bind, resolve_tls, sync_channel
@@ -49,7 +49,7 @@ def _read(receiver: SealedHopReceiver | None, requests: Sequence[pb.ForwardReque
     async def run() -> tuple[list[tuple[int, int, torch.Tensor]], grpc.StatusCode | None]:
         got: list[tuple[int, int, torch.Tensor]] = []
         try:
-            async for item in ActivationReader(receiver, HIDDEN, max_rows).activations(source()):
+            async for item in ActivationReader(receiver or PlainHopReceiver(), HIDDEN, max_rows).activations(source()):
                 got.append(item)
         except StreamError as exc:
             return got, exc.code

@@ -17,12 +17,12 @@ from common.config import ConfigError
 from common.model_store import StoredModel
 from common.spans import Span
 from node_agent.admission import BatchAdmission, SessionLimitError
-from node_agent.batched_cache import settle
+from node_agent.batched_cache import SessionCache, settle
 from node_agent.compute import ComputeThread
 from node_agent.config import NodeConfig
 from node_agent.sampler import SamplingConfig
 from node_agent.segment import SegmentRunner
-from node_agent.step_batcher import StepBatcher, StepJob, StepResult
+from node_agent.step_batcher import Job, StepBatcher, StepJob, StepResult
 
 PROMPT_LENGTHS = (3, 17, 9, 1)
 
@@ -33,7 +33,7 @@ def runners(embedded: StoredModel) -> tuple[SegmentRunner, SegmentRunner]:
     return SegmentRunner(embedded, Span(0, 4)), SegmentRunner(embedded, Span(4, 30))
 
 
-def _prefilled(runners: tuple[SegmentRunner, ...], length: int, seed: int) -> tuple[DynamicCache, ...]:
+def _prefilled(runners: tuple[SegmentRunner, ...], length: int, seed: int) -> tuple[SessionCache, ...]:
     caches = tuple(r.new_cache() for r in runners)
     hidden: torch.Tensor = torch.randint(0, 5000, (1, length), generator=torch.Generator().manual_seed(seed))
     for runner, cache in zip(runners, caches, strict=True):
@@ -52,7 +52,7 @@ def _results(jobs: list[StepJob]) -> list[StepResult]:
     return [job.future.result(timeout=0) for job in jobs]
 
 
-def _sessions(runners: tuple[SegmentRunner, ...]) -> list[tuple[DynamicCache, ...]]:
+def _sessions(runners: tuple[SegmentRunner, ...]) -> list[tuple[SessionCache, ...]]:
     return [_prefilled(runners, length, seed) for seed, length in enumerate(PROMPT_LENGTHS)]
 
 
@@ -187,6 +187,25 @@ def test_a_decode_group_persists_across_steps_and_sessions_leave_and_rejoin(
     del groups, batched, jobs, job, caches
     gc.collect()
     assert freed() is None
+
+
+def test_sessions_whose_first_step_is_one_token_decode_together(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    """One-token prompts: empty caches batched from position 0, two steps, then each alone: equal to solo."""
+    solo = [tuple(r.new_cache() for r in runners) for _ in range(3)]
+    batched = [tuple(r.new_cache() for r in runners) for _ in range(3)]
+    for step in range(3):
+        expected = []
+        for s, caches in enumerate(solo):
+            job = _job(runners, caches, 100 + 7 * s + step, step)
+            StepBatcher(1).run_round([job])
+            expected.append(job.future.result(timeout=0))
+        jobs = [_job(runners, caches, 100 + 7 * s + step, step) for s, caches in enumerate(batched)]
+        StepBatcher(8 if step < 2 else 1).run_round(list[Job](jobs))  # the third step runs each session alone
+        for job, want in zip(jobs, expected, strict=True):
+            got = job.future.result(timeout=0)
+            assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert all(c.get_seq_length() == 3 and c.group is None for caches in batched for c in caches)
 
 
 def test_compute_thread_batches_steps_waiting_together(runners: tuple[SegmentRunner, SegmentRunner]) -> None:

@@ -1,6 +1,12 @@
-"""Activations on one hop as encrypted frames, and back (DESIGN.md, Security: activation frames).
+"""Activations on one hop as frames, and back: one codec, a sealed and a plain variant.
 
-Wire format (proto ``ForwardOpen.key_envelope``, ``ForwardRekey``, ``ActivationFrame.header/ciphertext``):
+Both variants turn a tensor into ``ForwardRequest`` messages of at most ``chunk_bytes`` each and
+reassemble them through the same :class:`TensorAssembler` checks; the data plane holds a
+:class:`HopSender` / :class:`HopReceiver` and never asks which. The sealed variant is the default
+(DESIGN.md, Security: activation frames); the plain one is for dev meshes that switch encryption off,
+and a receiver of either kind refuses the other kind's frames.
+
+Sealed wire format (proto ``ForwardOpen.key_envelope``, ``ForwardRekey``, ``ActivationFrame.header/ciphertext``):
 
 * the sender's per-session, per-hop key travels once, HPKE-sealed to the receiver's X25519 key from the
   plan, in the ``ForwardOpen`` (direction FORWARD, hop = the receiving segment's index);
@@ -18,11 +24,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from common.frame_crypto import MAX_FRAMES_PER_KEY, Direction, HopOpener, HopSealer
+from common.frame_crypto import MAX_FRAMES_PER_KEY, Direction, FrameSequenceError, HopOpener, HopSealer
 from common.proto import splitmesh_pb2 as pb
 from common.tensor_budget import BufferBudget
 from common.tensor_codec import TensorAssembler, TensorError, encode_tensor
@@ -33,6 +40,90 @@ FrameAdmit = Callable[[int, int, str, list[int]], None]  # (step, position, dtyp
 
 class PlaintextFrameError(TensorError):
     """A plaintext frame arrived on a stream whose frames must be sealed."""
+
+
+class FrameKindError(TensorError):
+    """A sealed frame or a rekey arrived on a stream opened without a key."""
+
+
+class HopSender(Protocol):
+    def key_envelope(self) -> bytes:
+        """What ``ForwardOpen.key_envelope`` carries (empty for a plain hop)."""
+        ...
+
+    def requests(self, step: int, position: int, tensor: torch.Tensor,
+                 chunk_bytes: int) -> list[pb.ForwardRequest]:
+        """The messages that carry one tensor."""
+        ...
+
+
+class HopReceiver(Protocol):
+    @property
+    def in_progress(self) -> bool:
+        """A tensor is partly received."""
+        ...
+
+    def rekey(self, envelope: bytes) -> None: ...
+
+    def discard(self) -> None: ...
+
+    def add(self, frame: pb.ActivationFrame, admit: FrameAdmit | None = None,
+            ) -> tuple[int, int, torch.Tensor] | None:
+        """(step, position, tensor) once the frame completes a tensor, else None."""
+        ...
+
+
+class PlainHopSender:
+    """The sending end of a plain hop: tensors as numbered plaintext chunks."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    def key_envelope(self) -> bytes:
+        return b""
+
+    def requests(self, step: int, position: int, tensor: torch.Tensor, chunk_bytes: int) -> list[pb.ForwardRequest]:
+        out = []
+        for chunk in encode_tensor(tensor, chunk_bytes):
+            out.append(pb.ForwardRequest(frame=pb.ActivationFrame(step=step, seq=self._seq, position=position,
+                                                                  tensor=chunk)))
+            self._seq += 1
+        return out
+
+
+class PlainHopReceiver:
+    """The receiving end of a plain hop: frames strictly in seq order, chunks of a tensor alike."""
+
+    def __init__(self, budget: BufferBudget | None = None) -> None:
+        self._assembler = TensorAssembler(budget)
+        self._expected_seq = 0
+        self._tensor_context = (0, 0)  # (step, position) of the tensor being assembled
+
+    @property
+    def in_progress(self) -> bool:
+        return self._assembler.in_progress
+
+    def rekey(self, envelope: bytes) -> None:
+        raise FrameKindError("rekey on a plaintext activation stream")
+
+    def discard(self) -> None:
+        self._assembler.discard()
+
+    def add(self, frame: pb.ActivationFrame, admit: FrameAdmit | None = None,
+            ) -> tuple[int, int, torch.Tensor] | None:
+        if frame.header or frame.ciphertext:
+            raise FrameKindError("sealed frame on a stream opened without a key")
+        if frame.seq != self._expected_seq:
+            raise FrameSequenceError(f"frame seq {frame.seq}, expected {self._expected_seq}")
+        self._expected_seq += 1
+        if not self._assembler.in_progress:
+            self._tensor_context = (frame.step, frame.position)
+        elif (frame.step, frame.position) != self._tensor_context:
+            raise TensorError("chunk step/position differ from the first chunk of its tensor")
+        step, position = self._tensor_context
+        check = None if admit is None else (lambda dtype, shape: admit(step, position, dtype, shape))
+        tensor = self._assembler.add(frame.tensor, check)
+        return None if tensor is None else (step, position, tensor)
 
 
 class SealedHopSender:
