@@ -27,8 +27,9 @@ from common.sealed_tokens import TokenSender
 from common.tls import TlsConfig
 from common.transport import aio_channel
 from node_agent.compute import ComputeThread
-from node_agent.hops import HopError, broken_hop_code, hop_failure
+from node_agent.hops import HopError, broken_hop_code
 from node_agent.metrics_registry import ACTIVATION_BYTES, HOP_OVERHEAD_SECONDS, SEGMENT_SECONDS, TRANSFER_SECONDS
+from node_agent.outbound_stream import OutboundStream
 from node_agent.sampler import SamplingConfig
 from node_agent.segment import SegmentRunner
 from node_agent.step_batcher import StepJob
@@ -60,26 +61,22 @@ class ChannelPool:
 class RemoteHop:
     """The Forward stream to the node running the next segment of one session; activations flow one way.
 
-    ``sender`` frames every activation (sealed for the peer, or plain on a dev mesh). The peer sends no reply per step
-    (the token goes from the tail straight to the head, see node_agent/token_ring.py); the stream's end is
-    watched beside the writes, and a failure downstream is reported to ``on_failure`` with its status.
+    ``sender`` frames every activation (sealed for the peer, or plain on a dev mesh). The peer sends no
+    reply per step (the token goes from the tail straight to the head, see node_agent/token_ring.py);
+    the stream's end is watched beside the writes (node_agent/outbound_stream.py), and a failure
+    downstream is reported to ``on_failure`` with its status.
     """
 
     def __init__(self, channel: grpc.aio.Channel, peer: str, opening: pb.ForwardOpen, chunk_bytes: int,
                  timeout_s: float, sender: HopSender,
                  on_failure: Callable[[HopError], None] | None = None) -> None:
-        self._stub = pb_grpc.NodeStub(channel)
+        stub = pb_grpc.NodeStub(channel)
         self._peer = peer
-        self._opening = opening
         self._chunk_bytes = chunk_bytes
-        self._timeout_s = timeout_s
         self._sender = sender
-        self._on_failure = on_failure
         opening.key_envelope = sender.key_envelope()
-        self._call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply] | None = None
-        self._watch: asyncio.Future[None] | None = None
-        self._failure: HopError | None = None
-        self._closed = False
+        self._opening = pb.ForwardRequest(open=opening)
+        self._stream = OutboundStream(peer, "activation", timeout_s, stub.Forward, self._outcome, on_failure)
         # Metric children looked up once: the per-step path stays short.
         self._sent_bytes = ACTIVATION_BYTES.labels(peer=peer)
         self._hop_seconds = TRANSFER_SECONDS.labels(peer=peer)
@@ -87,28 +84,11 @@ class RemoteHop:
 
     async def send(self, step: int, position: int, hidden: torch.Tensor, compute_s: float) -> None:
         """Write one step's activation; ``compute_s`` is the step's compute since the head (a metric)."""
-        if self._failure is not None:
-            raise self._failure
         requests = self._requests(step, position, hidden)
         for request in requests:
             if request.HasField("frame"):
                 request.frame.compute_s = compute_s
-        try:
-            async with asyncio.timeout(self._timeout_s):  # no task per step, unlike wait_for
-                if self._call is None:
-                    call = self._stub.Forward()
-                    self._call = call
-                    self._watch = asyncio.ensure_future(self._watch_end(call))
-                    await call.write(pb.ForwardRequest(open=self._opening))
-                for request in requests:
-                    await self._call.write(request)
-        except grpc.aio.AioRpcError as exc:
-            raise hop_failure(exc, self._peer) from exc
-        except asyncio.InvalidStateError:  # the stream ended before we could write: the peer is gone
-            raise await self._ended() from None
-        except TimeoutError:
-            raise HopError(grpc.StatusCode.UNAVAILABLE,
-                           f"{self._peer}: activation not taken within {self._timeout_s}s") from None
+        await self._stream.write(requests, lambda: self._opening)
         self._sent_bytes.inc(hidden.numel() * hidden.element_size())
 
     async def token(self, waiter: asyncio.Future[Delivered], started: float, rows: int,
@@ -130,35 +110,17 @@ class RemoteHop:
         except FrameCryptoError as exc:
             raise HopError(grpc.StatusCode.INTERNAL, f"cannot seal frames for {self._peer}: {exc}") from exc
 
-    async def _ended(self) -> HopError:
-        if self._watch is not None:
-            await asyncio.wait({self._watch}, timeout=self._timeout_s)
-        return self._failure or HopError(grpc.StatusCode.UNAVAILABLE, f"{self._peer} closed the stream")
-
-    async def _watch_end(self, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]) -> None:
-        """Wait for the stream's end: any end while the session still uses it is a failure downstream."""
-        try:
-            async for _ in call:
-                pass  # a peer sends no replies; one that does is ignored
-            code = broken_hop_code(await call.code())
-            if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
-                code = grpc.StatusCode.UNAVAILABLE
-            error = HopError(code, f"{self._peer} closed the stream: {await call.details()}")
-        except grpc.aio.AioRpcError as exc:
-            error = hop_failure(exc, self._peer)
-        except asyncio.CancelledError:
-            return
-        if self._closed:
-            return
-        self._failure = error
-        if self._on_failure is not None:
-            self._on_failure(error)
+    async def _outcome(self, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]) -> HopError:
+        """The peer ended the stream (no node does so while the session uses it): why, as a HopError."""
+        async for _ in call:
+            pass  # a peer sends no replies; one that does is ignored
+        code = broken_hop_code(await call.code())
+        if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
+            code = grpc.StatusCode.UNAVAILABLE
+        return HopError(code, f"{self._peer} closed the stream: {await call.details()}")
 
     def close(self) -> None:
-        self._closed = True
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
+        self._stream.close()
 
 
 def _sealer(view: PlanView, session_id: str, hop: int, rekey_after: int) -> SealedHopSender:

@@ -16,7 +16,8 @@ import grpc
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.sealed_tokens import TokenSender
-from node_agent.hops import HopError, broken_hop_code, hop_failure
+from node_agent.hops import HopError, broken_hop_code
+from node_agent.outbound_stream import OutboundStream
 
 log = logging.getLogger(__name__)
 
@@ -125,57 +126,20 @@ class RemoteTokenSink:
 
     def __init__(self, channel: grpc.aio.Channel, head: str, sender: TokenSender, timeout_s: float,
                  on_failure: Callable[[HopError], None]) -> None:
-        self._stub = pb_grpc.NodeStub(channel)
         self._head = head
         self._sender = sender
-        self._timeout_s = timeout_s
-        self._on_failure = on_failure
-        self._call: grpc.aio.StreamUnaryCall[pb.DeliverRequest, pb.DeliverReply] | None = None
-        self._watch: asyncio.Future[None] | None = None
-        self._failure: HopError | None = None
-        self._closed = False
+        self._stream = OutboundStream(head, "token", timeout_s, pb_grpc.NodeStub(channel).Deliver, self._outcome,
+                                      on_failure)
 
     async def send(self, step: int, token_id: int, compute_s: float) -> None:
-        if self._failure is not None:
-            raise self._failure
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                if self._call is None:
-                    call = self._stub.Deliver()
-                    self._call = call
-                    self._watch = asyncio.ensure_future(self._watch_end(call))
-                    await call.write(self._sender.opening())
-                await self._call.write(self._sender.frame(step, token_id, compute_s))
-        except grpc.aio.AioRpcError as exc:
-            raise hop_failure(exc, self._head) from exc
-        except asyncio.InvalidStateError:  # the head ended the stream: its status says why
-            raise await self._ended() from None
-        except TimeoutError:
-            raise HopError(grpc.StatusCode.UNAVAILABLE,
-                           f"{self._head}: token not taken within {self._timeout_s}s") from None
+        await self._stream.write([self._sender.frame(step, token_id, compute_s)], self._sender.opening)
 
-    async def _ended(self) -> HopError:
-        if self._watch is not None:
-            await asyncio.wait({self._watch}, timeout=self._timeout_s)
-        return self._failure or HopError(grpc.StatusCode.UNAVAILABLE, f"{self._head} closed the token stream")
-
-    async def _watch_end(self, call: grpc.aio.StreamUnaryCall[pb.DeliverRequest, pb.DeliverReply]) -> None:
+    async def _outcome(self, call: grpc.aio.StreamUnaryCall[pb.DeliverRequest, pb.DeliverReply]) -> HopError:
         try:
             await call
-            error = HopError(grpc.StatusCode.UNAVAILABLE, f"{self._head} closed the token stream")
         except grpc.aio.AioRpcError as exc:
-            code = broken_hop_code(exc.code())
-            error = HopError(code, f"{self._head} refused the token stream: {exc.details()}")
-        except asyncio.CancelledError:
-            return
-        if self._closed:
-            return
-        self._failure = error
-        log.warning("token stream to %s ended: %s %s", self._head, error.code.name, error.details)
-        self._on_failure(error)
+            return HopError(broken_hop_code(exc.code()), f"{self._head} refused the token stream: {exc.details()}")
+        return HopError(grpc.StatusCode.UNAVAILABLE, f"{self._head} closed the token stream")
 
     def close(self) -> None:
-        self._closed = True
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
+        self._stream.close()

@@ -1,0 +1,91 @@
+"""A stream a session writes to another node without waiting for replies: activations on, tokens home.
+
+Both the Forward stream to the next node (node_agent/pipeline.py) and the tail's Deliver stream to
+the head (node_agent/token_ring.py) work this way: the call opens with the first write, each write
+must be taken within ``timeout_s``, and the stream's end is watched beside the writes. An end while the
+session still uses the stream is a failure downstream: it is kept (the next write raises it) and
+reported once to ``on_failure``, so a waiting head learns it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import grpc
+
+from node_agent.hops import HopError, hop_failure
+
+log = logging.getLogger(__name__)
+
+
+class WritableCall(Protocol):
+    async def write(self, request: Any) -> None: ...
+
+    def cancel(self) -> bool: ...
+
+
+class OutboundStream:
+    """One session's outgoing stream to ``peer``; ``outcome`` turns the call's end into the HopError it means."""
+
+    def __init__(self, peer: str, what: str, timeout_s: float, open_call: Callable[[], WritableCall],
+                 outcome: Callable[[Any], Awaitable[HopError]],
+                 on_failure: Callable[[HopError], None] | None = None) -> None:
+        self.peer = peer
+        self._what = what  # "activation", "token": for the timeout's message
+        self._timeout_s = timeout_s
+        self._open_call = open_call
+        self._outcome = outcome
+        self._on_failure = on_failure
+        self._call: WritableCall | None = None
+        self._watch: asyncio.Future[None] | None = None
+        self._failure: HopError | None = None
+        self._closed = False
+
+    async def write(self, messages: Sequence[Any], opening: Callable[[], Any]) -> None:
+        """Write ``messages``, opening the call with ``opening()`` first if it is not open yet."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            async with asyncio.timeout(self._timeout_s):  # no task per step, unlike wait_for
+                if self._call is None:
+                    call = self._open_call()
+                    self._call = call
+                    self._watch = asyncio.ensure_future(self._watch_end(call))
+                    await call.write(opening())
+                for message in messages:
+                    await self._call.write(message)
+        except grpc.aio.AioRpcError as exc:
+            raise hop_failure(exc, self.peer) from exc
+        except asyncio.InvalidStateError:  # the stream ended before we could write: its status says why
+            raise await self._ended() from None
+        except TimeoutError:
+            raise HopError(grpc.StatusCode.UNAVAILABLE,
+                           f"{self.peer}: {self._what} not taken within {self._timeout_s}s") from None
+
+    async def _ended(self) -> HopError:
+        if self._watch is not None:
+            await asyncio.wait({self._watch}, timeout=self._timeout_s)
+        return self._failure or HopError(grpc.StatusCode.UNAVAILABLE, f"{self.peer} closed the stream")
+
+    async def _watch_end(self, call: WritableCall) -> None:
+        try:
+            error = await self._outcome(call)
+        except grpc.aio.AioRpcError as exc:
+            error = hop_failure(exc, self.peer)
+        except asyncio.CancelledError:
+            return
+        if self._closed:
+            return
+        self._failure = error
+        log.warning("%s stream to %s ended: %s %s", self._what, self.peer, error.code.name, error.details)
+        if self._on_failure is not None:
+            self._on_failure(error)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
