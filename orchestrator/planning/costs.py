@@ -9,6 +9,16 @@ rather than getting only what that work leaves idle (a saturating hog on every c
 utilisation trigger U_max still moves work off a busy node when the cost says it pays. The lm_head costs
 ``head_bytes / layer_bytes`` decoder layers (decode is memory bound) and runs once per pass.
 
+The load (``Workload.sessions`` decoding at once, ``Workload.rows`` decode rows per forward as measured)
+sets the decode step: one layer over a forward of b rows costs ``decode_s_per_layer + (b - 1) * row``
+(a fixed weight read plus a per-row part, fitted by each node), a boundary carries b rows in one message
+and the ring b token ids. ``decode_step_s`` is the round trip of one forward's rows at that load, additive
+over segments and hops, so Phi stays exact for the DP. What a session sees per token is that round trip or
+the pipeline's slowest resource, whichever is longer: every node computes ``forwards = sessions / b``
+forwards per token of every session (all of its segments on its one compute thread), every link carries
+that many messages; ``token_s`` is the max of the round trip and the busiest node or link, and throughput
+is ``sessions / token_s`` (1 / slowest stage per session row). At one session both equal the old step.
+
 Imbalance U = sum over stages of (stage decode time)^2 / T_ref, with T_ref = L * mean per-layer decode time
 over the cluster's nodes. For a fixed total it is smallest when stages are equal, and it is additive over
 segments, which keeps the solver exact (a max/mean ratio is not). Privacy P = number of privacy-critical
@@ -35,7 +45,8 @@ def reference_time(problem: Problem) -> float:
     nodes = problem.cluster.nodes
     if not nodes:
         return 1.0
-    mean = sum(n.decode_s_per_layer * idle_inflation(n) for n in nodes) / len(nodes)
+    rows = problem.workload.rows
+    mean = sum(n.layer_s_at(rows) * idle_inflation(n) for n in nodes) / len(nodes)
     return problem.model.num_layers * mean
 
 
@@ -43,7 +54,7 @@ def reference_time(problem: Problem) -> float:
 class StageCost:
     """Predicted seconds of one segment on its node."""
 
-    decode_s: float  # one decode step through this segment
+    decode_s: float  # one decode forward (of the load's rows) through this segment
     prefill_s: float  # the whole prompt through this segment
 
 
@@ -51,7 +62,7 @@ def stage_cost(problem: Problem, node: NodeProfile, start: int, end: int) -> Sta
     m, w = problem.model, problem.workload
     infl = idle_inflation(node)
     head = m.head_layer_equiv if end == m.num_layers else 0.0
-    dec = (end - start + head) * node.decode_s_per_layer * infl
+    dec = (end - start + head) * node.layer_s_at(w.rows) * infl
     pre = (end - start) * w.prompt_tokens * node.prefill_s_per_layer_token * infl
     pre += head * node.decode_s_per_layer * infl  # lm_head only on the last prompt position
     return StageCost(decode_s=dec, prefill_s=pre)
@@ -62,32 +73,46 @@ def transfer_s(link: LinkProfile, payload_bytes: float) -> float:
 
 
 def hop_costs(problem: Problem, link: LinkProfile) -> tuple[float, float]:
-    """(prefill, decode) seconds for one activation boundary over ``link``."""
-    m = problem.model
+    """(prefill, decode) seconds for one activation boundary over ``link``; a decode forward's rows cross
+    it as one message."""
+    m, w = problem.model, problem.workload
     per_token = m.hidden_size * m.act_bytes
-    return transfer_s(link, per_token * problem.workload.prompt_tokens), transfer_s(link, per_token)
+    return transfer_s(link, per_token * w.prompt_tokens), transfer_s(link, per_token * w.rows)
 
 
-def ring_cost(problem: Problem, link: LinkProfile) -> float:
-    """Seconds for the tail to hand one sampled token id back to the head."""
-    return transfer_s(link, problem.model.token_msg_bytes)
+def ring_costs(problem: Problem, link: LinkProfile) -> tuple[float, float]:
+    """(prefill, decode) seconds for the tail to hand the sampled token ids (one, or one per row) to the head."""
+    m = problem.model
+    return transfer_s(link, m.token_msg_bytes), transfer_s(link, m.token_msg_bytes * problem.workload.rows)
+
+
+def wire_s(link: LinkProfile, payload_bytes: float) -> float:
+    """Seconds a message occupies ``link`` (no rtt: messages of different forwards overlap in flight)."""
+    return payload_bytes * 8.0 / link.bandwidth_bps
 
 
 @dataclass(frozen=True)
 class CostBreakdown:
-    """Predicted cost of one plan; Phi is what the solver minimises."""
+    """Predicted cost of one plan at the problem's load; Phi is what the solver minimises."""
 
     prefill_s: float  # prompt through the chain until the first token is back at the head
-    decode_step_s: float  # one more token through the chain and back
+    decode_step_s: float  # one decode forward's rows through the chain and back (the round trip)
     request_s: float  # prefill_s + (decode_tokens - 1) * decode_step_s: the latency term L
     imbalance: float  # U, seconds (see module docstring)
     privacy: int  # P, critical layers on untrusted nodes
     phi: float  # alpha*L + beta*U + gamma*P
-    stage_decode_s: tuple[float, ...]  # per segment, for display and the imbalance term
+    stage_decode_s: tuple[float, ...]  # per segment, one forward at the load's rows
+    token_s: float = math.inf  # a session's seconds per token: max(round trip, busiest node or link)
+    tokens_per_s: float = 0.0  # all sessions together: sessions / token_s
+    bottleneck: str = ""  # what sets token_s: "round trip", "NODE compute" or "A->B link"
 
     @property
     def decode_step_ms(self) -> float:
         return self.decode_step_s * 1e3
+
+    @property
+    def token_ms(self) -> float:
+        return self.token_s * 1e3
 
 
 def evaluate_plan(problem: Problem, plan: Plan) -> CostBreakdown:
@@ -99,7 +124,11 @@ def evaluate_plan(problem: Problem, plan: Plan) -> CostBreakdown:
     stages = [stage_cost(problem, cluster.node(s.node_id), s.span.start, s.span.end) for s in plan.segments]
     pre = sum(s.prefill_s for s in stages)
     dec = sum(s.decode_s for s in stages)
+    busy: dict[str, float] = {}  # seconds each node or link is occupied per forward
+    for seg, stage in zip(plan.segments, stages, strict=True):
+        busy[f"{seg.node_id} compute"] = busy.get(f"{seg.node_id} compute", 0.0) + stage.decode_s
     ids = plan.node_ids
+    per_row = m.hidden_size * m.act_bytes
     for a, b in itertools.pairwise(ids):
         if a == b:  # adjacent segments on one node: the activation never leaves the box (no link to price)
             continue
@@ -108,12 +137,13 @@ def evaluate_plan(problem: Problem, plan: Plan) -> CostBreakdown:
             return CostBreakdown(inf, inf, inf, inf, 0, inf, ())
         p, d = hop_costs(problem, link)
         pre, dec = pre + p, dec + d
+        busy[f"{a}->{b} link"] = busy.get(f"{a}->{b} link", 0.0) + wire_s(link, per_row * w.rows)
     if plan.tail != plan.head:
         ring = cluster.link(plan.tail, plan.head)
         if ring is None:
             return CostBreakdown(inf, inf, inf, inf, 0, inf, ())
-        r = ring_cost(problem, ring)
-        pre, dec = pre + r, dec + r
+        rp, rd = ring_costs(problem, ring)
+        pre, dec = pre + rp, dec + rd
     request = pre + (w.decode_tokens - 1) * dec
     t_ref = reference_time(problem)
     imbalance = sum(s.decode_s**2 for s in stages) / t_ref
@@ -122,4 +152,10 @@ def evaluate_plan(problem: Problem, plan: Plan) -> CostBreakdown:
         1 for seg in plan.segments if not cluster.node(seg.node_id).trusted for i in critical if i in seg.span
     )
     phi = wt.alpha * request + wt.beta * imbalance + wt.gamma * privacy
-    return CostBreakdown(pre, dec, request, imbalance, privacy, phi, tuple(s.decode_s for s in stages))
+    token_s, bottleneck = dec, "round trip"
+    if w.sessions > 1 and busy:
+        name, seconds = max(busy.items(), key=lambda item: item[1])
+        if w.forwards * seconds > dec:
+            token_s, bottleneck = w.forwards * seconds, name
+    return CostBreakdown(pre, dec, request, imbalance, privacy, phi, tuple(s.decode_s for s in stages),
+                         token_s, w.sessions / token_s if token_s > 0 else inf, bottleneck)
