@@ -5,7 +5,6 @@ node or link), down to the ms/token and tok/s that `splitmesh resplit --dry-run`
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 from pathlib import Path
 from typing import cast
@@ -26,9 +25,16 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.controller import Controller
 from orchestrator.coordinator import Coordinator
 from orchestrator.environment import cluster_state, current_load
-from orchestrator.planning import Plan, Problem, Workload, evaluate_plan, solve_resplit
+from orchestrator.planning import (
+    DecisionConfig,
+    DecisionEngine,
+    Plan,
+    Problem,
+    Workload,
+    evaluate_plan,
+    solve_resplit,
+)
 from orchestrator.planning.bruteforce import brute_force_resplit
-from orchestrator.planning.decision import _gain
 from orchestrator.planning.profiles import ModelProfile, NodeProfile
 from orchestrator.planning.synthetic import full_mesh, random_problem
 from orchestrator.policy import Policy
@@ -120,15 +126,21 @@ def test_a_plan_at_16_sessions_predicts_throughput_from_its_slowest_stage() -> N
     assert together.tokens_per_s == pytest.approx(16 / together.decode_step_s)
 
 
-def test_the_solver_stays_exact_at_load() -> None:
+def test_the_solver_under_load_is_near_brute_force() -> None:
+    """Phi is no longer additive under load: the bottleneck caps find brute force's optimum on most small
+    instances and come within a few percent on the rest (8 of 204 missed, at most 3%, in the README's run)."""
     rng = random.Random(13)
-    for _ in range(6):
-        base = random_problem(rng, num_layers=6, num_nodes=3, trusted=2)
-        problem = Problem(base.cluster, base.model, Workload(512, 128, 4096, sessions=16, batch_rows=8))
+    ratios = []
+    for _ in range(40):
+        base = random_problem(rng, num_layers=rng.choice([4, 5, 6]), num_nodes=rng.choice([3, 4]), trusted=3)
+        workload = Workload(512, 128, 4096, sessions=rng.choice([4, 16, 64]), batch_rows=rng.choice([1, 2, 4, 8]))
+        problem = Problem(base.cluster, base.model, workload)
         dp, brute = solve_resplit(problem), brute_force_resplit(problem)
         assert (dp.cost is None) == (brute.cost is None)
         if dp.cost is not None and brute.cost is not None:
-            assert math.isclose(dp.cost.phi, brute.cost.phi, rel_tol=1e-9)
+            ratios.append(dp.cost.phi / brute.cost.phi)
+    assert len(ratios) >= 10 and min(ratios) >= 1 - 1e-9
+    assert max(ratios) < 1.05 and sum(r < 1 + 1e-9 for r in ratios) >= 0.9 * len(ratios)
 
 
 def test_load_moves_the_best_split_toward_cheap_rows() -> None:
@@ -145,14 +157,23 @@ def test_load_moves_the_best_split_toward_cheap_rows() -> None:
     assert b_layers(Workload(32, 64, 1024)) > b_layers(Workload(32, 64, 1024, sessions=32))
 
 
-def test_under_load_the_decision_counts_a_throughput_gain() -> None:
-    problem = _two_nodes(4e-4)
-    loaded = Problem(problem.cluster, MODEL, Workload(32, 64, 1024, sessions=16, batch_rows=4))
-    old = evaluate_plan(loaded, Plan.of([(Span(0, 5), "a"), (Span(5, 30), "b")]))
-    new = evaluate_plan(loaded, Plan.of([(Span(0, 20), "a"), (Span(20, 30), "b")]))
-    assert new.token_s < old.token_s
-    assert _gain(old, new, 16) >= (old.token_s - new.token_s) / old.token_s
-    assert _gain(old, new, 1) == pytest.approx((old.phi - new.phi) / old.phi)
+def test_under_load_the_adaptive_loop_splits_what_one_session_keeps_whole() -> None:
+    """Two equal nodes: one session is fastest on one box (no hop); 16 sessions in forwards of 4 rows are
+    bound by that box's compute, and a split halves it."""
+    nodes = (NodeProfile("a", True, 8 << 30, 1e-3, 1e-4, decode_row_s_per_layer=1e-4),
+             NodeProfile("b", True, 8 << 30, 1e-3, 1e-4, decode_row_s_per_layer=1e-4))
+    cluster = full_mesh(nodes, 1e9, 1e-3)
+    whole = Plan.of([(Span(0, 30), "a")])
+    for sessions, kinds in ((1, {"keep"}), (16, {"migrate", "resplit"})):
+        engine = DecisionEngine(DecisionConfig(latency_max_ms=1.0))
+        engine.observe_latency(500.0)  # the latency trigger fires
+        load = Workload(32, 64, 1024, sessions=sessions, batch_rows=4)
+        decision = engine.decide(0.0, cluster, MODEL, load, whole)
+        assert decision.kind in kinds, decision.reason
+        if sessions > 1:
+            assert decision.plan is not None and set(decision.plan.node_ids) == {"a", "b"}
+            assert decision.old_cost is not None and decision.new_cost is not None
+            assert decision.new_cost.tokens_per_s > 1.5 * decision.old_cost.tokens_per_s
 
 
 def _record(node_id: str, sessions: int, rows: float, row_ms: float) -> NodeRecord:

@@ -1,6 +1,6 @@
 """The cost model: predicted latency, imbalance and privacy penalty of a plan, and Phi.
 
-Per-request latency = prefill pass + (decode_tokens - 1) decode steps. A pass is the compute of every
+Per-request latency = prefill pass + (decode_tokens - 1) tokens at the load (below). A pass is the compute of every
 segment, plus one transfer per boundary (bytes / bandwidth + rtt), plus the ring return (the sampled token
 id from tail to head) when tail != head. Compute on a busy node is inflated by 1 + utilisation: the kernel
 shares a CPU fairly between runnable threads, so a node's compute competes with the other work for its cores
@@ -12,12 +12,13 @@ utilisation trigger U_max still moves work off a busy node when the cost says it
 The load (``Workload.sessions`` decoding at once, ``Workload.rows`` decode rows per forward as measured)
 sets the decode step: one layer over a forward of b rows costs ``decode_s_per_layer + (b - 1) * row``
 (a fixed weight read plus a per-row part, fitted by each node), a boundary carries b rows in one message
-and the ring b token ids. ``decode_step_s`` is the round trip of one forward's rows at that load, additive
-over segments and hops, so Phi stays exact for the DP. What a session sees per token is that round trip or
-the pipeline's slowest resource, whichever is longer: every node computes ``forwards = sessions / b``
-forwards per token of every session (all of its segments on its one compute thread), every link carries
-that many messages; ``token_s`` is the max of the round trip and the busiest node or link, and throughput
-is ``sessions / token_s`` (1 / slowest stage per session row). At one session both equal the old step.
+and the ring b token ids. ``decode_step_s`` is the round trip of one forward's rows at that load. What a
+session sees per token is that round trip or the pipeline's slowest resource, whichever is longer: every
+node computes ``forwards = sessions / b`` forwards per token of every session (all of its segments on its
+one compute thread), every link carries that many messages; ``token_s`` is the max of the round trip and
+the busiest node or link, throughput is ``sessions / token_s``, and the latency term L charges each decode
+token ``token_s``. At one session (or all sessions in one forward) ``token_s`` is the round trip and Phi is
+additive over segments; under load the max is not, and ``solver`` handles it with bottleneck caps.
 
 Imbalance U = sum over stages of (stage decode time)^2 / T_ref, with T_ref = L * mean per-layer decode time
 over the cluster's nodes. For a fixed total it is smallest when stages are equal, and it is additive over
@@ -97,7 +98,7 @@ class CostBreakdown:
 
     prefill_s: float  # prompt through the chain until the first token is back at the head
     decode_step_s: float  # one decode forward's rows through the chain and back (the round trip)
-    request_s: float  # prefill_s + (decode_tokens - 1) * decode_step_s: the latency term L
+    request_s: float  # prefill_s + (decode_tokens - 1) * token_s: the latency term L, as a session sees it
     imbalance: float  # U, seconds (see module docstring)
     privacy: int  # P, critical layers on untrusted nodes
     phi: float  # alpha*L + beta*U + gamma*P
@@ -144,7 +145,12 @@ def evaluate_plan(problem: Problem, plan: Plan) -> CostBreakdown:
             return CostBreakdown(inf, inf, inf, inf, 0, inf, ())
         rp, rd = ring_costs(problem, ring)
         pre, dec = pre + rp, dec + rd
-    request = pre + (w.decode_tokens - 1) * dec
+    token_s, bottleneck = dec, "round trip"
+    if w.forwards > 1 and busy:
+        name, seconds = max(busy.items(), key=lambda item: item[1])
+        if w.forwards * seconds > dec:
+            token_s, bottleneck = w.forwards * seconds, name
+    request = pre + (w.decode_tokens - 1) * token_s
     t_ref = reference_time(problem)
     imbalance = sum(s.decode_s**2 for s in stages) / t_ref
     critical = problem.privacy.critical_layers(m.num_layers)
@@ -152,10 +158,5 @@ def evaluate_plan(problem: Problem, plan: Plan) -> CostBreakdown:
         1 for seg in plan.segments if not cluster.node(seg.node_id).trusted for i in critical if i in seg.span
     )
     phi = wt.alpha * request + wt.beta * imbalance + wt.gamma * privacy
-    token_s, bottleneck = dec, "round trip"
-    if w.sessions > 1 and busy:
-        name, seconds = max(busy.items(), key=lambda item: item[1])
-        if w.forwards * seconds > dec:
-            token_s, bottleneck = w.forwards * seconds, name
     return CostBreakdown(pre, dec, request, imbalance, privacy, phi, tuple(s.decode_s for s in stages),
                          token_s, w.sessions / token_s if token_s > 0 else inf, bottleneck)

@@ -1,8 +1,8 @@
 """The decision loop of the papers' Algorithm 1, as a pure class: observations in, a recorded Decision out.
 
 Order per call: triggers (ShouldReconfigure) -> cool-down -> migration (same spans, new nodes) -> re-split
-only if the migration cannot meet the targets -> hysteresis against the current plan's predicted Phi (and,
-under load, its predicted ms/token: the workload carries the sessions and rows per forward measured now).
+only if the migration cannot meet the targets -> hysteresis against the current plan's predicted Phi, at the load
+in the workload (sessions and decode rows per forward measured now: Phi then charges the pipeline's bound).
 A current plan that lost a node or no longer fits the cluster forces a decision past cool-down and
 hysteresis. The only state is the latency EWMA and the time of the last change; no clock, no I/O.
 """
@@ -110,7 +110,7 @@ class DecisionEngine:
                 return self._record(Decision(now, "keep", None, tuple(fired), old_cost, None, reason))
             return self._record(Decision(now, "infeasible", None, tuple(fired), None, None, result.reason))
         if not forced and old_cost is not None:
-            gain = _gain(old_cost, result.cost, workload.sessions)
+            gain = (old_cost.phi - result.cost.phi) / old_cost.phi if old_cost.phi > 0 else 0.0
             if result.plan == current_plan or gain <= self.config.hysteresis:
                 reason = f"{kind} gains {gain:.1%}, not above the {self.config.hysteresis:.0%} hysteresis"
                 return self._record(Decision(now, "keep", None, tuple(fired), old_cost, result.cost, reason))
@@ -156,11 +156,3 @@ class DecisionEngine:
         log.info("decision %s at %.1f: %s", decision.kind, decision.at, decision.reason)
         return decision
 
-
-def _gain(old: CostBreakdown, new: CostBreakdown, sessions: int) -> float:
-    """Fraction a candidate improves on the current plan: Phi, or under load (more than one session) the
-    ms/token every session sees, whichever gains more (the throughput bound is not in Phi)."""
-    gain = (old.phi - new.phi) / old.phi if old.phi > 0 else 0.0
-    if sessions > 1 and old.token_s > 0 and old.token_s != float("inf"):
-        gain = max(gain, (old.token_s - new.token_s) / old.token_s)
-    return gain

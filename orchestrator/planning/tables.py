@@ -4,7 +4,9 @@
 ``link[u, v]``     Phi of one activation boundary u -> v (inf when u == v or the link is missing)
 ``ring[t, h]``     Phi of returning tokens tail t -> head h (0 when t == h, inf when the link is missing)
 ``allowed[v, l]``  whether layer l may sit on node v (hard privacy, a pinned head); ``seg`` is already masked with it
-Each entry is the same formula as ``costs.evaluate_plan`` split into additive parts.
+``stage[i, j, v]`` seconds one decode forward (at the load's rows) of [i, j) occupies node v: the bottleneck caps
+Each entry is the same formula as ``costs.evaluate_plan`` split into additive parts, with each decode token
+charged the round trip; the throughput bound under load is not additive (see ``bottleneck``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Tables:
     allowed: BoolArr  # (N, L) base layer/node admissibility (hard privacy)
     mem: npt.NDArray[np.int64]  # (L+1, L+1) bytes a segment needs on its node
     capacity: npt.NDArray[np.int64]  # (N,) memory of each node
+    stage: FloatArr  # (L+1, L+1, N) decode seconds per forward of a segment on a node
+    decode: FloatArr  # (L+1, L+1, N) the part of ``seg`` that charges decode tokens the segment's compute
 
     @property
     def num_layers(self) -> int:
@@ -105,4 +109,5 @@ def build_tables(problem: Problem) -> Tables:
         others = np.array([n.node_id != problem.head for n in nodes], dtype=bool)
         seg[0, :, others] = np.inf
         allowed[others, 0] = False
-    return Tables(tuple(ids), seg, link, ring, allowed, mem, capacity)
+    stage = np.multiply.outer(count + head, cd)
+    return Tables(tuple(ids), seg, link, ring, allowed, mem, capacity, stage, wt.alpha * steps * stage)
