@@ -1,8 +1,8 @@
 """The cost model: predicted latency, imbalance and privacy penalty of a plan, and Phi.
 
-Per-request latency = prefill pass + (decode_tokens - 1) tokens at the load (below). A pass is the compute of every
-segment, plus one transfer per boundary (bytes / bandwidth + rtt), plus the ring return (the sampled token
-id from tail to head) when tail != head. Compute on a busy node is inflated by 1 + utilisation: the kernel
+Per-request latency = prefill pass + (decode_tokens - 1) tokens at the load (below). A pass is the compute
+of every segment, plus one transfer per boundary (bytes / bandwidth + rtt), plus the ring return (the
+sampled token id from tail to head) when tail != head. Compute on a busy node is inflated by 1 + utilisation: the kernel
 shares a CPU fairly between runnable threads, so a node's compute competes with the other work for its cores
 rather than getting only what that work leaves idle (a saturating hog on every core halves the node's speed;
 1 / (1 - utilisation) would call it a thousand times slower, which measurements on the testbed refute). The
