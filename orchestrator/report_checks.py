@@ -14,7 +14,7 @@ from common.certs import validate_node_id
 from common.proto import splitmesh_pb2 as pb
 
 MAX_LAYER_MS = 60_000.0  # one decoder layer for one token taking a minute is no working box
-MAX_DECODE_ROWS = 1 << 20  # decode rows in one forward: more sessions than any node admits
+MAX_DECODE_ROWS = 1 << 20  # sessions open, or decode rows in one forward: more than any node admits
 MAX_BANDWIDTH_BPS = 1e13  # 10 Tbit/s, beyond any link a node can have
 MAX_RTT_MS = 600_000.0  # ten minutes
 MAX_TOKEN_LATENCY_MS = 3_600_000.0  # an hour per token
@@ -78,7 +78,8 @@ def report_problem(report: pb.NodeReport) -> str | None:
     if not report.HasField("capacity"):
         return "a report needs a capacity"
     problem = _first(capacity_problem(report.capacity),
-                     _bounded("token_latency_ms", report.token_latency_ms, 0.0, MAX_TOKEN_LATENCY_MS))
+                     _bounded("token_latency_ms", report.token_latency_ms, 0.0, MAX_TOKEN_LATENCY_MS),
+                     _bounded("active_sessions", report.active_sessions, 0, MAX_DECODE_ROWS))  # the planner's load
     if problem is not None:
         return problem
     if len(report.links) > MAX_LINKS:
