@@ -8,8 +8,11 @@ import os
 import psutil
 
 from common.proto import splitmesh_pb2 as pb
+from node_agent.decode_fit import DecodeCost
 
 log = logging.getLogger(__name__)
+
+NO_DECODE = DecodeCost(0.0, 0.0, 0.0)  # before the node ran any decode step
 
 try:
     import pynvml
@@ -60,9 +63,10 @@ class CapacityProbe:
         own = self._me.cpu_percent(interval=None) / 100.0  # this process, in CPUs
         return max(0.0, min(1.0, (busy - own) / max(1, len(mine))))
 
-    def read(self, layer_decode_ms: float = 0.0, layer_prefill_ms: float = 0.0) -> pb.Capacity:
+    def read(self, decode: DecodeCost = NO_DECODE, layer_prefill_ms: float = 0.0) -> pb.Capacity:
         memory = psutil.virtual_memory()
         return pb.Capacity(cpu_utilisation=self.other_work(), memory_total_bytes=memory.total,
                            memory_available_bytes=memory.available, gpus=self._gpus.read(),
-                           cpu_count=len(self._cpus) or psutil.cpu_count() or 1, layer_decode_ms=layer_decode_ms,
-                           layer_prefill_ms_per_token=layer_prefill_ms)
+                           cpu_count=len(self._cpus) or psutil.cpu_count() or 1, layer_decode_ms=decode.one_row_ms,
+                           layer_prefill_ms_per_token=layer_prefill_ms, layer_decode_row_ms=decode.row_ms,
+                           decode_rows_mean=decode.rows_mean)

@@ -153,7 +153,8 @@ class SessionPipeline:
 
     def __init__(self, *, node_id: str, session_id: str, view: PlanView, first: int, runners: list[SegmentRunner],
                  sampling: SamplingConfig, compute: ComputeThread, channels: ChannelPool, chunk_bytes: int,
-                 timeout_s: float, on_compute: Callable[[int, int, float], None] | None = None, encrypt: bool = True,
+                 timeout_s: float, on_compute: Callable[[int, int, bool, float], None] | None = None,
+                 encrypt: bool = True,
                  rekey_after: int = MAX_FRAMES_PER_KEY, inboxes: TokenInboxes | None = None,
                  on_failure: Callable[[HopError], None] | None = None, prefill_chunk_tokens: int = 0) -> None:
         self.runners = runners
@@ -197,10 +198,10 @@ class SessionPipeline:
         if self._on_failure is not None:
             self._on_failure(error)
 
-    def _record(self, rows: int, in_layers: float, seconds: float) -> None:
+    def _record(self, rows: int, decode: bool, in_layers: float, seconds: float) -> None:
         self._segment_seconds.observe(seconds)
         if self._on_compute is not None:
-            self._on_compute(self._layers, rows, in_layers)
+            self._on_compute(self._layers, rows, decode, in_layers)
 
     def _job(self, inputs: torch.Tensor, position: int, step: int) -> StepJob:
         return StepJob(tuple(self.runners), tuple(self._caches), inputs, position,

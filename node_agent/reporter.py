@@ -57,7 +57,7 @@ class Reporter:
         while True:
             latency, tokens = self.rt.stats.take_token_latency()
             committed = self.rt.plans.committed
-            capacity = self.probe.read(self.rt.stats.layer_ms, self.rt.stats.prefill_layer_ms)
+            capacity = self.probe.read(self.rt.stats.decode_cost(), self.rt.stats.prefill_layer_ms)
             yield pb.NodeReport(node_id=self.rt.node_id, capacity=capacity,
                                 links=list(self.prober.links.values()), token_latency_ms=latency,
                                 tokens=tokens, active_sessions=len(self.rt.slots),

@@ -22,6 +22,7 @@ from common.transport import aio_channel
 from node_agent.admission import BatchAdmission, Generations, SessionLimitError, SessionSlots
 from node_agent.compute import ComputeThread
 from node_agent.config import NodeConfig
+from node_agent.decode_fit import DecodeCost, DecodeFit
 from node_agent.hops import HopError
 from node_agent.path_watch import PeerProbes, grpc_probe
 from node_agent.pipeline import ChannelPool, SessionPipeline
@@ -42,24 +43,29 @@ class NotHostedError(Exception):
 
 @dataclass
 class LiveStats:
-    """Running figures the capacity reporter sends: compute per layer-token and head latency."""
+    """Running figures the capacity reporter sends: decode cost per layer by batch rows, prefill cost per
+    layer-token, and head latency."""
 
-    layer_ms: float = 0.0  # EWMA of decode milliseconds per layer (one token row)
+    decode: DecodeFit = field(default_factory=DecodeFit)  # decode forwards by their batch rows
     prefill_layer_ms: float = 0.0  # EWMA of prefill milliseconds per layer per token row
     token_latency_sum_ms: float = 0.0
     tokens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record_compute(self, layers: int, rows: int, seconds: float) -> None:
-        """One segment run: ``layers`` decoder layers over ``rows`` token rows (1 = a decode step)."""
+    def record_compute(self, layers: int, rows: int, decode: bool, seconds: float) -> None:
+        """One forward of ``layers`` decoder layers over ``rows`` token rows: ``decode`` rows (one per session,
+        batched or alone) feed the per-row fit, prompt rows the prefill cost per token."""
         if layers <= 0 or rows <= 0:
+            return
+        if decode:
+            self.decode.record(rows, seconds * 1000.0 / layers)
             return
         per = seconds * 1000.0 / (layers * rows)
         with self.lock:
-            if rows == 1:
-                self.layer_ms = per if self.layer_ms == 0.0 else 0.9 * self.layer_ms + 0.1 * per
-            else:
-                self.prefill_layer_ms = per if self.prefill_layer_ms == 0.0 else 0.8 * self.prefill_layer_ms + 0.2 * per
+            self.prefill_layer_ms = per if self.prefill_layer_ms == 0.0 else 0.8 * self.prefill_layer_ms + 0.2 * per
+
+    def decode_cost(self) -> DecodeCost:
+        return self.decode.cost(self.prefill_layer_ms)
 
     def record_token(self, latency_ms: float) -> None:
         with self.lock:

@@ -27,7 +27,9 @@ from node_agent.segment import SegmentRunner
 log = logging.getLogger(__name__)
 
 StepResult = torch.Tensor | int
-OnDone = Callable[[int, float, float], None]  # (token rows, seconds in decoder layers, seconds in all)
+# (token rows, decode: one row per session, seconds in decoder layers, seconds in all). A batched forward
+# reports all its rows as decode, so a node's per-row decode cost is not inflated under load.
+OnDone = Callable[[int, bool, float, float], None]
 
 
 @dataclass(eq=False)
@@ -73,7 +75,7 @@ def run_one(job: StepJob) -> StepResult:
         hidden, seconds = runner.run_timed(cache, hidden, job.position)
         in_layers += seconds
     if job.on_done is not None:
-        job.on_done(job.rows, in_layers, time.perf_counter() - started)
+        job.on_done(job.rows, job.rows == 1, in_layers, time.perf_counter() - started)
     if job.sampling is None:
         return hidden
     return sample(job.runners[-1].last_logits(hidden), job.sampling, job.step)
@@ -98,8 +100,8 @@ def run_batch(jobs: list[StepJob]) -> list[StepResult]:
         in_layers += seconds
     BATCH_ROWS.observe(len(jobs))
     head = jobs[0]
-    if head.on_done is not None:  # once per forward: the step time every row of it waited
-        head.on_done(1, in_layers, time.perf_counter() - started)
+    if head.on_done is not None:  # once per forward: every row of it is a decode row, and waited this long
+        head.on_done(len(jobs), True, in_layers, time.perf_counter() - started)
     if head.sampling is None:
         return [hidden[row:row + 1] for row in range(len(jobs))]
     logits = head.runners[-1].last_logits_batch(hidden)

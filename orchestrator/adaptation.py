@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 from orchestrator.coordinator import Coordinator
-from orchestrator.environment import cluster_state, model_profile
-from orchestrator.planning import ClusterState, Decision, DecisionEngine, Plan, evaluate_plan
+from orchestrator.environment import cluster_state, current_load, model_profile
+from orchestrator.planning import ClusterState, CostBreakdown, Decision, DecisionEngine, Plan, Workload, evaluate_plan
 from orchestrator.planning.profiles import Problem
 from orchestrator.policy import Policy, apply_policy, policy_to_json, policy_values
 from orchestrator.registry import NodeRecord
@@ -20,11 +21,13 @@ from orchestrator.registry import NodeRecord
 log = logging.getLogger(__name__)
 
 
-def _inputs(cluster: ClusterState, ewma_ms: float | None) -> str:
+def _inputs(cluster: ClusterState, ewma_ms: float | None, load: Workload) -> str:
     return json.dumps({
         "ewma_latency_ms": ewma_ms,
+        "sessions": load.sessions, "decode_rows_per_forward": round(load.rows, 2),
         "nodes": {n.node_id: {"trusted": n.trusted, "utilisation": round(n.utilisation, 3),
                               "decode_ms_per_layer": round(n.decode_s_per_layer * 1e3, 4),
+                              "decode_row_ms_per_layer": round(n.row_s_per_layer * 1e3, 4),
                               "memory_gb": round(n.memory_bytes / 1e9, 2)} for n in cluster.nodes},
         "links_mbps": {f"{a}->{b}": round(link.bandwidth_bps / 1e6, 2) for (a, b), link in cluster.links.items()},
     }, sort_keys=True)
@@ -68,18 +71,29 @@ class Adapter:
     def cluster(self) -> ClusterState:
         return cluster_state(self.schedulable(), self.policy)
 
+    def workload(self) -> Workload:
+        """The policy's request shape at the load the nodes report now (sessions, decode rows per forward)."""
+        return current_load(self.schedulable(), self.policy.workload())
+
     def problem(self, head: str | None = None) -> Problem:
         p = self.policy
-        return Problem(self.cluster(), self.model, p.workload(), p.decision.weights, p.decision.privacy, head=head)
+        return Problem(self.cluster(), self.model, self.workload(), p.decision.weights, p.decision.privacy, head=head)
+
+    def forecast(self, plan: Plan | None) -> CostBreakdown | None:
+        """Predicted cost of ``plan`` on the current cluster at the current load (None when it cannot be
+        evaluated: no plan, or a node it needs is gone)."""
+        if plan is None:
+            return None
+        try:
+            cost = evaluate_plan(self.problem(), plan)
+        except (KeyError, ValueError):
+            return None
+        return cost if math.isfinite(cost.token_s) else None
 
     def predicted_ms(self, plan: Plan | None) -> float:
-        """Predicted decode step of ``plan`` on the current cluster (0 when it cannot be evaluated)."""
-        if plan is None:
-            return 0.0
-        try:
-            return evaluate_plan(self.problem(), plan).decode_step_ms
-        except (KeyError, ValueError):
-            return 0.0
+        """Predicted ms/token of a session on ``plan`` at the current load (0 when it cannot be evaluated)."""
+        cost = self.forecast(plan)
+        return cost.token_ms if cost is not None else 0.0
 
     def decide(self) -> tuple[Decision, ClusterState] | None:
         """One monitoring cycle's decision on the committed plan (None while there is none or the loop is off)."""
@@ -87,9 +101,9 @@ class Adapter:
         if current is None or not self.policy.adaptive:
             return None
         cluster = self.cluster()
-        decision = self.engine.decide(time.monotonic(), cluster, self.model, self.policy.workload(), current)
+        decision = self.engine.decide(time.monotonic(), cluster, self.model, self.workload(), current)
         self.last = decision
         return decision, cluster
 
     def inputs(self, cluster: ClusterState | None) -> str:
-        return _inputs(cluster or self.cluster(), self.engine.ewma_ms)
+        return _inputs(cluster or self.cluster(), self.engine.ewma_ms, self.workload())

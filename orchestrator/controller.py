@@ -21,6 +21,7 @@ from prometheus_client import Counter
 from common.proto import splitmesh_pb2 as pb
 from orchestrator.adaptation import Adapter
 from orchestrator.coordinator import Coordinator
+from orchestrator.forecast import resplit_forecast
 from orchestrator.planning import ClusterState, Decision, Plan
 from orchestrator.replanning import best_plan
 from orchestrator.static_placement import PlacementError, place
@@ -171,8 +172,8 @@ class Controller:
                         triggers=", ".join(map(str, decision.triggers)),
                         old=decision.old_cost.phi if decision.old_cost else 0.0,
                         new=decision.new_cost.phi if decision.new_cost else 0.0,
-                        old_ms=decision.old_cost.decode_step_ms if decision.old_cost else 0.0,
-                        new_ms=decision.new_cost.decode_step_ms if decision.new_cost else 0.0)
+                        old_ms=decision.old_cost.token_ms if decision.old_cost else 0.0,
+                        new_ms=decision.new_cost.token_ms if decision.new_cost else 0.0)
 
     def _repeat_note(self, decision: Decision, epoch: int) -> str | None:
         """None when this "keep" repeats the last recorded one (same triggers, same plan) too soon to record;
@@ -241,19 +242,22 @@ class Controller:
                 plan, how = best_plan(self.adapter)
         except PlacementError as exc:
             raise ControlError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        before = self.adapter.predicted_ms(self.co.current_plan())
-        after = self.adapter.predicted_ms(plan)
+        forecast = resplit_forecast(self.adapter.workload(), self.adapter.forecast(self.co.current_plan()),
+                                    self.adapter.forecast(plan))
+        before, after = forecast.predicted_ms_old, forecast.predicted_ms_new
         if dry_run:
-            wire = self.co.build_plan(plan, 0, self.adapter.policy.trust_rule())
-            return pb.ResplitReply(committed=False, plan=wire, reason=f"dry run: {how}", predicted_ms_old=before,
-                                   predicted_ms_new=after)
+            reply = pb.ResplitReply(committed=False, reason=f"dry run: {how}")
+            reply.MergeFrom(forecast)
+            reply.plan.CopyFrom(self.co.build_plan(plan, 0, self.adapter.policy.trust_rule()))
+            return reply
         epoch_before = self._epoch()
         committed, reason, installed = await self.install(plan)
         self.record("operator", f"resplit requested ({how}): {reason}", None, epoch_before,
                     installed.epoch if committed and installed else 0, old_ms=before, new_ms=after)
         if not committed:
             raise ControlError(grpc.StatusCode.ABORTED, f"plan aborted, previous plan stays: {reason}")
-        reply = pb.ResplitReply(committed=True, reason=reason, predicted_ms_old=before, predicted_ms_new=after)
+        reply = pb.ResplitReply(committed=True, reason=reason)
+        reply.MergeFrom(forecast)
         if installed is not None:
             reply.plan.CopyFrom(installed)
         return reply

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 
 from common.model_store import StoredModel
-from orchestrator.planning import ClusterState, LinkProfile, ModelProfile, NodeProfile
+from orchestrator.planning import ClusterState, LinkProfile, ModelProfile, NodeProfile, Workload
 from orchestrator.policy import Policy
 from orchestrator.registry import NodeRecord
 
@@ -44,9 +45,11 @@ def cluster_state(nodes: list[NodeRecord], policy: Policy) -> ClusterState:
         decode = r.capacity.layer_decode_ms / 1000.0 or fallback
         prefill = (r.capacity.layer_prefill_ms_per_token / 1000.0) or decode * prefill_ratio
         memory = r.capacity.memory_available_bytes
+        row = r.capacity.layer_decode_row_ms / 1000.0 or None  # unmeasured: NodeProfile takes prefill's
         profiles.append(NodeProfile(node_id=r.node_id, trusted=r.trusted, memory_bytes=int(memory),
                                     decode_s_per_layer=decode, prefill_s_per_layer_token=prefill,
-                                    utilisation=_utilisation(r), gpu=bool(r.capacity.gpus)))
+                                    utilisation=_utilisation(r), gpu=bool(r.capacity.gpus),
+                                    decode_row_s_per_layer=row))
     ids = [r.node_id for r in nodes]
     known = set(ids)
     links: dict[tuple[str, str], LinkProfile] = {}
@@ -66,6 +69,14 @@ def cluster_state(nodes: list[NodeRecord], policy: Policy) -> ClusterState:
                 if a != b and (a, b) not in down:
                     links.setdefault((a, b), default)
     return ClusterState(nodes=tuple(profiles), links=links)
+
+
+def current_load(nodes: list[NodeRecord], workload: Workload) -> Workload:
+    """``workload`` at the load the nodes report: the most sessions any node has open (every session passes
+    its head) and the most decode rows per forward any node measured (0 = none yet: every session in one)."""
+    sessions = max((r.active_sessions for r in nodes), default=0)
+    rows = max((r.capacity.decode_rows_mean for r in nodes), default=0.0)
+    return dataclasses.replace(workload, sessions=max(1, sessions), batch_rows=rows)
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -37,8 +37,12 @@ class MeshCollector(Collector):
         alive = GaugeMetricFamily("splitmesh_node_alive", "1 while the node reports", labels=["node"])
         util = GaugeMetricFamily("splitmesh_node_utilisation", "CPU or GPU busy fraction", labels=["node"])
         memory = GaugeMetricFamily("splitmesh_node_memory_available_bytes", "Free memory", labels=["node"])
-        layer = GaugeMetricFamily("splitmesh_node_layer_decode_ms", "Measured ms per layer per token",
+        layer = GaugeMetricFamily("splitmesh_node_layer_decode_ms", "Measured ms per layer, one decode row alone",
                                   labels=["node"])
+        row = GaugeMetricFamily("splitmesh_node_layer_decode_row_ms", "Fitted ms per layer for each further row of a "
+                                "batched decode forward (0 = not measured)", labels=["node"])
+        rows = GaugeMetricFamily("splitmesh_node_decode_rows_per_forward", "Decode rows per forward lately",
+                                 labels=["node"])
         sessions = GaugeMetricFamily("splitmesh_node_active_sessions", "Sessions open on the node", labels=["node"])
         bandwidth = GaugeMetricFamily("splitmesh_link_bandwidth_bps", "Measured link bandwidth", labels=["src", "dst"])
         rtt = GaugeMetricFamily("splitmesh_link_rtt_ms", "Measured link round-trip time", labels=["src", "dst"])
@@ -47,6 +51,8 @@ class MeshCollector(Collector):
             util.add_metric([r.node_id], max([r.capacity.cpu_utilisation, *(g.utilisation for g in r.capacity.gpus)]))
             memory.add_metric([r.node_id], r.capacity.memory_available_bytes)
             layer.add_metric([r.node_id], r.capacity.layer_decode_ms)
+            row.add_metric([r.node_id], r.capacity.layer_decode_row_ms)
+            rows.add_metric([r.node_id], r.capacity.decode_rows_mean)
             sessions.add_metric([r.node_id], r.active_sessions)
             for link in r.links:
                 bandwidth.add_metric([r.node_id, link.peer_id], link.bandwidth_bps)
@@ -56,7 +62,7 @@ class MeshCollector(Collector):
                                       labels=["node"])
         for node_id, flag in self.co.registry.refused.items():
             refused.add_metric([node_id], flag.count)
-        yield from (alive, util, memory, layer, sessions, bandwidth, rtt, refused)
+        yield from (alive, util, memory, layer, row, rows, sessions, bandwidth, rtt, refused)
         loop_up = GaugeMetricFamily("splitmesh_control_loop_up", "1 while the control loop ticks (gRPC health SERVING)")
         loop_up.add_metric([], 1.0 if self.controller.health()[0] else 0.0)
         yield loop_up

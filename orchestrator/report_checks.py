@@ -14,6 +14,7 @@ from common.certs import validate_node_id
 from common.proto import splitmesh_pb2 as pb
 
 MAX_LAYER_MS = 60_000.0  # one decoder layer for one token taking a minute is no working box
+MAX_DECODE_ROWS = 1 << 20  # sessions open, or decode rows in one forward: more than any node admits
 MAX_BANDWIDTH_BPS = 1e13  # 10 Tbit/s, beyond any link a node can have
 MAX_RTT_MS = 600_000.0  # ten minutes
 MAX_TOKEN_LATENCY_MS = 3_600_000.0  # an hour per token
@@ -39,7 +40,9 @@ def capacity_problem(cap: pb.Capacity) -> str | None:
     """Why a capacity cannot be true (None when it can)."""
     problem = _first(_bounded("cpu_utilisation", cap.cpu_utilisation, 0.0, 1.0),
                      _bounded("layer_decode_ms", cap.layer_decode_ms, 0.0, MAX_LAYER_MS),
-                     _bounded("layer_prefill_ms_per_token", cap.layer_prefill_ms_per_token, 0.0, MAX_LAYER_MS))
+                     _bounded("layer_prefill_ms_per_token", cap.layer_prefill_ms_per_token, 0.0, MAX_LAYER_MS),
+                     _bounded("layer_decode_row_ms", cap.layer_decode_row_ms, 0.0, MAX_LAYER_MS),
+                     _bounded("decode_rows_mean", cap.decode_rows_mean, 0.0, MAX_DECODE_ROWS))
     if problem is not None:
         return problem
     if cap.memory_available_bytes > cap.memory_total_bytes:
@@ -75,7 +78,8 @@ def report_problem(report: pb.NodeReport) -> str | None:
     if not report.HasField("capacity"):
         return "a report needs a capacity"
     problem = _first(capacity_problem(report.capacity),
-                     _bounded("token_latency_ms", report.token_latency_ms, 0.0, MAX_TOKEN_LATENCY_MS))
+                     _bounded("token_latency_ms", report.token_latency_ms, 0.0, MAX_TOKEN_LATENCY_MS),
+                     _bounded("active_sessions", report.active_sessions, 0, MAX_DECODE_ROWS))  # the planner's load
     if problem is not None:
         return problem
     if len(report.links) > MAX_LINKS:

@@ -19,7 +19,7 @@ from splitmesh.cli_args import integer as int_in
 from splitmesh.cli_model import register as register_model
 from splitmesh.cli_up import register as register_up
 from splitmesh.client import DEFAULT_ADDRESS, Client, Messages, SplitmeshError
-from splitmesh.tables import console_for_tables, history_table, nodes_table, plan_table, policy_table
+from splitmesh.tables import console_for_tables, forecast_table, history_table, nodes_table, plan_table, policy_table
 
 console = console_for_tables()
 err = Console(stderr=True)
@@ -123,8 +123,8 @@ def cmd_resplit(args: argparse.Namespace) -> int:
         reply = client.resplit(args.boundaries or (), args.place or (), dry_run=args.dry_run)
     title = "dry run: plan that would be installed" if args.dry_run else f"committed epoch {reply.plan.epoch}"
     console.print(plan_table(reply.plan, title))
-    console.print(f"{reply.reason}; predicted decode step {reply.predicted_ms_old:.2f} ms before, "
-                  f"{reply.predicted_ms_new:.2f} ms after")
+    console.print(forecast_table(reply))
+    console.print(reply.reason)
     return 0
 
 

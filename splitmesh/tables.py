@@ -59,6 +59,20 @@ def plan_table(plan: pb.Plan, title: str | None = None) -> Table:
     return table
 
 
+def forecast_table(reply: pb.ResplitReply) -> Table:
+    """Predicted ms/token (per session) and tokens/s (all sessions) of the plan before and after a resplit,
+    at the load the nodes report now, with what bounds each."""
+    table = _table(f"at {reply.load_sessions or 1} sessions, {reply.load_batch_rows or 1:.1f} rows/forward")
+    _fixed(table, "plan", "ms/token", "tok/s", "bound by")
+    old, new = ("before", "after") if reply.committed else ("current", "proposed")
+    rows = ((old, reply.predicted_ms_old, reply.predicted_tokens_per_s_old, reply.bottleneck_old),
+            (new, reply.predicted_ms_new, reply.predicted_tokens_per_s_new, reply.bottleneck_new))
+    for name, ms, rate, bound in rows:
+        table.add_row(name, f"{ms:.2f}" if ms else "-", f"{rate:.1f}" if rate else "-", bound or "-")
+    table.caption = "ms/token: per session; tok/s: all"
+    return table
+
+
 def _state(n: pb.NodeState) -> str:
     words = ["alive" if n.alive else "[red]dead[/red]"]
     if n.trusted:

@@ -31,6 +31,14 @@ def test_status_plan_resplit_and_generate(mesh: LocalMesh) -> None:
     assert resplit.returncode == 0, resplit.stderr
     plan = splitmesh("plan", "--address", mesh.address)
     assert "[0,7)" in plan.stdout and "[7,30)" in plan.stdout
+    dry = subprocess.run([sys.executable, "-m", "splitmesh", "resplit", "--dry-run", "--address", mesh.address],
+                         capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})  # piped
+    assert dry.returncode == 0, dry.stderr
+    header = next(line.split() for line in dry.stdout.splitlines() if "ms/token" in line and "tok/s" in line)
+    assert header == ["plan", "ms/token", "tok/s", "bound", "by"], dry.stdout
+    current = next(line.split() for line in dry.stdout.splitlines() if line.split()[:1] == ["current"])
+    assert float(current[1]) > 0 and float(current[2]) > 0 and "sessions" in dry.stdout
+    assert any(line.split()[:1] == ["proposed"] for line in dry.stdout.splitlines())
     bad = splitmesh("resplit", "--address", mesh.address, "--boundaries", "0,7,30", "--place", "node-1,node-4")
     assert bad.returncode == 1
     assert "INVALID_ARGUMENT" in bad.stderr and "not trusted" in bad.stderr

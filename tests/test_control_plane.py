@@ -52,6 +52,8 @@ def _capacity(**changes: float) -> pb.Capacity:
     ("layer_decode_ms", math.nan), ("layer_decode_ms", -1.0), ("layer_decode_ms", math.inf),
     ("layer_decode_ms", 1e9), ("layer_prefill_ms_per_token", -0.1), ("cpu_utilisation", 1.5),
     ("cpu_utilisation", math.nan), ("memory_available_bytes", float(16 << 30)),
+    ("layer_decode_row_ms", -0.5), ("layer_decode_row_ms", math.nan), ("decode_rows_mean", math.inf),
+    ("decode_rows_mean", -1.0),
 ])
 def test_impossible_capacities_are_named(field: str, value: float) -> None:
     problem = capacity_problem(_capacity(**{field: int(value) if field.startswith("memory") else value}))
@@ -67,6 +69,7 @@ def test_plausible_reports_and_down_links_pass() -> None:
     assert link_problem(pb.LinkStatus(peer_id="node-2", bandwidth_bps=1e9, rtt_ms=-1.0)) is not None
     assert link_problem(pb.LinkStatus(peer_id="node-2", bandwidth_bps=math.nan, rtt_ms=1.0)) is not None
     assert report_problem(pb.NodeReport(node_id="n", capacity=GOOD, token_latency_ms=-3.0)) is not None
+    assert report_problem(pb.NodeReport(node_id="n", capacity=GOOD, active_sessions=(1 << 32) - 1)) is not None
 
 
 # ------------------------------------------------------------------ the loop survives its own failures

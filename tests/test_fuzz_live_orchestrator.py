@@ -52,7 +52,8 @@ capacities = st.builds(
     pb.Capacity, cpu_utilisation=numbers, memory_total_bytes=counts, memory_available_bytes=counts,
     gpus=st.lists(st.builds(pb.GpuStatus, index=st.integers(0, 1 << 31), utilisation=numbers,
                             memory_total_bytes=counts, memory_used_bytes=counts), max_size=2),
-    cpu_count=st.integers(0, (1 << 32) - 1), layer_decode_ms=numbers, layer_prefill_ms_per_token=numbers)
+    cpu_count=st.integers(0, (1 << 32) - 1), layer_decode_ms=numbers, layer_prefill_ms_per_token=numbers,
+    layer_decode_row_ms=numbers, decode_rows_mean=numbers)
 links = st.builds(pb.LinkStatus, peer_id=ids, bandwidth_bps=numbers, rtt_ms=numbers)
 # Addresses that a plan could be sent to are closed loopback ports, so an install fails in milliseconds.
 registrations = st.builds(pb.RegisterRequest, node_id=ids,

@@ -281,14 +281,20 @@ class Capacity(_message.Message):
     CPU_COUNT_FIELD_NUMBER: _builtins.int
     LAYER_DECODE_MS_FIELD_NUMBER: _builtins.int
     LAYER_PREFILL_MS_PER_TOKEN_FIELD_NUMBER: _builtins.int
+    LAYER_DECODE_ROW_MS_FIELD_NUMBER: _builtins.int
+    DECODE_ROWS_MEAN_FIELD_NUMBER: _builtins.int
     cpu_utilisation: _builtins.float
     """0..1"""
     memory_total_bytes: _builtins.int
     memory_available_bytes: _builtins.int
     cpu_count: _builtins.int
     layer_decode_ms: _builtins.float
-    """measured cost of one layer, one token"""
+    """measured cost of one layer, a forward of one decode row"""
     layer_prefill_ms_per_token: _builtins.float
+    layer_decode_row_ms: _builtins.float
+    """One layer, a forward of b decode rows: layer_decode_ms + (b - 1) * layer_decode_row_ms (0 = not measured)."""
+    decode_rows_mean: _builtins.float
+    """decode rows per forward lately (0 = no decode yet): the batch the load makes"""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuStatus]:
         """empty when no NVML / no GPU"""
@@ -303,10 +309,12 @@ class Capacity(_message.Message):
         cpu_count: _builtins.int = ...,
         layer_decode_ms: _builtins.float = ...,
         layer_prefill_ms_per_token: _builtins.float = ...,
+        layer_decode_row_ms: _builtins.float = ...,
+        decode_rows_mean: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "cpu_utilisation", b"cpu_utilisation", "gpus", b"gpus", "layer_decode_ms", b"layer_decode_ms", "layer_prefill_ms_per_token", b"layer_prefill_ms_per_token", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "cpu_utilisation", b"cpu_utilisation", "decode_rows_mean", b"decode_rows_mean", "gpus", b"gpus", "layer_decode_ms", b"layer_decode_ms", "layer_decode_row_ms", b"layer_decode_row_ms", "layer_prefill_ms_per_token", b"layer_prefill_ms_per_token", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -697,12 +705,29 @@ class ResplitReply(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     PREDICTED_MS_OLD_FIELD_NUMBER: _builtins.int
     PREDICTED_MS_NEW_FIELD_NUMBER: _builtins.int
+    PREDICTED_TOKENS_PER_S_OLD_FIELD_NUMBER: _builtins.int
+    PREDICTED_TOKENS_PER_S_NEW_FIELD_NUMBER: _builtins.int
+    LOAD_SESSIONS_FIELD_NUMBER: _builtins.int
+    LOAD_BATCH_ROWS_FIELD_NUMBER: _builtins.int
+    BOTTLENECK_OLD_FIELD_NUMBER: _builtins.int
+    BOTTLENECK_NEW_FIELD_NUMBER: _builtins.int
     committed: _builtins.bool
     reason: _builtins.str
     predicted_ms_old: _builtins.float
-    """predicted decode step of the plan before, on the current measurements"""
+    """predicted ms/token of a session on the plan before, at the current load"""
     predicted_ms_new: _builtins.float
-    """and of the new plan"""
+    """and on the new plan"""
+    predicted_tokens_per_s_old: _builtins.float
+    """predicted tokens/s of all sessions together, plan before"""
+    predicted_tokens_per_s_new: _builtins.float
+    """and new plan"""
+    load_sessions: _builtins.int
+    """the load both are predicted at: sessions decoding ..."""
+    load_batch_rows: _builtins.float
+    """... and decode rows per forward"""
+    bottleneck_old: _builtins.str
+    """what bounds the plan's throughput: "node-1 compute", "node-0->node-1 link", "round trip" """
+    bottleneck_new: _builtins.str
     @_builtins.property
     def plan(self) -> Global___Plan: ...
     def __init__(
@@ -713,10 +738,16 @@ class ResplitReply(_message.Message):
         reason: _builtins.str = ...,
         predicted_ms_old: _builtins.float = ...,
         predicted_ms_new: _builtins.float = ...,
+        predicted_tokens_per_s_old: _builtins.float = ...,
+        predicted_tokens_per_s_new: _builtins.float = ...,
+        load_sessions: _builtins.int = ...,
+        load_batch_rows: _builtins.float = ...,
+        bottleneck_old: _builtins.str = ...,
+        bottleneck_new: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "plan", b"plan", "predicted_ms_new", b"predicted_ms_new", "predicted_ms_old", b"predicted_ms_old", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bottleneck_new", b"bottleneck_new", "bottleneck_old", b"bottleneck_old", "committed", b"committed", "load_batch_rows", b"load_batch_rows", "load_sessions", b"load_sessions", "plan", b"plan", "predicted_ms_new", b"predicted_ms_new", "predicted_ms_old", b"predicted_ms_old", "predicted_tokens_per_s_new", b"predicted_tokens_per_s_new", "predicted_tokens_per_s_old", b"predicted_tokens_per_s_old", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

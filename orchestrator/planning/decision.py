@@ -1,7 +1,8 @@
 """The decision loop of the papers' Algorithm 1, as a pure class: observations in, a recorded Decision out.
 
 Order per call: triggers (ShouldReconfigure) -> cool-down -> migration (same spans, new nodes) -> re-split
-only if the migration cannot meet the targets -> hysteresis against the current plan's predicted Phi.
+only if the migration cannot meet the targets -> hysteresis against the current plan's predicted Phi, at the load
+in the workload (sessions and decode rows per forward measured now: Phi then charges the pipeline's bound).
 A current plan that lost a node or no longer fits the cluster forces a decision past cool-down and
 hysteresis. The only state is the latency EWMA and the time of the last change; no clock, no I/O.
 """
@@ -85,9 +86,10 @@ class DecisionEngine:
         return [t for t in fired if t is not None]
 
     def meets_targets(self, cluster: ClusterState, plan: Plan, cost: CostBreakdown) -> bool:
-        """A candidate is good enough when its predicted step latency and its nodes/links pass every threshold."""
+        """A candidate is good enough when its predicted ms/token at the load and its nodes/links pass every
+        threshold."""
         cfg = self.config
-        return (cost.decode_step_ms <= cfg.latency_max_ms
+        return (cost.token_ms <= cfg.latency_max_ms
                 and utilisation_trigger(cluster, plan, cfg.utilisation_max) is None
                 and bandwidth_trigger(cluster, plan, cfg.bandwidth_min_bps, "plan") is None)
 
@@ -153,3 +155,4 @@ class DecisionEngine:
     def _record(decision: Decision) -> Decision:
         log.info("decision %s at %.1f: %s", decision.kind, decision.at, decision.reason)
         return decision
+

@@ -22,6 +22,7 @@ class NodeProfile:
     prefill_s_per_layer_token: float  # seconds per layer per prompt token during prefill, idle node
     utilisation: float = 0.0  # current busy fraction 0..1 from other work; inflates compute time
     gpu: bool = False  # informational: the node runs layers on an accelerator
+    decode_row_s_per_layer: float | None = None  # each further row of a batched decode forward; None: prefill's
 
     def __post_init__(self) -> None:
         if self.memory_bytes < 0:
@@ -30,6 +31,20 @@ class NodeProfile:
             raise ValueError(f"node {self.node_id}: per-layer costs must be positive")
         if not 0.0 <= self.utilisation <= 1.0:
             raise ValueError(f"node {self.node_id}: utilisation {self.utilisation} outside [0, 1]")
+        if self.decode_row_s_per_layer is not None and not self.decode_row_s_per_layer >= 0:
+            raise ValueError(f"node {self.node_id}: negative per-row decode cost")
+
+    @property
+    def row_s_per_layer(self) -> float:
+        """Per-row part of a batched decode forward; unmeasured, a prompt token's cost (a batched row is one
+        in all but attention), never more than a row alone."""
+        if self.decode_row_s_per_layer is not None:
+            return self.decode_row_s_per_layer
+        return min(self.prefill_s_per_layer_token, self.decode_s_per_layer)
+
+    def layer_s_at(self, rows: float) -> float:
+        """Seconds of one decoder layer for a decode forward of ``rows`` rows, idle node."""
+        return self.decode_s_per_layer + max(0.0, rows - 1.0) * self.row_s_per_layer
 
 
 @dataclass(frozen=True)
@@ -137,10 +152,24 @@ class Workload:
     prompt_tokens: int  # tokens in a typical prompt (prefill length)
     decode_tokens: int  # tokens generated per request; the first comes out of the prefill pass
     kv_budget_tokens: int  # KV-cache tokens every hosting node must reserve per layer it hosts
+    sessions: int = 1  # the load: sessions decoding at once
+    batch_rows: float = 0.0  # decode rows per forward at that load (measured); 0 = every session in one forward
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.decode_tokens < 1 or self.kv_budget_tokens < 0:
             raise ValueError(f"bad workload {self}")
+        if self.sessions < 1 or not self.batch_rows >= 0:
+            raise ValueError(f"bad load in workload {self}")
+
+    @property
+    def rows(self) -> float:
+        """Decode rows in one forward: what was measured, within [1, sessions]."""
+        return min(float(self.sessions), max(1.0, self.batch_rows or float(self.sessions)))
+
+    @property
+    def forwards(self) -> float:
+        """Forwards each stage runs per token of every session (sessions split into groups of ``rows``)."""
+        return self.sessions / self.rows
 
 
 @dataclass(frozen=True)

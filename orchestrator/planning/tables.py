@@ -4,7 +4,9 @@
 ``link[u, v]``     Phi of one activation boundary u -> v (inf when u == v or the link is missing)
 ``ring[t, h]``     Phi of returning tokens tail t -> head h (0 when t == h, inf when the link is missing)
 ``allowed[v, l]``  whether layer l may sit on node v (hard privacy, a pinned head); ``seg`` is already masked with it
-Each entry is the same formula as ``costs.evaluate_plan`` split into additive parts.
+``stage[i, j, v]`` seconds one decode forward (at the load's rows) of [i, j) occupies node v: the bottleneck caps
+Each entry is the same formula as ``costs.evaluate_plan`` split into additive parts, with each decode token
+charged the round trip; the throughput bound under load is not additive (see ``bottleneck``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Tables:
     allowed: BoolArr  # (N, L) base layer/node admissibility (hard privacy)
     mem: npt.NDArray[np.int64]  # (L+1, L+1) bytes a segment needs on its node
     capacity: npt.NDArray[np.int64]  # (N,) memory of each node
+    stage: FloatArr  # (L+1, L+1, N) decode seconds per forward of a segment on a node
+    decode: FloatArr  # (L+1, L+1, N) the part of ``seg`` that charges decode tokens the segment's compute
 
     @property
     def num_layers(self) -> int:
@@ -44,7 +48,9 @@ def build_tables(problem: Problem) -> Tables:
     nodes = cluster.nodes
     n_nodes, n_layers = len(nodes), m.num_layers
     infl = np.array([idle_inflation(n) for n in nodes])
-    cd = np.array([n.decode_s_per_layer for n in nodes]) * infl
+    rows = w.rows  # decode rows per forward at the load: a decode step's layers, hops and ring carry that many
+    cd1 = np.array([n.decode_s_per_layer for n in nodes]) * infl  # one row: the prompt's last position
+    cd = np.array([n.layer_s_at(rows) for n in nodes]) * infl
     cp = np.array([n.prefill_s_per_layer_token for n in nodes]) * infl
     untrusted = np.array([not n.trusted for n in nodes])
     capacity = np.array([n.memory_bytes for n in nodes], dtype=np.int64)
@@ -56,9 +62,9 @@ def build_tables(problem: Problem) -> Tables:
     head = np.where(is_last, m.head_layer_equiv, 0.0) * valid  # lm_head runs on the last segment
     steps = w.decode_tokens - 1
     # seg = alpha*(pre + steps*dec) + beta*dec^2/T_ref + gamma*priv, expanded per node so each term is one
-    # outer product: pre = n*P*cp + head*cd, dec = (n + head)*cd.
+    # outer product: pre = n*P*cp + head*cd1, dec = (n + head)*cd.
     per_layer = wt.alpha * (w.prompt_tokens * cp + steps * cd)
-    per_head = wt.alpha * (1 + steps) * cd
+    per_head = wt.alpha * (cd1 + steps * cd)
     per_sq = wt.beta * cd**2 / reference_time(problem)
     seg = np.multiply.outer(count, per_layer)
     seg += np.multiply.outer(head, per_head)
@@ -88,8 +94,9 @@ def build_tables(problem: Problem) -> Tables:
             rtt[pos[src], pos[dst]] = lk.rtt_s
     act = float(m.hidden_size * m.act_bytes) * 8.0
     with np.errstate(invalid="ignore"):
-        hop = (act * w.prompt_tokens / bw + rtt) + steps * (act / bw + rtt)  # same sums as costs.hop_costs
-        back = (1 + steps) * (m.token_msg_bytes * 8.0 / bw + rtt)
+        hop = (act * w.prompt_tokens / bw + rtt) + steps * (act * rows / bw + rtt)  # as costs.hop_costs
+        token = m.token_msg_bytes * 8.0 / bw
+        back = (token + rtt) + steps * (token * rows + rtt)  # as costs.ring_costs
     link = np.where(np.isnan(bw), np.inf, wt.alpha * hop)
     ring = np.where(np.isnan(bw), np.inf, wt.alpha * back)
     np.fill_diagonal(ring, 0.0)
@@ -102,4 +109,5 @@ def build_tables(problem: Problem) -> Tables:
         others = np.array([n.node_id != problem.head for n in nodes], dtype=bool)
         seg[0, :, others] = np.inf
         allowed[others, 0] = False
-    return Tables(tuple(ids), seg, link, ring, allowed, mem, capacity)
+    stage = np.multiply.outer(count + head, cd)
+    return Tables(tuple(ids), seg, link, ring, allowed, mem, capacity, stage, wt.alpha * steps * stage)
