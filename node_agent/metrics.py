@@ -19,10 +19,10 @@ class AgentCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         sessions = GaugeMetricFamily("splitmesh_agent_active_sessions", "Session pipelines open on this node")
-        sessions.add_metric([], len(self.rt.sessions))
+        sessions.add_metric([], self.rt.sessions.pipeline_count())
         yield sessions
         kv = GaugeMetricFamily("splitmesh_agent_kv_cache_bytes", "Bytes held in KV caches of open sessions")
-        kv.add_metric([], sum(p.cache_bytes() for p in list(self.rt.sessions.values())))
+        kv.add_metric([], sum(p.cache_bytes() for p in self.rt.sessions.pipelines()))
         yield kv
         epoch = GaugeMetricFamily("splitmesh_agent_plan_epoch", "Committed plan epoch on this node")
         committed = self.rt.plans.committed

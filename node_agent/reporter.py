@@ -60,7 +60,7 @@ class Reporter:
             capacity = self.probe.read(self.rt.stats.decode_cost(), self.rt.stats.prefill_layer_ms)
             yield pb.NodeReport(node_id=self.rt.node_id, capacity=capacity,
                                 links=list(self.prober.links.values()), token_latency_ms=latency,
-                                tokens=tokens, active_sessions=len(self.rt.slots),
+                                tokens=tokens, active_sessions=len(self.rt.sessions),
                                 plan_epoch=committed.epoch if committed else 0)
             # The next report is due after the interval, or at once when a link went down or came back.
             with contextlib.suppress(TimeoutError):

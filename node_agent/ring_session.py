@@ -44,13 +44,13 @@ class RingSession:
 
     async def open(self, view: PlanView) -> None:
         self.close()
-        self.pipeline = await self.rt.open_session(self.session_id, view, 0, self.sampling)
+        self.pipeline = await self.rt.sessions.open(self.session_id, view, 0, self.sampling)
         self.view = view
         self.cached = 0
 
     def close(self) -> None:
         if self.pipeline is not None:
-            self.rt.close_session(self.session_id, 0, self.view.epoch if self.view else None, only=self.pipeline)
+            self.rt.sessions.close(self.session_id, 0, self.view.epoch if self.view else None, only=self.pipeline)
             self.pipeline = None
 
     def _newer_plan(self) -> PlanView | None:

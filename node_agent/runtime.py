@@ -19,7 +19,7 @@ from common.model_store import Manifest, ModelStore
 from common.plan_view import PlanView
 from common.tensor_budget import BufferBudget
 from common.transport import aio_channel
-from node_agent.admission import BatchAdmission, Generations, SessionLimitError, SessionSlots
+from node_agent.admission import BatchAdmission, Generations, SessionLimitError
 from node_agent.compute import ComputeThread
 from node_agent.config import NodeConfig
 from node_agent.decode_fit import DecodeCost, DecodeFit
@@ -30,15 +30,12 @@ from node_agent.plan_state import PlanState
 from node_agent.sampler import SamplingConfig
 from node_agent.segment import SegmentRunner
 from node_agent.segment_pool import SegmentPool
+from node_agent.session_registry import NotHostedError, SessionRegistry
 from node_agent.token_ring import TokenInboxes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NodeRuntime", "NotHostedError", "SessionLimitError"]
-
-
-class NotHostedError(Exception):
-    """The requested segment is not placed on this node by the named plan."""
+__all__ = ["NodeRuntime", "NotHostedError", "SessionLimitError"]  # the errors of opening a session
 
 
 @dataclass
@@ -91,17 +88,13 @@ class NodeRuntime:
         # The node's frame-encryption identity: kept across restarts so plans made before one stay usable.
         self.node_key = load_or_create_node_key(self.state_dir / "x25519_key.pem")
         self.public_key = public_key_bytes(self.node_key)
+        self.sessions = SessionRegistry(config.node_id, config.max_sessions, self._acquire_runners,
+                                        self._release_runners, self._pipeline)
         self.compute = ComputeThread(config.batch_rows, config.batch_gather_ms / 1000.0,
-                                     lambda: len(self.sessions))
+                                     self.sessions.pipeline_count)
         self.channels = ChannelPool(self.tls)
         self.peer_probes = PeerProbes(grpc_probe(self.channels.get))  # shared by every step waiting on a peer
         self.stats = LiveStats()
-        # (session id, first segment index) -> pipeline: the head may host a session's first and last segment
-        # (session id, epoch, first segment) -> pipeline. The epoch keeps a replayed session's new stream apart
-        # from a stale one of the old plan that a stalled peer may still hold open.
-        self.sessions: dict[tuple[str, int, int], SessionPipeline] = {}
-        self._session_models: dict[tuple[str, int, int], str] = {}
-        self.slots = SessionSlots(config.node_id, config.max_sessions)  # one per session id, taken without awaiting
         self.admission = BatchAdmission(config.node_id, config.max_batch_rows, config.max_queued_sessions,
                                         config.max_batch_tokens)  # what this node takes on as a head
         self.generations = Generations()  # the generations this node heads, with their owners
@@ -148,62 +141,26 @@ class NodeRuntime:
             self._tokenizers[model_digest] = tokenizer
         return self._tokenizers[model_digest]
 
-    def _acquire_runners(self, view: PlanView, first: int) -> list[SegmentRunner]:
-        runners = []
-        for segment in view.segments[first:]:
-            if segment.node_id != self.node_id:
-                break
-            runners.append(self.pool.acquire(view.model_digest, segment.span))
-        return runners
+    async def _acquire_runners(self, view: PlanView, first: int) -> list[SegmentRunner]:
+        """This node's consecutive segments of ``view`` from ``first``, loaded on the compute thread."""
+        def acquire() -> list[SegmentRunner]:
+            runners = []
+            for segment in view.segments[first:]:
+                if segment.node_id != self.node_id:
+                    break
+                runners.append(self.pool.acquire(view.model_digest, segment.span))
+            return runners
 
-    async def open_session(self, session_id: str, view: PlanView, first: int, sampling: SamplingConfig,
-                           on_failure: Callable[[HopError], None] | None = None) -> SessionPipeline:
-        """Take the session's slot (before any await: the limit holds under any concurrency) and build its
-        pipeline from segment ``first``; the slot is given back by :meth:`close_session`. ``on_failure``
-        hears of a failure downstream of this node (the head learns through its token inbox)."""
-        if view.segments[first].node_id != self.node_id:
-            raise NotHostedError(f"epoch {view.epoch} places segment {first} on {view.segments[first].node_id}")
-        self.slots.take(session_id)
-        key = (session_id, view.epoch, first)
-        if key in self.sessions:  # the upstream re-opened (a retry after a failure): the new stream wins
-            log.info("session %s segment %d re-opened on epoch %d; closing the stale stream", session_id[:8], first,
-                     view.epoch)
-            self.close_session(session_id, first, view.epoch)
-        try:
-            runners = await self.compute.run(self._acquire_runners, view, first)
-        except BaseException:
-            self.slots.give(session_id)
-            raise
-        try:
-            pipeline = SessionPipeline(node_id=self.node_id, session_id=session_id, view=view, first=first,
-                                       runners=runners, sampling=sampling, compute=self.compute,
-                                       channels=self.channels, chunk_bytes=self.config.chunk_bytes,
-                                       timeout_s=self.config.hop_timeout_s, on_compute=self.stats.record_compute,
-                                       encrypt=self.config.encrypt_activations,
-                                       rekey_after=self.config.rekey_after_frames, inboxes=self.inboxes,
-                                       on_failure=on_failure, prefill_chunk_tokens=self.config.prefill_chunk)
-        except BaseException:
-            self._release_runners(view.model_digest, runners)
-            self.slots.give(session_id)
-            raise
-        self.sessions[key] = pipeline
-        self._session_models[key] = view.model_digest
-        return pipeline
+        return await self.compute.run(acquire)
 
-    def session_ids(self) -> set[str]:
-        return {session_id for session_id, _, _ in self.sessions}
-
-    def close_session(self, session_id: str, first: int | None = None, epoch: int | None = None,
-                      only: SessionPipeline | None = None) -> None:
-        """Free one pipeline of a session (``first`` and ``epoch`` given) or all of them on this node;
-        with ``only``, just that pipeline, so a superseded stream never closes its replacement."""
-        keys = [k for k in self.sessions if k[0] == session_id and (epoch is None or k[1] == epoch)
-                and (first is None or k[2] == first) and (only is None or self.sessions[k] is only)]
-        for key in keys:
-            pipeline = self.sessions.pop(key)
-            pipeline.close()
-            self._release_runners(self._session_models.pop(key), pipeline.runners)
-            self.slots.give(session_id)
+    def _pipeline(self, session_id: str, view: PlanView, first: int, runners: list[SegmentRunner],
+                  sampling: SamplingConfig, on_failure: Callable[[HopError], None] | None) -> SessionPipeline:
+        return SessionPipeline(node_id=self.node_id, session_id=session_id, view=view, first=first, runners=runners,
+                               sampling=sampling, compute=self.compute, channels=self.channels,
+                               chunk_bytes=self.config.chunk_bytes, timeout_s=self.config.hop_timeout_s,
+                               on_compute=self.stats.record_compute, encrypt=self.config.encrypt_activations,
+                               rekey_after=self.config.rekey_after_frames, inboxes=self.inboxes,
+                               on_failure=on_failure, prefill_chunk_tokens=self.config.prefill_chunk)
 
     def _release_runners(self, model_digest: str, runners: list[SegmentRunner]) -> None:
         for runner in runners:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -100,30 +101,24 @@ class NodeServicer(pb_grpc.NodeServicer):
             await _refuse(context, exc)
             return
         session_id = new_session_id()
-        try:
-            # The slot before any work: a request this head cannot take is refused at once.
-            self.rt.slots.take(session_id)
-        except SessionLimitError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            return
-        try:
-            self.rt.admission.admit(session_id)
-        except SessionLimitError as exc:
-            self.rt.slots.give(session_id)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            return
-        generation = self.rt.generations.add(session_id, owner)
-        try:
-            async for event in self._generate(request, view, limits, session_id, context):
-                yield event
-        except asyncio.CancelledError:
-            if not generation.cancelled:
-                raise
-            await context.abort(grpc.StatusCode.CANCELLED, f"session {session_id} was cancelled")
-        finally:
-            self.rt.generations.remove(session_id)
-            self.rt.admission.leave(session_id)
-            self.rt.slots.give(session_id)
+        with contextlib.ExitStack() as held:
+            try:
+                # The slot and admission before any work: a request this head cannot take is refused at once.
+                held.enter_context(self.rt.sessions.slot(session_id))
+                self.rt.admission.admit(session_id)
+            except SessionLimitError as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                return
+            held.callback(self.rt.admission.leave, session_id)
+            generation = self.rt.generations.add(session_id, owner)
+            held.callback(self.rt.generations.remove, session_id)
+            try:
+                async for event in self._generate(request, view, limits, session_id, context):
+                    yield event
+            except asyncio.CancelledError:
+                if not generation.cancelled:
+                    raise
+                await context.abort(grpc.StatusCode.CANCELLED, f"session {session_id} was cancelled")
 
     async def _generate(self, request: pb.GenerateRequest, view: PlanView, limits: RequestLimits, session_id: str,
                         context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateEvent],
@@ -232,7 +227,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 await pipeline.step(step, position, tensor, reader.compute_s)
         finally:
             if pipeline is not None:
-                self.rt.close_session(opening.session_id, opening.segment_index, opening.epoch, only=pipeline)
+                self.rt.sessions.close(opening.session_id, opening.segment_index, opening.epoch, only=pipeline)
             self._trim_after_large_buffers()
 
     async def Deliver(self, request_iterator: AsyncIterator[pb.DeliverRequest],  # noqa: N802
@@ -339,7 +334,7 @@ class NodeServicer(pb_grpc.NodeServicer):
     async def _open_pipeline(self, opening: pb.ForwardOpen, view: PlanView, sampling: SamplingConfig,
                              failed: Callable[[HopError], None]) -> SessionPipeline:
         try:
-            return await self.rt.open_session(opening.session_id, view, opening.segment_index, sampling, failed)
+            return await self.rt.sessions.open(opening.session_id, view, opening.segment_index, sampling, failed)
         except NotHostedError as exc:
             raise StreamError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
         except SessionLimitError as exc:
@@ -449,4 +444,4 @@ class NodeServicer(pb_grpc.NodeServicer):
             pb.PlanSegment(start=s.span.start, end=s.span.end, node_id=s.node_id, privacy_critical=s.privacy_critical)
             for s in view.segments_on(self.rt.node_id)]
         return pb.NodeInfoReply(node_id=self.rt.node_id, plan_epoch=view.epoch if view else 0, hosted=hosted,
-                                active_sessions=len(self.rt.slots), loaded_layers=self.rt.pool.loaded_roles())
+                                active_sessions=len(self.rt.sessions), loaded_layers=self.rt.pool.loaded_roles())
