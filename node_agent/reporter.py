@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,6 +18,9 @@ from node_agent.capacity import CapacityProbe
 from node_agent.link_probe import LinkProber
 from node_agent.memory import return_freed_memory
 from node_agent.runtime import NodeRuntime
+
+TRIM_AFTER_SESSIONS = 16  # closed session pipelines that make the heap worth trimming
+TRIM_INTERVAL_S = 10.0  # and at most this often for that reason (a trim holds the allocator's lock)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,8 @@ class Reporter:
         self.rt = runtime
         self.probe = CapacityProbe()
         self.interval_s = runtime.config.report_interval_ms / 1000.0
+        self._closed_since_trim = 0
+        self._trimmed_at = time.monotonic()
         self.registered = asyncio.Event()
         self.prober = LinkProber(runtime)
 
@@ -66,7 +72,14 @@ class Reporter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.prober.changed.wait(), self.interval_s)
             self.prober.changed.clear()
-            if self.rt.pool.take_unloaded():  # by now the sessions that held the segment are gone too
+            self._closed_since_trim += self.rt.sessions.take_closed()
+            now = time.monotonic()
+            churned = self._closed_since_trim >= TRIM_AFTER_SESSIONS and now - self._trimmed_at >= TRIM_INTERVAL_S
+            # By now the sessions that held an unloaded segment are gone too. Sessions' caches are freed as
+            # they close, among live blocks of other sessions, and glibc keeps those holes resident: after
+            # enough closes the node trims too, or its memory floor creeps up under steady churn.
+            if self.rt.pool.take_unloaded() or churned:
+                self._closed_since_trim, self._trimmed_at = 0, now
                 await asyncio.get_running_loop().run_in_executor(None, return_freed_memory)
 
     async def run(self) -> None:

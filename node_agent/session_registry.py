@@ -44,6 +44,7 @@ class SessionRegistry:
         self._build = build
         self._pipelines: dict[Key, SessionPipeline] = {}
         self._models: dict[Key, str] = {}
+        self._closed = 0  # pipelines closed since take_closed(): their caches went back to the heap
 
     @contextlib.contextmanager
     def slot(self, session_id: str) -> Iterator[None]:
@@ -92,6 +93,12 @@ class SessionRegistry:
             pipeline.close()
             self._release(self._models.pop(key), pipeline.runners)
             self.slots.give(session_id)
+            self._closed += 1
+
+    def take_closed(self) -> int:
+        """Pipelines closed since the last call."""
+        closed, self._closed = self._closed, 0
+        return closed
 
     def pipelines(self) -> list[SessionPipeline]:
         return list(self._pipelines.values())
