@@ -186,7 +186,8 @@ class Testbed:
             raise KeyError(f"unknown hosts {sorted(set(hosts) - {h.name for h in members})}")
         args = ["--listen", self.orchestrator_address, "--insecure", "--state-dir", str(state / "orchestrator"),
                 "--store", str(self.store), "--model", sc.model, "--min-nodes", str(len(members)),
-                "--trusted-nodes", ",".join(h.name for h in members if h.trusted), "--adaptive" if adaptive else "--no-adaptive",
+                "--trusted-nodes", ",".join(h.name for h in members if h.trusted),
+                "--adaptive" if adaptive else "--no-adaptive",
                 *policy_args, *orchestrator_args]
         if bounds:
             args += ["--boundaries", ",".join(map(str, bounds))]
