@@ -6,6 +6,8 @@ ways); the orchestrator has its own namespace. Configurations, all in one run on
 (b) pipeline: host ``a`` (core 0, 1 thread) runs layers [0,15) and is the head, host ``b`` (core 1, 1 thread)
     runs [15,30) and samples; both are trusted (the last segment holds lm_head and the sampler);
 (c) one host ``solo`` (cores 0-1, 2 threads) runs the whole model as a 1-segment mesh (``--no-solo`` skips it).
+By default a node batches up to 32 sessions' decode rows, so 16 sessions cross the pipeline as one batch and the
+hosts take turns; ``--pipeline-batch-rows 8`` caps (b)'s batches so two of them can keep both hosts busy.
 Each mesh session is its own SDK client (bench.concurrency_runs.mesh_run) in this process, unpinned: on a
 2-core box the clients share the nodes' cores. A mesh runs its rounds with (a) interleaved, one level at a
 time; then the next mesh starts. Prints per-configuration medians with the range over rounds, the ratio
@@ -68,6 +70,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per session")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per mesh (each level once per round)")
     parser.add_argument("--link-mbps", type=float, default=1000.0, help="tbf rate of every host link, both ways")
+    parser.add_argument("--pipeline-batch-rows", type=int, default=0,
+                        help="max_batch_rows of the pipeline's nodes (0 = the node default), e.g. 8: 16 sessions "
+                             "then travel as two batches that can occupy both hosts at once")
     parser.add_argument("--no-solo", action="store_true", help="skip (c), the 1-host mesh on both cores")
     parser.add_argument("--store", default="~/.cache/splitmesh/store")
     args = parser.parse_args()
@@ -108,8 +113,9 @@ def main() -> int:
         for name in meshes:
             boundaries, placement = MESHES[name]
             with console.status(f"starting mesh {name} on {', '.join(placement)}"):
+                rows = args.pipeline_batch_rows if name == "pipeline" else 0
                 tb.start_mesh(False, policy=STATIC_POLICY, boundaries=boundaries, placement=placement,
-                              hosts=placement)
+                              hosts=placement, node_args=("--max-batch-rows", str(rows)) if rows else ())
             runs: dict[str, Callable[[list[list[int]]], Run]] = {
                 "single": single, name: lambda ps: mesh_run(tb.orchestrator_address, ps, args.tokens)}
             for run in runs.values():
@@ -151,6 +157,7 @@ def main() -> int:
     for key, value in ratios.items():
         console.print(f"{key}: {value}")
     print(json.dumps({"tokens_per_session": args.tokens, "levels": levels, "rounds": args.rounds,
+                      "pipeline_batch_rows": args.pipeline_batch_rows,
                       "link_mbps": args.link_mbps, "cores": list(cores), "elapsed_s": round(elapsed, 1),
                       "results": results, "summary": summaries, "ratios": ratios}))
     return 0
