@@ -43,7 +43,7 @@ class Pool:
 
 
 def _registry(pool: Pool, limit: int = 2) -> SessionRegistry:
-    return SessionRegistry("n0", limit, pool.acquire, pool.release, pool.build)  # type: ignore[arg-type]
+    return SessionRegistry("n0", limit, pool.acquire, pool.release, pool.build)
 
 
 def test_concurrent_opens_never_pass_the_limit_and_closes_give_everything_back() -> None:

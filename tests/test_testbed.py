@@ -8,6 +8,9 @@ tokens before and after equal single-process ``generate``. Needs root and iprout
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,7 +19,8 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.testbed import Testbed, load_scenario, unavailable_reason
+from bench.testbed import ScenarioError, Testbed, load_scenario, parse_scenario, unavailable_reason
+from bench.testbed.processes import in_namespace
 from bench.testbed.testbed import node_flags
 from common.chat import chat_token_ids
 from common.model_store import ModelStore
@@ -85,3 +89,28 @@ def test_scenario_files_parse() -> None:
         sc = load_scenario(path)
         assert sc.bottleneck in {h.name for h in sc.hosts}
         assert replace(sc.requests, count=2).prompts(1000)[0] == replace(sc.requests, count=3).prompts(1000)[0]
+
+
+def test_host_threads_parse() -> None:
+    """A host may set its node's torch threads; 0 (the default) means the scenario's node.threads."""
+    sc = parse_scenario({"hosts": [{"name": "a", "trusted": True, "cpus": "0", "threads": 1},
+                                   {"name": "both", "cpus": "0,1", "threads": 2}, {"name": "plain"}],
+                         "node": {"threads": 3}})
+    assert [h.threads for h in sc.hosts] == [1, 2, 0]
+    assert sc.node_threads == 3
+    with pytest.raises(ScenarioError, match="threads"):
+        parse_scenario({"hosts": [{"name": "a", "trusted": True, "threads": "2"}]})
+
+
+@pytest.mark.timeout(60)
+def test_pinned_process_runs_in_its_namespace(testbed: Testbed) -> None:
+    """taskset before ``ip netns exec``: the process is in the host's namespace and on the host's cores only."""
+    core = str(min(os.sched_getaffinity(0)))
+    code = "import os; print(sorted(os.sched_getaffinity(0)), os.readlink('/proc/self/ns/net'))"
+    out = subprocess.run(in_namespace(testbed.network.exec_prefix("head"), [sys.executable, "-c", code], core),
+                         capture_output=True, text=True, timeout=30, check=True).stdout.split()
+    assert out[0] == f"[{core}]"
+    assert out[1] != os.readlink("/proc/self/ns/net"), "the process ran in this process's network namespace"
+    with pytest.raises(KeyError, match="nope"):
+        testbed.start_mesh(adaptive=False, hosts=("head", "nope"))
+    assert not testbed.procs.procs, "a mesh with an unknown host started processes"

@@ -3,7 +3,7 @@
 Example (see bench/scenarios/testbed_*.json)::
 
     {"description": "...",
-     "hosts": [{"name": "edge", "trusted": true, "cpus": "0", "hog": false, "link_mbps": 1000},
+     "hosts": [{"name": "edge", "trusted": true, "cpus": "0", "hog": false, "link_mbps": 1000, "threads": 1},
                {"name": "cloud", "trusted": false, "cpus": "1", "link_mbps": 200}],
      "orchestrator": {"cpus": ""},
      "link": {"latency_ms": 200, "burst_bytes": 0},
@@ -45,6 +45,7 @@ class HostSpec:
     cpus: str = ""  # taskset CPU list for the node (and its hog), "" = no pinning
     hog: bool = False  # start with a CPU hog (a busy loop pinned to ``cpus``) running on this host
     link_mbps: float = 1000.0  # initial rate of the host's link, both directions
+    threads: int = 0  # torch threads of this host's node (0 = the scenario's node.threads)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def parse_scenario(data: dict[str, Any]) -> Scenario:
         if not NAME.match(name) or name in ("br", "orch", "root"):
             raise ScenarioError(f"{where}.name {name!r}: lowercase letters/digits, <= 12 chars, not br/orch/root")
         hosts.append(HostSpec(name, _get(h, "trusted", bool, False, where), _get(h, "cpus", str, "", where),
-                              _get(h, "hog", bool, False, where), _get(h, "link_mbps", float, 1000.0, where)))
+                              _get(h, "hog", bool, False, where), _get(h, "link_mbps", float, 1000.0, where),
+                              _get(h, "threads", int, 0, where)))
     names = {h.name for h in hosts}
     if len(names) != len(hosts):
         raise ScenarioError("host names must be unique")

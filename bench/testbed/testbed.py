@@ -162,8 +162,11 @@ class Testbed:
     def start_mesh(self, adaptive: bool, *, policy: dict[str, str] | None = None,
                    boundaries: tuple[int, ...] | None = None, placement: tuple[str, ...] | None = None,
                    orchestrator_args: tuple[str, ...] = (), node_args: tuple[str, ...] = (),
-                   timeout_s: float = 180.0) -> pb.StatusReply:
+                   hosts: tuple[str, ...] | None = None, timeout_s: float = 180.0) -> pb.StatusReply:
         """Orchestrator and node agents with fresh state; returns once the orchestrator says serving.
+
+        ``hosts`` names the hosts that run a node agent this time (None = all of the scenario's): one network
+        can then carry meshes of different shapes, one after the other.
 
         ``policy`` (Client.policy keys) is applied as start-up flags where the orchestrator has one and
         through the Admin API right after it serves for the rest.
@@ -178,9 +181,13 @@ class Testbed:
         bounds = sc.boundaries if boundaries is None else boundaries
         place = sc.placement if placement is None else placement
         policy_args, policy_rest = split_policy(policy or {})
+        members = [h for h in sc.hosts if hosts is None or h.name in hosts]
+        if hosts is not None and len(members) != len(set(hosts)):
+            raise KeyError(f"unknown hosts {sorted(set(hosts) - {h.name for h in members})}")
         args = ["--listen", self.orchestrator_address, "--insecure", "--state-dir", str(state / "orchestrator"),
-                "--store", str(self.store), "--model", sc.model, "--min-nodes", str(len(sc.hosts)),
-                "--trusted-nodes", ",".join(sc.trusted), "--adaptive" if adaptive else "--no-adaptive",
+                "--store", str(self.store), "--model", sc.model, "--min-nodes", str(len(members)),
+                "--trusted-nodes", ",".join(h.name for h in members if h.trusted),
+                "--adaptive" if adaptive else "--no-adaptive",
                 *policy_args, *orchestrator_args]
         if bounds:
             args += ["--boundaries", ",".join(map(str, bounds))]
@@ -188,11 +195,11 @@ class Testbed:
             args += ["--placement", ",".join(place)]
         self._spawn(ORCH_HOST, "orchestrator", args, sc.orchestrator_cpus, env)
         flags = node_flags()
-        for h in sc.hosts:
+        for h in members:
             addr = f"{self.address(h.name)}:{NODE_PORT}"
             nargs = ["--node-id", h.name, "--listen", addr, "--advertise", addr, "--insecure",
                      "--orchestrator", self.orchestrator_address, "--store", str(self.store),
-                     "--state-dir", str(state / h.name), "--threads", str(sc.node_threads), *node_args]
+                     "--state-dir", str(state / h.name), "--threads", str(h.threads or sc.node_threads), *node_args]
             if "--probe-interval-s" in flags:
                 nargs += ["--probe-interval-s", str(sc.probe_interval_s), "--probe-bytes", str(sc.probe_bytes)]
             if "--frame-timeout-s" in flags:  # links shaped to 1 Mbit/s carry a 1 MiB activation chunk in ~8 s
