@@ -5,8 +5,12 @@ Layout under the store root::
     blobs/<sha256>          immutable file contents (safetensors, tokenizer files)
     models/<digest>.json    manifest; its own sha256 is the model digest
     refs/<name>             the digest a human-readable name points at
+    weight_keys.json        the owner's per-blob AES-256-GCM keys (common.blob_crypto), never served
 
-A node reads only the blobs of the layers it hosts, so a box never needs the whole model.
+Weight blobs (layers, embed, head) are encrypted at rest: their manifest entry names the ciphertext
+(sha256, size: what moves and is content-addressed) and the plaintext (plain_sha256: integrity). A process
+decrypts only with keys it was given: the owner's key file, or a node's in-memory keys of the layers a
+plan assigns it. A node reads only the blobs of the layers it hosts, so a box never needs the whole model.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.blob_crypto import KEY_BYTES, KeyFile, decrypt_blob, encrypt_blob
 from common.dtypes import compute_dtype_name
 
 # Its home is common.store_errors (importable without torch); re-exported so callers keep this name.
@@ -44,8 +49,19 @@ def layer_role(index: int) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    sha256: str
+    sha256: str  # of the bytes on disk and on the wire (the ciphertext of an encrypted blob)
     size: int
+    plain_sha256: str = ""  # of the plaintext of an encrypted blob ("" = the blob is plaintext)
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.plain_sha256)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"sha256": self.sha256, "size": self.size}
+        if self.plain_sha256:  # absent for plaintext blobs, so older digests never change
+            doc["plain_sha256"] = self.plain_sha256
+        return doc
 
 
 @dataclass(frozen=True)
@@ -70,7 +86,7 @@ class Manifest:
             "dtype": self.dtype,
             "tied_embeddings": self.tied_embeddings,
             "config": self.config,
-            "files": {k: {"sha256": v.sha256, "size": v.size} for k, v in sorted(self.files.items())},
+            "files": {k: v.to_doc() for k, v in sorted(self.files.items())},
         }
         if self.quantization is not None:  # absent for float models, so their digests never change
             doc["quantization"] = self.quantization
@@ -89,7 +105,8 @@ class Manifest:
                 dtype=str(doc["dtype"]),
                 tied_embeddings=bool(doc["tied_embeddings"]),
                 config=dict(doc["config"]),
-                files={k: FileEntry(str(v["sha256"]), int(v["size"])) for k, v in doc["files"].items()},
+                files={k: FileEntry(str(v["sha256"]), int(v["size"]), str(v.get("plain_sha256", "")))
+                       for k, v in doc["files"].items()},
                 quantization=dict(doc["quantization"]) if doc.get("quantization") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -107,6 +124,10 @@ class Manifest:
     @property
     def has_tokenizer(self) -> bool:
         return any(role.startswith(TOKENIZER_PREFIX) for role in self.files)
+
+    @property
+    def encrypted(self) -> bool:
+        return any(e.encrypted for e in self.files.values())
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -126,9 +147,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class ModelStore:
     """A folder of blobs and manifests; safe to share between processes on one box."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], keys: Mapping[str, bytes] | None = None) -> None:
+        """``keys=None`` opens the store as its owner (the orchestrator's box, the operator CLI): with the key
+        file. A node agent passes the keys its plans delivered instead, and never reads a key file."""
         self.root = Path(root)
+        self.key_file = KeyFile(self.root) if keys is None else None
+        self.keys: Mapping[str, bytes] = self.key_file.keys if self.key_file is not None else keys or {}
         self._verified: set[tuple[str, int, int, int]] = set()
+        self._plain_verified: set[str] = set()  # encrypted blobs whose plaintext hash checked in this process
 
     # -- blobs ---------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
@@ -142,6 +168,45 @@ class ModelStore:
         if not path.exists():
             _atomic_write(path, data)
         return FileEntry(sha, len(data))
+
+    def put_encrypted_blob(self, data: bytes) -> FileEntry:
+        """Encrypt ``data`` under a fresh key, saving the key before the blob exists (owner only). A plaintext
+        already encrypted here reuses its ciphertext, so importing the same weights twice gives the same digest."""
+        if self.key_file is None:
+            raise StoreError("only the store's owner writes encrypted blobs (this store was opened with keys)")
+        plain_sha = hashlib.sha256(data).hexdigest()
+        known = self.key_file.cipher_of.get(plain_sha)
+        if known is not None and self.blob_path(known).is_file():
+            return FileEntry(known, self.blob_path(known).stat().st_size, plain_sha)
+        key = os.urandom(KEY_BYTES)
+        sealed = encrypt_blob(key, data, plain_sha)
+        sha = hashlib.sha256(sealed).hexdigest()
+        self.key_file.add(sha, key, plain_sha)
+        _atomic_write(self.blob_path(sha), sealed)
+        return FileEntry(sha, len(sealed), plain_sha)
+
+    def plain_bytes(self, entry: FileEntry, role: str = "blob") -> bytes:
+        """An encrypted blob's plaintext: only with its key; the GCM tags authenticate every byte, and the
+        plaintext hash is checked once per process."""
+        key = self.keys.get(entry.sha256)
+        if key is None and self.key_file is not None:  # another process of the owner may have added it
+            self.key_file.reload()
+            key = self.keys.get(entry.sha256)
+        if key is None:
+            raise StoreError(f"store file for {role} is encrypted and this process holds no key for it")
+        path = self.blob_path(entry.sha256)
+        try:
+            sealed = path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"store file for {role} is missing: {path}") from None
+        if len(sealed) != entry.size:
+            raise StoreError(f"store file for {role} is corrupted (size mismatch): {path}")
+        data = decrypt_blob(key, sealed, entry.plain_sha256, role)
+        if entry.sha256 not in self._plain_verified:
+            if hashlib.sha256(data).hexdigest() != entry.plain_sha256:
+                raise StoreError(f"store file for {role} decrypts to the wrong plaintext (sha256 mismatch)")
+            self._plain_verified.add(entry.sha256)
+        return data
 
     def verified_path(self, entry: FileEntry, role: str = "blob") -> Path:
         """The blob's path after checking its sha256, hashed once per process while the file is unchanged
@@ -200,8 +265,14 @@ class ModelStore:
         path = self.root / "models" / f"{digest}.json"
         if not path.exists():
             _atomic_write(path, manifest.to_bytes())
-        _atomic_write(self.root / "refs" / manifest.name, digest.encode())
+        self.point_ref(manifest.name, digest)
         return digest
+
+    def point_ref(self, name: str, digest: str) -> None:
+        _atomic_write(self.root / "refs" / name, digest.encode())
+
+    def remove_manifest(self, digest: str) -> None:
+        (self.root / "models" / f"{digest}.json").unlink(missing_ok=True)
 
     def resolve(self, name_or_digest: str) -> str:
         """A model name (ref) or digest (or a unique digest prefix of >= 8 chars) -> full digest."""
@@ -259,10 +330,14 @@ class StoredModel:
         return self.store.read_blob(self.entry(role), role)
 
     def load_tensors(self, role: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load as load_safetensors_bytes
         from safetensors.torch import load_file as load_safetensors_file
 
+        entry = self.entry(role)
         try:
-            return load_safetensors_file(self.store.verified_path(self.entry(role), role))
+            if entry.encrypted:
+                return load_safetensors_bytes(self.store.plain_bytes(entry, role))
+            return load_safetensors_file(self.store.verified_path(entry, role))
         except StoreError:
             raise
         except Exception as exc:  # safetensors raises its own error types for bad headers

@@ -20,6 +20,7 @@ from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.store_roles import roles_for_span
 from common.transport import aio_channel
+from common.weight_keys import hosted_blob_keys, seal
 from orchestrator.config import OrchestratorConfig
 from orchestrator.planning import Plan
 from orchestrator.registry import Registry
@@ -98,7 +99,7 @@ class Coordinator:
             log.info("PREPARE epoch %d: %s", epoch, view.describe())
             self.preparing = view
             try:
-                results = await asyncio.gather(*(self._prepare(n, signed) for n in participants))
+                results = await asyncio.gather(*(self._prepare(n, signed, view) for n in participants))
             finally:
                 self.preparing = None
             failures = [reason for ok, reason in results if not ok]
@@ -118,10 +119,13 @@ class Coordinator:
             log.info("COMMIT epoch %d", epoch)
             return True, "committed", plan
 
-    async def _prepare(self, node_id: str, signed: pb.SignedPlan) -> tuple[bool, str]:
+    async def _prepare(self, node_id: str, signed: pb.SignedPlan, view: PlanView) -> tuple[bool, str]:
         address = self.registry.nodes[node_id].address
         try:
-            reply = await self._stub(address, node_id).Prepare(signed, timeout=self.config.prepare_timeout_s)
+            request = pb.PrepareRequest(plan=signed, weight_keys=self.sealed_weight_keys(view, node_id))
+            reply = await self._stub(address, node_id).Prepare(request, timeout=self.config.prepare_timeout_s)
+        except KeyError as exc:
+            return False, f"{node_id}: the store holds no key for blob {str(exc)[:14]}: run `splitmesh model encrypt`"
         except grpc.aio.AioRpcError as exc:
             return False, f"{node_id}: {exc.code().name} {exc.details()}"
         return reply.ok, reply.reason
@@ -129,6 +133,20 @@ class Coordinator:
     async def _call(self, node_id: str, method: str, request: pb.CommitRequest) -> None:
         stub = self._stub(self.registry.nodes[node_id].address, node_id)
         await getattr(stub, method)(request, timeout=10)
+
+    def sealed_weight_keys(self, view: PlanView | None, node_id: str) -> bytes:
+        """The keys of exactly the encrypted blobs ``view`` gives ``node_id``, sealed to its X25519 key in that
+        plan (b"" for a plaintext model or no segments); KeyError when the key file lacks one."""
+        if view is None or not view.segments_on(node_id):
+            return b""
+        keys = hosted_blob_keys(self.model.manifest, [s.span for s in view.segments_on(node_id)],
+                                self.model.store.keys)
+        return seal(keys, view.x25519_keys.get(node_id, b""), cluster_id=view.cluster_id, epoch=view.epoch,
+                    model_digest=view.model_digest, node_id=node_id)
+
+    def plan_for_keys(self, epoch: int) -> PlanView | None:
+        """The committed plan or the plan in PREPARE with this epoch: the only ones whose keys a node gets."""
+        return next((v for v in (self.view, self.preparing) if v is not None and v.epoch == epoch), None)
 
     def assigned_blobs(self, node_id: str) -> frozenset[str]:
         """Hashes of the store files ``node_id`` needs for the segments the committed plan or the plan in
