@@ -152,7 +152,8 @@ class ModelStore:
         file. A node agent passes the keys its plans delivered instead, and never reads a key file."""
         self.root = Path(root)
         self.key_file = KeyFile(self.root) if keys is None else None
-        self.keys: Mapping[str, bytes] = self.key_file.keys if self.key_file is not None else keys or {}
+        # The very mapping passed in (a node's grants change it in place), even while it is empty.
+        self.keys: Mapping[str, bytes] = keys if keys is not None else self.key_file.keys if self.key_file else {}
         self._verified: set[tuple[str, int, int, int]] = set()
         self._plain_verified: set[str] = set()  # encrypted blobs whose plaintext hash checked in this process
 

@@ -468,4 +468,5 @@ class NodeServicer(pb_grpc.NodeServicer):
             pb.PlanSegment(start=s.span.start, end=s.span.end, node_id=s.node_id, privacy_critical=s.privacy_critical)
             for s in view.segments_on(self.rt.node_id)]
         return pb.NodeInfoReply(node_id=self.rt.node_id, plan_epoch=view.epoch if view else 0, hosted=hosted,
-                                active_sessions=len(self.rt.slots), loaded_layers=self.rt.pool.loaded_roles())
+                                active_sessions=len(self.rt.slots), loaded_layers=self.rt.pool.loaded_roles(),
+                                weight_keys_held=sorted(self.rt.weight_keys))

@@ -51,6 +51,7 @@ class Coordinator:
         self._lock = asyncio.Lock()
         self.tls = config.tls()  # None = plaintext (dev mode on loopback)
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._background: set[asyncio.Task[None]] = set()  # releases sent to nodes a new plan leaves out
         self.latency_listeners: list[Callable[[float], None]] = []
         # Why the last attempt to replace a broken plan found none ("" once a plan commits or the plan is whole).
         self.no_plan_reason = ""
@@ -114,9 +115,14 @@ class Coordinator:
             if errors:
                 log.error("COMMIT epoch %d incomplete: %s", epoch, errors)
             self.state.mark_committed(epoch)
+            departed = [n for n in (self.view.node_ids() if self.view else []) if n not in participants]
             self.signed, self.view = signed, view
             self.no_plan_reason = ""
             log.info("COMMIT epoch %d", epoch)
+            for node_id in departed:  # after COMMIT, off the switch's path: they hold nothing of the new plan
+                task = asyncio.create_task(self._release_departed(node_id, signed, view))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             return True, "committed", plan
 
     async def _prepare(self, node_id: str, signed: pb.SignedPlan, view: PlanView) -> tuple[bool, str]:
@@ -129,6 +135,19 @@ class Coordinator:
         except grpc.aio.AioRpcError as exc:
             return False, f"{node_id}: {exc.code().name} {exc.details()}"
         return reply.ok, reply.reason
+
+    async def _release_departed(self, node_id: str, signed: pb.SignedPlan, view: PlanView) -> None:
+        """Move a node the new plan leaves out onto it too (no segments there), so it releases its old
+        segments and forgets their weight keys; best effort: a node that is gone learns at its next plan."""
+        if node_id not in self.registry.nodes:
+            return
+        ok, reason = await self._prepare(node_id, signed, view)
+        try:
+            if not ok:
+                raise RuntimeError(reason)
+            await self._call(node_id, "Commit", pb.CommitRequest(epoch=view.epoch))
+        except (grpc.aio.AioRpcError, RuntimeError) as exc:
+            log.info("%s left epoch %d but was not told: %s", node_id, view.epoch, exc)
 
     async def _call(self, node_id: str, method: str, request: pb.CommitRequest) -> None:
         stub = self._stub(self.registry.nodes[node_id].address, node_id)

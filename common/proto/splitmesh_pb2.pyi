@@ -1745,6 +1745,7 @@ class NodeInfoReply(_message.Message):
     HOSTED_FIELD_NUMBER: _builtins.int
     ACTIVE_SESSIONS_FIELD_NUMBER: _builtins.int
     LOADED_LAYERS_FIELD_NUMBER: _builtins.int
+    WEIGHT_KEYS_HELD_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     plan_epoch: _builtins.int
     active_sessions: _builtins.int
@@ -1754,6 +1755,10 @@ class NodeInfoReply(_message.Message):
     def loaded_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """store file roles held in memory"""
 
+    @_builtins.property
+    def weight_keys_held(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ciphertext sha256 of the encrypted blobs whose keys it holds (never keys)"""
+
     def __init__(
         self,
         *,
@@ -1762,10 +1767,11 @@ class NodeInfoReply(_message.Message):
         hosted: _abc.Iterable[Global___PlanSegment] | None = ...,
         active_sessions: _builtins.int = ...,
         loaded_layers: _abc.Iterable[_builtins.str] | None = ...,
+        weight_keys_held: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "hosted", b"hosted", "loaded_layers", b"loaded_layers", "node_id", b"node_id", "plan_epoch", b"plan_epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "hosted", b"hosted", "loaded_layers", b"loaded_layers", "node_id", b"node_id", "plan_epoch", b"plan_epoch", "weight_keys_held", b"weight_keys_held"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
