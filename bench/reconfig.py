@@ -4,8 +4,11 @@ For the embedded model on loopback: the time from the resplit request to COMMIT,
 gap between two streamed tokens of a generation running across the switch, once with every node's
 weights already in its local store and once with empty node stores (weights streamed from the
 orchestrator during PREPARE). Every generation must finish with the tokens of a run without re-split.
+``--encrypted`` instead compares local weights from a plaintext store with local weights from the same model
+encrypted at rest (a private encrypted copy of the store, in one run; target: at most 5% slower to COMMIT).
 
     .venv/bin/python bench/reconfig.py --switches 6
+    .venv/bin/python bench/reconfig.py --switches 6 --encrypted
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import itertools
 
 from common.model_import import ensure_embedded
 from common.model_store import ModelStore
+from common.store_encryption import encrypted_copy
 from splitmesh import Client
 from splitmesh.launcher import LocalMesh, MeshSpec
 
@@ -79,15 +83,26 @@ def main() -> int:
     parser.add_argument("--switches", type=int, default=6, help="re-splits per configuration")
     parser.add_argument("--tokens", type=int, default=48, help="tokens per generation")
     parser.add_argument("--store", default="~/.cache/splitmesh/store")
+    parser.add_argument("--encrypted", action="store_true",
+                        help="plaintext vs encrypted store, both with local weights (the store is only read)")
     args = parser.parse_args()
     console = Console()
     store = ModelStore(Path(args.store).expanduser())
     ensure_embedded(store)
     results = {}
+    runs: list[tuple[str, str, ModelStore, bool]] = [("local weights", "local", store, False),
+                                                     ("streamed weights", "streamed", store, True)]
+    if args.encrypted:
+        encrypted = encrypted_copy(store, "smollm2-135m-instruct", Path(tempfile.mkdtemp(prefix="splitmesh-enc-")))
+        if store.open("smollm2-135m-instruct").manifest.encrypted:
+            raise SystemExit(f"{store.root} is encrypted already: pass a plaintext store for the baseline")
+        runs = [("local weights, plaintext store", "plain", store, False),
+                ("local weights, encrypted store", "encrypted", encrypted, False)]
+    keys = {label: key for label, key, _, _ in runs}
     with Progress(console=console) as progress:
-        for label, empty in (("local weights", False), ("streamed weights", True)):
+        for label, _, run_store, empty in runs:
             work = Path(tempfile.mkdtemp(prefix="splitmesh-reconfig-"))
-            spec = MeshSpec(nodes=3, store=store.root, workdir=work, orchestrator_port=0,
+            spec = MeshSpec(nodes=3, store=run_store.root, workdir=work, orchestrator_port=0,
                             trusted=("node-0", "node-1", "node-2"), boundaries=PLANS[0][0], placement=PLANS[0][1],
                             node_stores_empty=empty)
             with LocalMesh(spec) as mesh:
@@ -98,7 +113,7 @@ def main() -> int:
         table.add_column(column, justify="right")
     figures: dict[str, float] = {"switches": args.switches}
     for label, r in results.items():
-        key = label.split()[0]
+        key = keys[label]
         row = {"commit_median_s": statistics.median(r["commit_s"]), "commit_max_s": max(r["commit_s"]),
                "pause_median_s": statistics.median(r["pause_s"]), "pause_max_s": max(r["pause_s"]),
                "steady_gap_s": statistics.median(r["steady_gap_s"]), "failed": sum(r["failed"]),
@@ -109,6 +124,11 @@ def main() -> int:
                       str(int(row["failed"])), str(int(row["mismatched"])))
     console.print(table)
     console.print("Target: <= 1 s request -> COMMIT with local weights, no failed request.")
+    if args.encrypted:
+        figures["encrypted_commit_ratio"] = round(figures["encrypted_commit_median_s"] /
+                                                  figures["plain_commit_median_s"], 4)
+        console.print(f"encrypted / plaintext request -> COMMIT median: {figures['encrypted_commit_ratio']:.3f} "
+                      "(target <= 1.05)")
     print(json.dumps(figures))
     return 0
 

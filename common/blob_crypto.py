@@ -54,19 +54,24 @@ def plain_size_of(cipher_size: int) -> int:
     return size
 
 
-def decrypt_blob(key: bytes, ciphertext: bytes, plain_sha256: str, role: str) -> bytes:
-    """The plaintext, after every chunk's tag checks (StoreError on a wrong key or any altered byte)."""
+def decrypt_blob(key: bytes, ciphertext: bytes | bytearray, plain_sha256: str, role: str) -> bytearray:
+    """The plaintext, decrypted chunk by chunk into one buffer after every tag checks (StoreError on a wrong
+    key or any altered byte)."""
     if not ciphertext.startswith(MAGIC):
         raise StoreError(f"store file for {role} is not an encrypted blob")
     size = plain_size_of(len(ciphertext))
     aead, aad = AESGCM(key), MAGIC + bytes.fromhex(plain_sha256)
     n = _chunk_count(size)
-    view = memoryview(ciphertext)[len(MAGIC):]
+    source, out = memoryview(ciphertext)[len(MAGIC):], bytearray(size)
+    target = memoryview(out)
     step = CHUNK_BYTES + TAG_BYTES
     try:
-        return b"".join(aead.decrypt(_nonce(i, i == n - 1), view[i * step:(i + 1) * step], aad) for i in range(n))
+        for i in range(n):
+            aead.decrypt_into(_nonce(i, i == n - 1), source[i * step:(i + 1) * step], aad,
+                              target[i * CHUNK_BYTES:min((i + 1) * CHUNK_BYTES, size)])
     except InvalidTag:
         raise StoreError(f"store file for {role} is corrupted (it does not decrypt under its key)") from None
+    return out
 
 
 class KeyFile:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,10 @@ class ModelStore:
         self.keys: Mapping[str, bytes] = keys if keys is not None else self.key_file.keys if self.key_file else {}
         self._verified: set[tuple[str, int, int, int]] = set()
         self._plain_verified: set[str] = set()  # encrypted blobs whose plaintext hash checked in this process
+        # Decrypted tensors of blobs a live segment holds (their storage is the segment's own parameters), so a
+        # re-split that keeps a layer on this node does not decrypt it again. None: not tracked (see keep_resident).
+        self._resident: dict[str, dict[str, torch.Tensor]] | None = None
+        self._resident_lock = threading.Lock()
 
     # -- blobs ---------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
@@ -186,7 +191,28 @@ class ModelStore:
         _atomic_write(self.blob_path(sha), sealed)
         return FileEntry(sha, len(sealed), plain_sha)
 
-    def plain_bytes(self, entry: FileEntry, role: str = "blob") -> bytes:
+    def keep_resident(self, shas: set[str]) -> None:
+        """Keep the decrypted tensors of exactly these blobs (those of the segments loaded now); the caller
+        (node_agent.segment_pool) calls it after every load and release, so nothing released stays here."""
+        with self._resident_lock:
+            if self._resident is None:
+                self._resident = {}
+            for sha in set(self._resident) - shas:
+                del self._resident[sha]
+
+    def encrypted_tensors(self, entry: FileEntry, role: str) -> dict[str, torch.Tensor]:
+        """An encrypted blob's tensors, over the decrypted buffer without a copy (or a live segment's own)."""
+        with self._resident_lock:
+            held = None if self._resident is None else self._resident.get(entry.sha256)
+        if held is not None:
+            return dict(held)
+        tensors = tensors_from_buffer(self.plain_bytes(entry, role), role)
+        with self._resident_lock:
+            if self._resident is not None:
+                self._resident[entry.sha256] = dict(tensors)
+        return tensors
+
+    def plain_bytes(self, entry: FileEntry, role: str = "blob") -> bytearray:
         """An encrypted blob's plaintext: only with its key; the GCM tags authenticate every byte, and the
         plaintext hash is checked once per process."""
         key = self.keys.get(entry.sha256)
@@ -196,11 +222,14 @@ class ModelStore:
         if key is None:
             raise StoreError(f"store file for {role} is encrypted and this process holds no key for it")
         path = self.blob_path(entry.sha256)
+        sealed = bytearray(entry.size)
         try:
-            sealed = path.read_bytes()
+            with open(path, "rb", buffering=0) as fh:
+                got = fh.readinto(sealed)
+                extra = fh.read(1)
         except FileNotFoundError:
             raise StoreError(f"store file for {role} is missing: {path}") from None
-        if len(sealed) != entry.size:
+        if got != entry.size or extra:
             raise StoreError(f"store file for {role} is corrupted (size mismatch): {path}")
         data = decrypt_blob(key, sealed, entry.plain_sha256, role)
         if entry.sha256 not in self._plain_verified:
@@ -331,13 +360,12 @@ class StoredModel:
         return self.store.read_blob(self.entry(role), role)
 
     def load_tensors(self, role: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load as load_safetensors_bytes
         from safetensors.torch import load_file as load_safetensors_file
 
         entry = self.entry(role)
         try:
             if entry.encrypted:
-                return load_safetensors_bytes(self.store.plain_bytes(entry, role))
+                return self.store.encrypted_tensors(entry, role)
             return load_safetensors_file(self.store.verified_path(entry, role))
         except StoreError:
             raise
@@ -370,6 +398,36 @@ def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save as save_safetensors_bytes
 
     return save_safetensors_bytes({k: v.detach().contiguous() for k, v in tensors.items()})
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def tensors_from_buffer(buf: bytearray, role: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file in memory, sharing ``buf`` (safetensors' own ``load`` takes bytes and
+    copies every tensor: a decrypted blob would be copied twice)."""
+    import torch
+
+    try:
+        header_len = int.from_bytes(buf[:8], "little")
+        header = json.loads(bytes(buf[8:8 + header_len]))
+        base = 8 + header_len
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
+            start, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            if not 0 <= start <= end <= len(buf) - base:
+                raise ValueError(f"{name} lies outside the file")
+            flat = torch.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize, offset=base + start) \
+                if end > start else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(shape)
+        return tensors
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise StoreError(f"store file for {role} is not valid safetensors: {exc}") from exc
 
 
 def iter_layer_roles(num_layers: int) -> Iterator[str]:

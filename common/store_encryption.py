@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
+from pathlib import Path
 
 from common.model_store import TOKENIZER_PREFIX, Manifest, ModelStore
 
@@ -57,3 +60,24 @@ def _drop_plaintext(store: ModelStore, moved: dict[str, str]) -> None:
     kept = {e.sha256 for d in store.digests() for e in store.open(d).manifest.files.values()}
     for sha in sorted(plain - kept):
         store.blob_path(sha).unlink(missing_ok=True)
+
+
+def encrypted_copy(source: ModelStore, name_or_digest: str, root: Path) -> ModelStore:
+    """One model of ``source`` in a new store at ``root``, then encrypted there (``source`` is only read).
+
+    Blobs are hard links where the file system allows (the store never writes a file in place: it replaces
+    by rename, and the migration unlinks), else copies. For tests and benchmarks on a shared store."""
+    manifest = source.open(name_or_digest).manifest
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    copy = ModelStore(root)
+    for entry in manifest.files.values():
+        target = copy.blob_path(entry.sha256)
+        if target.exists():
+            continue
+        try:
+            os.link(source.blob_path(entry.sha256), target)
+        except OSError:
+            shutil.copyfile(source.blob_path(entry.sha256), target)
+    copy.put_manifest(manifest)
+    encrypt_store(copy)
+    return ModelStore(root)

@@ -195,7 +195,8 @@ class PlanState:
                 for r in roles_for_span(manifest, seg.span) if manifest.files[r].encrypted}
 
     def needs_keys(self, view: PlanView) -> bool:
-        return bool(self.hosted_blobs(view))
+        """Whether ``view``'s encrypted blobs here include one whose key the store lacks."""
+        return any(sha not in self._store.keys for sha in self.hosted_blobs(view))
 
     def grant(self, epoch: int, keys: Mapping[str, bytes]) -> None:
         """Hold ``keys`` for plan ``epoch`` (the caller passes only those of blobs it hosts in that plan)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
 from common.model_store import ModelStore, StoredModel
 from common.reference_model import load_reference_model
-from common.store_encryption import encrypt_store
+from common.store_encryption import encrypted_copy
 from splitmesh.launcher import LocalMesh, MeshSpec, free_port
 
 STORE = Path(os.environ.get("SPLITMESH_STORE", "~/.cache/splitmesh/store")).expanduser()
@@ -29,29 +28,11 @@ def store() -> ModelStore:
     return model_store
 
 
-def private_copy(store: ModelStore, digest: str, root: Path) -> ModelStore:
-    """``digest`` (manifest, ref, blobs) in a new store at ``root``: blobs are hard links where the file
-    system allows (never written in place: the store replaces files by rename), else copies."""
-    copy = ModelStore(root)
-    manifest = store.open(digest).manifest
-    (root / "blobs").mkdir(parents=True, exist_ok=True)
-    for entry in manifest.files.values():
-        source, target = store.blob_path(entry.sha256), copy.blob_path(entry.sha256)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
-    copy.put_manifest(manifest)
-    return copy
-
-
 @pytest.fixture(scope="session")
 def encrypted_store(store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     """The embedded model in a private store, weights encrypted at rest (`splitmesh model encrypt`); the
     shared store is never changed."""
-    copy = private_copy(store, store.resolve(EMBEDDED_MODEL_NAME), tmp_path_factory.mktemp("encrypted-store"))
-    encrypt_store(copy)
-    return ModelStore(copy.root)
+    return encrypted_copy(store, EMBEDDED_MODEL_NAME, tmp_path_factory.mktemp("encrypted-store"))
 
 
 @pytest.fixture(scope="session")
