@@ -10,6 +10,7 @@ store) and, sealed to one node, in the plan flow (common.weight_keys).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -54,16 +55,19 @@ def plain_size_of(cipher_size: int) -> int:
     return size
 
 
-def decrypt_blob(key: bytes, ciphertext: bytes | bytearray, plain_sha256: str, role: str) -> bytearray:
-    """The plaintext, decrypted chunk by chunk into one buffer after every tag checks (StoreError on a wrong
-    key or any altered byte)."""
-    if not ciphertext.startswith(MAGIC):
+def decrypt_blob(key: bytes, ciphertext: bytes | bytearray | mmap.mmap, plain_sha256: str, role: str,
+                 out: memoryview | None = None) -> memoryview:
+    """The plaintext, decrypted chunk by chunk into ``out`` (plain_size_of(len(ciphertext)) writable bytes; a
+    new buffer when None) as every tag checks: StoreError on a wrong key or any altered byte."""
+    if bytes(ciphertext[:len(MAGIC)]) != MAGIC:
         raise StoreError(f"store file for {role} is not an encrypted blob")
     size = plain_size_of(len(ciphertext))
+    target = memoryview(bytearray(size)) if out is None else out
+    if target.nbytes != size:
+        raise StoreError(f"store file for {role}: {target.nbytes}-byte buffer for {size} bytes of plaintext")
     aead, aad = AESGCM(key), MAGIC + bytes.fromhex(plain_sha256)
     n = _chunk_count(size)
-    source, out = memoryview(ciphertext)[len(MAGIC):], bytearray(size)
-    target = memoryview(out)
+    source = memoryview(ciphertext)[len(MAGIC):]
     step = CHUNK_BYTES + TAG_BYTES
     try:
         for i in range(n):
@@ -71,7 +75,9 @@ def decrypt_blob(key: bytes, ciphertext: bytes | bytearray, plain_sha256: str, r
                               target[i * CHUNK_BYTES:min((i + 1) * CHUNK_BYTES, size)])
     except InvalidTag:
         raise StoreError(f"store file for {role} is corrupted (it does not decrypt under its key)") from None
-    return out
+    finally:
+        source.release()
+    return target
 
 
 class KeyFile:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import tempfile
 import threading
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.blob_crypto import KEY_BYTES, KeyFile, decrypt_blob, encrypt_blob
+from common.blob_crypto import KEY_BYTES, KeyFile, decrypt_blob, encrypt_blob, plain_size_of
 from common.dtypes import compute_dtype_name
 
 # Its home is common.store_errors (importable without torch); re-exported so callers keep this name.
@@ -156,7 +157,6 @@ class ModelStore:
         # The very mapping passed in (a node's grants change it in place), even while it is empty.
         self.keys: Mapping[str, bytes] = keys if keys is not None else self.key_file.keys if self.key_file else {}
         self._verified: set[tuple[str, int, int, int]] = set()
-        self._plain_verified: set[str] = set()  # encrypted blobs whose plaintext hash checked in this process
         # Decrypted tensors of blobs a live segment holds (their storage is the segment's own parameters), so a
         # re-split that keeps a layer on this node does not decrypt it again. None: not tracked (see keep_resident).
         self._resident: dict[str, dict[str, torch.Tensor]] | None = None
@@ -212,9 +212,13 @@ class ModelStore:
                 self._resident[entry.sha256] = dict(tensors)
         return tensors
 
-    def plain_bytes(self, entry: FileEntry, role: str = "blob") -> bytearray:
-        """An encrypted blob's plaintext: only with its key; the GCM tags authenticate every byte, and the
-        plaintext hash is checked once per process."""
+    def plain_bytes(self, entry: FileEntry, role: str = "blob") -> torch.Tensor:
+        """An encrypted blob's plaintext (a flat uint8 tensor: allocated untouched, written once by the
+        decryption, straight from the mapped ciphertext). Only with its key. The GCM tags authenticate every
+        byte under a key only the owner ever drew, with the manifest's plaintext hash as associated data, so
+        nothing is hashed here (:meth:`check_plaintext` hashes)."""
+        import torch
+
         key = self.keys.get(entry.sha256)
         if key is None and self.key_file is not None:  # another process of the owner may have added it
             self.key_file.reload()
@@ -222,21 +226,22 @@ class ModelStore:
         if key is None:
             raise StoreError(f"store file for {role} is encrypted and this process holds no key for it")
         path = self.blob_path(entry.sha256)
-        sealed = bytearray(entry.size)
         try:
-            with open(path, "rb", buffering=0) as fh:
-                got = fh.readinto(sealed)
-                extra = fh.read(1)
+            with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size != entry.size:
+                    raise StoreError(f"store file for {role} is corrupted (size mismatch): {path}")
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as sealed:
+                    flat = torch.empty(plain_size_of(entry.size), dtype=torch.uint8)
+                    decrypt_blob(key, sealed, entry.plain_sha256, role, flat.numpy().data)
         except FileNotFoundError:
             raise StoreError(f"store file for {role} is missing: {path}") from None
-        if got != entry.size or extra:
-            raise StoreError(f"store file for {role} is corrupted (size mismatch): {path}")
-        data = decrypt_blob(key, sealed, entry.plain_sha256, role)
-        if entry.sha256 not in self._plain_verified:
-            if hashlib.sha256(data).hexdigest() != entry.plain_sha256:
-                raise StoreError(f"store file for {role} decrypts to the wrong plaintext (sha256 mismatch)")
-            self._plain_verified.add(entry.sha256)
-        return data
+        return flat
+
+    def check_plaintext(self, entry: FileEntry, role: str = "blob") -> None:
+        """Hash an encrypted blob's plaintext against the manifest (a full verification pass: the load path
+        leaves that to the GCM tags, which already bind the ciphertext, its key and the plaintext hash)."""
+        if hashlib.sha256(self.plain_bytes(entry, role).numpy().data).hexdigest() != entry.plain_sha256:
+            raise StoreError(f"store file for {role} decrypts to the wrong plaintext (sha256 mismatch)")
 
     def verified_path(self, entry: FileEntry, role: str = "blob") -> Path:
         """The blob's path after checking its sha256, hashed once per process while the file is unchanged
@@ -373,11 +378,14 @@ class StoredModel:
             raise StoreError(f"store file for {role} is not valid safetensors: {exc}") from exc
 
     def missing_or_corrupt(self) -> list[str]:
-        """Roles whose blob is missing or fails its hash (a full verification pass)."""
+        """Roles whose blob is missing or fails its hash (a full verification pass; encrypted blobs also
+        decrypt and hash to their plaintext hash where this store holds their keys)."""
         bad = []
-        for role in self.manifest.files:
+        for role, entry in self.manifest.files.items():
             try:
                 self.read_bytes(role)
+                if entry.encrypted and entry.sha256 in self.store.keys:
+                    self.store.check_plaintext(entry, role)
             except StoreError:
                 bad.append(role)
         return bad
@@ -404,27 +412,28 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def tensors_from_buffer(buf: bytearray, role: str) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file in memory, sharing ``buf`` (safetensors' own ``load`` takes bytes and
-    copies every tensor: a decrypted blob would be copied twice)."""
+def tensors_from_buffer(flat: torch.Tensor, role: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file held in a flat uint8 tensor, as views of it (safetensors' own ``load``
+    takes bytes and copies every tensor); a tensor at an offset its dtype cannot view is copied."""
     import torch
 
     try:
-        header_len = int.from_bytes(buf[:8], "little")
-        header = json.loads(bytes(buf[8:8 + header_len]))
+        header_len = int.from_bytes(flat[:8].numpy().tobytes(), "little")
+        header = json.loads(flat[8:8 + header_len].numpy().tobytes())
         base = 8 + header_len
         tensors = {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             dtype = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
-            start, end = (int(x) for x in info["data_offsets"])
+            start, end = (base + int(x) for x in info["data_offsets"])
             shape = [int(d) for d in info["shape"]]
-            if not 0 <= start <= end <= len(buf) - base:
+            if not base <= start <= end <= flat.numel():
                 raise ValueError(f"{name} lies outside the file")
-            flat = torch.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize, offset=base + start) \
-                if end > start else torch.empty(0, dtype=dtype)
-            tensors[name] = flat.reshape(shape)
+            raw = flat[start:end]
+            if start % dtype.itemsize:
+                raw = raw.clone()
+            tensors[name] = raw.view(dtype).reshape(shape)
         return tensors
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise StoreError(f"store file for {role} is not valid safetensors: {exc}") from exc
