@@ -14,6 +14,7 @@ encrypted at rest (a private encrypted copy of the store, in one run; target: at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -41,40 +42,52 @@ PLANS = [([0, 10, 20, 30], ["node-0", "node-1", "node-2"]), ([0, 4, 25, 30], ["n
          ([0, 15, 30], ["node-0", "node-2"]), ([0, 7, 14, 30], ["node-0", "node-1", "node-2"])]
 
 
-def measure(mesh: LocalMesh, switches: int, tokens: int, progress: Progress, label: str) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"commit_s": [], "pause_s": [], "steady_gap_s": [], "failed": [], "mismatch": []}
-    with Client(mesh.address) as client:
-        reference = [e.token_id for e in client.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True)]
-        task = progress.add_task(label, total=switches)
+def _switch(mesh: LocalMesh, client: Client, i: int, tokens: int, reference: list[int],
+            out: dict[str, list[float]]) -> None:
+    """One re-split to the next plan in PLANS while a generation streams, its figures appended to ``out``."""
+    boundaries, placement = PLANS[(i + 1) % len(PLANS)]
+    arrivals: list[float] = []
+    ids: list[int] = []
+    commit: list[float] = []
+
+    def resplit() -> None:
+        started = time.perf_counter()
+        with Client(mesh.address) as admin:
+            admin.resplit(boundaries, placement)
+        commit.append(time.perf_counter() - started)
+
+    switcher = threading.Thread(target=resplit)
+    try:
+        for event in client.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True):
+            arrivals.append(time.perf_counter())
+            ids.append(event.token_id)
+            if event.index == tokens // 3:
+                switcher.start()
+    except Exception:
+        out["failed"].append(1.0)
+    switcher.join()
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    out["commit_s"] += commit
+    out["pause_s"].append(max(gaps))
+    out["steady_gap_s"].append(statistics.median(gaps))
+    out["mismatch"].append(float(ids != reference))
+
+
+def measure(meshes: dict[str, LocalMesh], switches: int, tokens: int,
+            progress: Progress) -> dict[str, dict[str, list[float]]]:
+    """``switches`` re-splits on each mesh, taking turns (mesh A, mesh B, A, ...), so a machine whose load
+    drifts during the run weighs on every mesh alike."""
+    out: dict[str, dict[str, list[float]]] = {
+        label: {"commit_s": [], "pause_s": [], "steady_gap_s": [], "failed": [], "mismatch": []} for label in meshes}
+    with contextlib.ExitStack() as stack:
+        clients = {label: stack.enter_context(Client(mesh.address)) for label, mesh in meshes.items()}
+        references = {label: [e.token_id for e in c.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True)]
+                      for label, c in clients.items()}
+        task = progress.add_task(" vs ".join(meshes), total=switches * len(meshes))
         for i in range(switches):
-            boundaries, placement = PLANS[(i + 1) % len(PLANS)]
-            arrivals: list[float] = []
-            ids: list[int] = []
-            commit: list[float] = []
-
-            def resplit(boundaries: list[int] = boundaries, placement: list[str] = placement,
-                        commit: list[float] = commit) -> None:
-                started = time.perf_counter()
-                with Client(mesh.address) as admin:
-                    admin.resplit(boundaries, placement)
-                commit.append(time.perf_counter() - started)
-
-            switcher = threading.Thread(target=resplit)
-            try:
-                for event in client.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True):
-                    arrivals.append(time.perf_counter())
-                    ids.append(event.token_id)
-                    if event.index == tokens // 3:
-                        switcher.start()
-            except Exception:
-                out["failed"].append(1.0)
-            switcher.join()
-            gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-            out["commit_s"] += commit
-            out["pause_s"].append(max(gaps))
-            out["steady_gap_s"].append(statistics.median(gaps))
-            out["mismatch"].append(float(ids != reference))
-            progress.advance(task)
+            for label, mesh in meshes.items():
+                _switch(mesh, clients[label], i, tokens, references[label], out[label])
+                progress.advance(task)
     return out
 
 
@@ -99,14 +112,20 @@ def main() -> int:
         runs = [("local weights, plaintext store", "plain", store, False),
                 ("local weights, encrypted store", "encrypted", encrypted, False)]
     keys = {label: key for label, key, _, _ in runs}
+    # Plaintext and encrypted stores run side by side, taking turns; local and streamed weights one after the
+    # other, as before.
+    groups = [runs] if args.encrypted else [[run] for run in runs]
     with Progress(console=console) as progress:
-        for label, _, run_store, empty in runs:
-            work = Path(tempfile.mkdtemp(prefix="splitmesh-reconfig-"))
-            spec = MeshSpec(nodes=3, store=run_store.root, workdir=work, orchestrator_port=0,
-                            trusted=("node-0", "node-1", "node-2"), boundaries=PLANS[0][0], placement=PLANS[0][1],
-                            node_stores_empty=empty)
-            with LocalMesh(spec) as mesh:
-                results[label] = measure(mesh, args.switches, args.tokens, progress, label)
+        for group in groups:
+            with contextlib.ExitStack() as stack:
+                meshes: dict[str, LocalMesh] = {}
+                for label, _, run_store, empty in group:
+                    work = Path(tempfile.mkdtemp(prefix="splitmesh-reconfig-"))
+                    spec = MeshSpec(nodes=3, store=run_store.root, workdir=work, orchestrator_port=0,
+                                    trusted=("node-0", "node-1", "node-2"), boundaries=PLANS[0][0],
+                                    placement=PLANS[0][1], node_stores_empty=empty)
+                    meshes[label] = stack.enter_context(LocalMesh(spec))
+                results.update(measure(meshes, args.switches, args.tokens, progress))
     table = Table(title=f"live re-split, SmolLM2-135M on loopback, {args.switches} switches each")
     for column in ("weights", "request -> COMMIT median s", "max s", "token pause median s", "max s",
                    "steady gap s", "failed", "outputs differ"):
