@@ -27,8 +27,11 @@ from common.tensor_codec import TensorAssembler, TensorError, encode_tensor
 from node_agent.admission import BatchAdmission, Generations, SessionLimitError, SessionSlots
 from node_agent.forward_stream import ActivationReader, StreamError
 from node_agent.generation import RequestError, RequestLimits, check_request
+from node_agent.pipeline import SessionPipeline
 from node_agent.sampler import SamplingConfig
+from node_agent.segment import SegmentRunner
 from node_agent.servicer import NodeServicer
+from node_agent.session_registry import SessionRegistry
 
 HIDDEN = 8
 LIMITS = RequestLimits(vocab_size=1000, max_positions=128, max_prompt_tokens=64, max_new_tokens=32,
@@ -240,6 +243,14 @@ def test_unset_top_p_means_no_cut_and_valid_requests_pass() -> None:
     check_request(_request(prompt="é" * 500, sampling=pb.SamplingParams(top_p=0.9, temperature=0.7)), True, LIMITS)
 
 
+async def _no_segments(*_: object) -> list[SegmentRunner]:
+    raise AssertionError("a refused request opens no pipeline")
+
+
+def _no_pipeline(*_: object) -> SessionPipeline:
+    raise AssertionError("a refused request opens no pipeline")
+
+
 def test_tokenizing_runs_off_the_event_loop() -> None:
     """The head's Generate hands tokenizing to a worker thread: a huge prompt cannot freeze other sessions."""
     seen: list[threading.Thread] = []
@@ -267,7 +278,8 @@ def test_tokenizing_runs_off_the_event_loop() -> None:
                              max_sessions=4)
     runtime = SimpleNamespace(
         tls=None, node_id="node-0", config=config, plans=SimpleNamespace(committed=view),
-        slots=SessionSlots("node-0", 4), admission=BatchAdmission("node-0", 4, 0, 1000),
+        sessions=SessionRegistry("node-0", 4, _no_segments, lambda *_: None, _no_pipeline),
+        admission=BatchAdmission("node-0", 4, 0, 1000),
         generations=Generations(), tokenizing=ThreadPoolExecutor(1),
         manifest=lambda digest: SimpleNamespace(config={"vocab_size": 1000, "max_position_embeddings": 128},
                                                  has_tokenizer=True),
@@ -285,4 +297,4 @@ def test_tokenizing_runs_off_the_event_loop() -> None:
     loop_thread = asyncio.run(run())
     assert context.code == grpc.StatusCode.OUT_OF_RANGE  # over max_prompt_tokens: context length
     assert seen and all(t is not loop_thread for t in seen)
-    assert len(runtime.slots) == 0  # the refused request gave its slot back
+    assert len(runtime.sessions) == 0  # the refused request gave its slot back
