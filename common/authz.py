@@ -48,6 +48,8 @@ TABLE: Mapping[str, Rule] = {
     _ORCH + "Register": Rule(frozenset({NODE}), "request.node_id is the certificate's id (OrchestratorServicer)"),
     _ORCH + "Report": Rule(frozenset({NODE}), "every report's node_id is the certificate's id (OrchestratorServicer)"),
     _ORCH + "GetPlan": Rule(READERS),
+    _ORCH + "WeightKeys": Rule(frozenset({NODE}), "request.node_id is the certificate's id, and a plan gives it "
+                               "segments (OrchestratorServicer)"),
     _FILES + "GetManifest": Rule(frozenset({NODE})),
     _FILES + "FetchBlob": Rule(frozenset({NODE})),
     # admin: reading is open to operators and clients, changing the mesh only to operators, nodes get nothing

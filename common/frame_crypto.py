@@ -39,6 +39,7 @@ DTYPE_CODES: dict[str, int] = {"float32": 1, "float16": 2, "bfloat16": 3, "int32
 DTYPE_NAMES: dict[int, str] = {code: name for name, code in DTYPE_CODES.items()}
 
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+HPKE_SUITE = _SUITE  # also seals the weight keys a plan gives a node (common.weight_keys)
 # version, direction, session, epoch, step, seq, chunk_index, chunk_count, dtype, ndim; then ndim x u32 dims
 _FIXED = struct.Struct(">BB16sQQQIIBB")
 _DIMS = [struct.Struct(f">{n}I") for n in range(MAX_NDIM + 1)]

@@ -137,7 +137,7 @@ class _ManifestBuilder:
 
     def add_tensors(self, role: str, tensors: Mapping[str, torch.Tensor]) -> None:
         converted = convert_tensors(tensors, self.weight_dtype)
-        self.files[role] = self.store.put_blob(tensors_to_bytes(converted))
+        self.files[role] = self.store.put_encrypted_blob(tensors_to_bytes(converted))  # weights: encrypted at rest
 
     def add_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         for name, data in sorted(tokenizer_files(tokenizer).items()):

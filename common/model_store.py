@@ -5,21 +5,28 @@ Layout under the store root::
     blobs/<sha256>          immutable file contents (safetensors, tokenizer files)
     models/<digest>.json    manifest; its own sha256 is the model digest
     refs/<name>             the digest a human-readable name points at
+    weight_keys.json        the owner's per-blob AES-256-GCM keys (common.blob_crypto), never served
 
-A node reads only the blobs of the layers it hosts, so a box never needs the whole model.
+Weight blobs (layers, embed, head) are encrypted at rest: their manifest entry names the ciphertext
+(sha256, size: what moves and is content-addressed) and the plaintext (plain_sha256: integrity). A process
+decrypts only with keys it was given: the owner's key file, or a node's in-memory keys of the layers a
+plan assigns it. A node reads only the blobs of the layers it hosts, so a box never needs the whole model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.blob_crypto import KEY_BYTES, KeyFile, decrypt_blob, encrypt_blob, plain_size_of
 from common.dtypes import compute_dtype_name
 
 # Its home is common.store_errors (importable without torch); re-exported so callers keep this name.
@@ -44,8 +51,19 @@ def layer_role(index: int) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    sha256: str
+    sha256: str  # of the bytes on disk and on the wire (the ciphertext of an encrypted blob)
     size: int
+    plain_sha256: str = ""  # of the plaintext of an encrypted blob ("" = the blob is plaintext)
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.plain_sha256)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"sha256": self.sha256, "size": self.size}
+        if self.plain_sha256:  # absent for plaintext blobs, so older digests never change
+            doc["plain_sha256"] = self.plain_sha256
+        return doc
 
 
 @dataclass(frozen=True)
@@ -70,7 +88,7 @@ class Manifest:
             "dtype": self.dtype,
             "tied_embeddings": self.tied_embeddings,
             "config": self.config,
-            "files": {k: {"sha256": v.sha256, "size": v.size} for k, v in sorted(self.files.items())},
+            "files": {k: v.to_doc() for k, v in sorted(self.files.items())},
         }
         if self.quantization is not None:  # absent for float models, so their digests never change
             doc["quantization"] = self.quantization
@@ -89,7 +107,8 @@ class Manifest:
                 dtype=str(doc["dtype"]),
                 tied_embeddings=bool(doc["tied_embeddings"]),
                 config=dict(doc["config"]),
-                files={k: FileEntry(str(v["sha256"]), int(v["size"])) for k, v in doc["files"].items()},
+                files={k: FileEntry(str(v["sha256"]), int(v["size"]), str(v.get("plain_sha256", "")))
+                       for k, v in doc["files"].items()},
                 quantization=dict(doc["quantization"]) if doc.get("quantization") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -107,6 +126,10 @@ class Manifest:
     @property
     def has_tokenizer(self) -> bool:
         return any(role.startswith(TOKENIZER_PREFIX) for role in self.files)
+
+    @property
+    def encrypted(self) -> bool:
+        return any(e.encrypted for e in self.files.values())
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -126,9 +149,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class ModelStore:
     """A folder of blobs and manifests; safe to share between processes on one box."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], keys: Mapping[str, bytes] | None = None) -> None:
+        """``keys=None`` opens the store as its owner (the orchestrator's box, the operator CLI): with the key
+        file. A node agent passes the keys its plans delivered instead, and never reads a key file."""
         self.root = Path(root)
+        self.key_file = KeyFile(self.root) if keys is None else None
+        # The very mapping passed in (a node's grants change it in place), even while it is empty.
+        self.keys: Mapping[str, bytes] = keys if keys is not None else self.key_file.keys if self.key_file else {}
         self._verified: set[tuple[str, int, int, int]] = set()
+        # Decrypted tensors of blobs a live segment holds (their storage is the segment's own parameters), so a
+        # re-split that keeps a layer on this node does not decrypt it again. None: not tracked (see keep_resident).
+        self._resident: dict[str, dict[str, torch.Tensor]] | None = None
+        self._resident_lock = threading.Lock()
 
     # -- blobs ---------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
@@ -142,6 +174,74 @@ class ModelStore:
         if not path.exists():
             _atomic_write(path, data)
         return FileEntry(sha, len(data))
+
+    def put_encrypted_blob(self, data: bytes) -> FileEntry:
+        """Encrypt ``data`` under a fresh key, saving the key before the blob exists (owner only). A plaintext
+        already encrypted here reuses its ciphertext, so importing the same weights twice gives the same digest."""
+        if self.key_file is None:
+            raise StoreError("only the store's owner writes encrypted blobs (this store was opened with keys)")
+        plain_sha = hashlib.sha256(data).hexdigest()
+        known = self.key_file.cipher_of.get(plain_sha)
+        if known is not None and self.blob_path(known).is_file():
+            return FileEntry(known, self.blob_path(known).stat().st_size, plain_sha)
+        key = os.urandom(KEY_BYTES)
+        sealed = encrypt_blob(key, data, plain_sha)
+        sha = hashlib.sha256(sealed).hexdigest()
+        self.key_file.add(sha, key, plain_sha)
+        _atomic_write(self.blob_path(sha), sealed)
+        return FileEntry(sha, len(sealed), plain_sha)
+
+    def keep_resident(self, shas: set[str]) -> None:
+        """Keep the decrypted tensors of exactly these blobs (those of the segments loaded now); the caller
+        (node_agent.segment_pool) calls it after every load and release, so nothing released stays here."""
+        with self._resident_lock:
+            if self._resident is None:
+                self._resident = {}
+            for sha in set(self._resident) - shas:
+                del self._resident[sha]
+
+    def encrypted_tensors(self, entry: FileEntry, role: str) -> dict[str, torch.Tensor]:
+        """An encrypted blob's tensors, over the decrypted buffer without a copy (or a live segment's own)."""
+        with self._resident_lock:
+            held = None if self._resident is None else self._resident.get(entry.sha256)
+        if held is not None:
+            return dict(held)
+        tensors = tensors_from_buffer(self.plain_bytes(entry, role), role)
+        with self._resident_lock:
+            if self._resident is not None:
+                self._resident[entry.sha256] = dict(tensors)
+        return tensors
+
+    def plain_bytes(self, entry: FileEntry, role: str = "blob") -> torch.Tensor:
+        """An encrypted blob's plaintext (a flat uint8 tensor: allocated untouched, written once by the
+        decryption, straight from the mapped ciphertext). Only with its key. The GCM tags authenticate every
+        byte under a key only the owner ever drew, with the manifest's plaintext hash as associated data, so
+        nothing is hashed here (:meth:`check_plaintext` hashes)."""
+        import torch
+
+        key = self.keys.get(entry.sha256)
+        if key is None and self.key_file is not None:  # another process of the owner may have added it
+            self.key_file.reload()
+            key = self.keys.get(entry.sha256)
+        if key is None:
+            raise StoreError(f"store file for {role} is encrypted and this process holds no key for it")
+        path = self.blob_path(entry.sha256)
+        try:
+            with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size != entry.size:
+                    raise StoreError(f"store file for {role} is corrupted (size mismatch): {path}")
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as sealed:
+                    flat = torch.empty(plain_size_of(entry.size), dtype=torch.uint8)
+                    decrypt_blob(key, sealed, entry.plain_sha256, role, flat.numpy().data)
+        except FileNotFoundError:
+            raise StoreError(f"store file for {role} is missing: {path}") from None
+        return flat
+
+    def check_plaintext(self, entry: FileEntry, role: str = "blob") -> None:
+        """Hash an encrypted blob's plaintext against the manifest (a full verification pass: the load path
+        leaves that to the GCM tags, which already bind the ciphertext, its key and the plaintext hash)."""
+        if hashlib.sha256(self.plain_bytes(entry, role).numpy().data).hexdigest() != entry.plain_sha256:
+            raise StoreError(f"store file for {role} decrypts to the wrong plaintext (sha256 mismatch)")
 
     def verified_path(self, entry: FileEntry, role: str = "blob") -> Path:
         """The blob's path after checking its sha256, hashed once per process while the file is unchanged
@@ -200,8 +300,14 @@ class ModelStore:
         path = self.root / "models" / f"{digest}.json"
         if not path.exists():
             _atomic_write(path, manifest.to_bytes())
-        _atomic_write(self.root / "refs" / manifest.name, digest.encode())
+        self.point_ref(manifest.name, digest)
         return digest
+
+    def point_ref(self, name: str, digest: str) -> None:
+        _atomic_write(self.root / "refs" / name, digest.encode())
+
+    def remove_manifest(self, digest: str) -> None:
+        (self.root / "models" / f"{digest}.json").unlink(missing_ok=True)
 
     def resolve(self, name_or_digest: str) -> str:
         """A model name (ref) or digest (or a unique digest prefix of >= 8 chars) -> full digest."""
@@ -261,19 +367,25 @@ class StoredModel:
     def load_tensors(self, role: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file as load_safetensors_file
 
+        entry = self.entry(role)
         try:
-            return load_safetensors_file(self.store.verified_path(self.entry(role), role))
+            if entry.encrypted:
+                return self.store.encrypted_tensors(entry, role)
+            return load_safetensors_file(self.store.verified_path(entry, role))
         except StoreError:
             raise
         except Exception as exc:  # safetensors raises its own error types for bad headers
             raise StoreError(f"store file for {role} is not valid safetensors: {exc}") from exc
 
     def missing_or_corrupt(self) -> list[str]:
-        """Roles whose blob is missing or fails its hash (a full verification pass)."""
+        """Roles whose blob is missing or fails its hash (a full verification pass; encrypted blobs also
+        decrypt and hash to their plaintext hash where this store holds their keys)."""
         bad = []
-        for role in self.manifest.files:
+        for role, entry in self.manifest.files.items():
             try:
                 self.read_bytes(role)
+                if entry.encrypted and entry.sha256 in self.store.keys:
+                    self.store.check_plaintext(entry, role)
             except StoreError:
                 bad.append(role)
         return bad
@@ -294,6 +406,37 @@ def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save as save_safetensors_bytes
 
     return save_safetensors_bytes({k: v.detach().contiguous() for k, v in tensors.items()})
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def tensors_from_buffer(flat: torch.Tensor, role: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file held in a flat uint8 tensor, as views of it (safetensors' own ``load``
+    takes bytes and copies every tensor); a tensor at an offset its dtype cannot view is copied."""
+    import torch
+
+    try:
+        header_len = int.from_bytes(flat[:8].numpy().tobytes(), "little")
+        header = json.loads(flat[8:8 + header_len].numpy().tobytes())
+        base = 8 + header_len
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
+            start, end = (base + int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            if not base <= start <= end <= flat.numel():
+                raise ValueError(f"{name} lies outside the file")
+            raw = flat[start:end]
+            if start % dtype.itemsize:
+                raw = raw.clone()
+            tensors[name] = raw.view(dtype).reshape(shape)
+        return tensors
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise StoreError(f"store file for {role} is not valid safetensors: {exc}") from exc
 
 
 def iter_layer_roles(num_layers: int) -> Iterator[str]:

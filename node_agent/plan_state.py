@@ -1,7 +1,9 @@
 """Which plans this node accepted, which one is committed, and the highest epoch ever accepted.
 
 A signed plan is verified over its exact bytes before it is parsed; the highest accepted epoch is
-persisted with fsync so a restart can never be rolled back to an older plan.
+persisted with fsync so a restart can never be rolled back to an older plan. The keys of the encrypted
+blobs a plan gives this node are granted with it and forgotten when the plan is aborted or replaced
+(kept only while some plan held here needs them); they are never written to disk.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -21,6 +24,7 @@ from common.model_store import ModelStore, StoreError
 from common.plan_signing import PlanSignatureError, public_bytes, verify_signature
 from common.plan_view import PlanError, PlanView
 from common.proto import splitmesh_pb2 as pb
+from common.store_roles import roles_for_span
 from node_agent.dtype_support import dtype_problem
 from node_agent.segment_pool import SegmentPool
 
@@ -54,8 +58,12 @@ class UnsupportedDtype(ValueError):
 
 class PlanState:
     def __init__(self, node_id: str, state_dir: Path, store: ModelStore, pool: SegmentPool,
-                 dtypes: tuple[str, ...] = WEIGHT_DTYPES) -> None:
+                 dtypes: tuple[str, ...] = WEIGHT_DTYPES, weight_keys: dict[str, bytes] | None = None) -> None:
         self.node_id = node_id
+        self.weight_keys = {} if weight_keys is None else weight_keys  # the dict the store decrypts with
+        self._granted: dict[int, frozenset[str]] = {}  # epoch -> blob hashes whose keys that plan brought
+        # A committed plan found on disk after a restart whose encrypted layers wait for their keys (Reporter).
+        self.awaiting_keys: tuple[PlanView, pb.SignedPlan] | None = None
         self.dtypes = dtypes  # weight dtypes this node runs
         self._store = store
         self._pool = pool
@@ -138,8 +146,29 @@ class PlanState:
         _durable_write(self._epoch_file, str(epoch).encode())
         self.highest_accepted = epoch
 
-    def restore_blocking(self) -> PlanView | None:
-        """After a restart, serve the last committed plan again (re-verified, layers reloaded)."""
+    def restore_blocking(self, keys: Mapping[str, bytes] | None = None) -> PlanView | None:
+        """After a restart, serve the last committed plan again (re-verified, layers reloaded). When its layers
+        are encrypted and ``keys`` is None, it only sets ``awaiting_keys``: the keys are in no file here."""
+        found = self.awaiting_keys or self._persisted()
+        if found is None:
+            return None
+        view, signed = found
+        if keys is None and self.needs_keys(view):
+            self.awaiting_keys = found
+            log.info("persisted plan epoch %d: waiting for its weight keys from the orchestrator", view.epoch)
+            return None
+        self.awaiting_keys = None
+        self.grant(view.epoch, keys or {})
+        try:
+            self.load_and_hold(view, signed)
+        except BaseException:
+            self.forget(view.epoch)
+            raise
+        self.commit(view.epoch)
+        log.info("restored committed plan epoch %d after restart", view.epoch)
+        return view
+
+    def _persisted(self) -> tuple[PlanView, pb.SignedPlan] | None:
         if not self._committed_file.exists() or not self.keys:
             return None
         signed = pb.SignedPlan()
@@ -154,11 +183,37 @@ class PlanState:
         if plan.expires_at_ms <= time.time() * 1000:
             log.info("persisted plan epoch %d has expired: waiting for a new one", plan.epoch)
             return None
-        view = PlanView.parse(plan)
-        self.load_and_hold(view, signed)
-        self.commit(view.epoch)
-        log.info("restored committed plan epoch %d after restart", view.epoch)
-        return view
+        return PlanView.parse(plan), signed
+
+    def hosted_blobs(self, view: PlanView) -> dict[str, str]:
+        """Ciphertext sha256 -> role of every encrypted blob ``view``'s segments on this node read."""
+        try:
+            manifest = self._store.open(view.model_digest).manifest
+        except StoreError:
+            return {}
+        return {manifest.files[r].sha256: r for seg in view.segments_on(self.node_id)
+                for r in roles_for_span(manifest, seg.span) if manifest.files[r].encrypted}
+
+    def needs_keys(self, view: PlanView) -> bool:
+        """Whether ``view``'s encrypted blobs here include one whose key the store lacks."""
+        return any(sha not in self._store.keys for sha in self.hosted_blobs(view))
+
+    def grant(self, epoch: int, keys: Mapping[str, bytes]) -> None:
+        """Hold ``keys`` for plan ``epoch`` (the caller passes only those of blobs it hosts in that plan)."""
+        with self._lock:
+            self.weight_keys.update(keys)
+            self._granted[epoch] = self._granted.get(epoch, frozenset()) | frozenset(keys)
+
+    def forget(self, epoch: int) -> None:
+        """Drop the keys plan ``epoch`` brought that no other plan held here still needs."""
+        with self._lock:
+            self._forget_locked(epoch)
+
+    def _forget_locked(self, epoch: int) -> None:
+        dropped = self._granted.pop(epoch, frozenset())
+        still = frozenset().union(*self._granted.values())
+        for sha in dropped - still:
+            self.weight_keys.pop(sha, None)
 
     def prepare_blocking(self, view: PlanView, signed: pb.SignedPlan) -> None:
         """Load this node's segments of ``view`` (runs off the event loop), then mark it pending."""
@@ -204,6 +259,9 @@ class PlanState:
                 _durable_write(self._committed_file, signed.SerializeToString())
             for stale in [e for e in self._pending if e < epoch]:
                 self._release(self._pending.pop(stale))
+                self._forget_locked(stale)
+            if old is not None:
+                self._forget_locked(old.epoch)
         if old is not None:
             self._release(old)
             if len(self._known) > 8:
@@ -214,6 +272,7 @@ class PlanState:
     def abort(self, epoch: int) -> None:
         with self._lock:
             view = self._pending.pop(epoch, None)
+            self._forget_locked(epoch)
         if view is not None:
             self._release(view)
             log.info("aborted plan epoch %d", epoch)

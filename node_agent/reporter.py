@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.model_store import StoreError
 from common.plan_signing import key_id
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
+from common.weight_keys import WeightKeysError, open_sealed
 from node_agent.capacity import CapacityProbe
 from node_agent.link_probe import LinkProber
 from node_agent.memory import return_freed_memory
@@ -59,6 +61,34 @@ class Reporter:
         log.info("registered with orchestrator (trusted=%s, cluster=%s)", reply.trusted, reply.cluster_id)
         self.registered.set()
 
+    async def _restore(self, stub: pb_grpc.OrchestratorStub) -> None:
+        """Serve the committed plan found on disk after a restart, once the orchestrator has sent the keys of
+        its encrypted layers again (sealed to this node's key in that plan); a plan it no longer offers keys
+        for is dropped, and the node waits for a new one."""
+        awaiting = self.rt.plans.awaiting_keys
+        if awaiting is None:
+            return
+        view = awaiting[0]
+        try:
+            reply = await stub.WeightKeys(pb.WeightKeysRequest(epoch=view.epoch, node_id=self.rt.node_id), timeout=10)
+            keys = open_sealed(reply.weight_keys, self.rt.node_key, cluster_id=view.cluster_id, epoch=view.epoch,
+                               model_digest=view.model_digest, node_id=self.rt.node_id)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise  # try again with the registration
+            log.warning("not restoring epoch %d: %s %s", view.epoch, exc.code().name, exc.details())
+            self.rt.plans.awaiting_keys = None
+            return
+        except WeightKeysError as exc:
+            log.error("not restoring epoch %d: %s", view.epoch, exc)
+            self.rt.plans.awaiting_keys = None
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.rt.plans.restore_blocking, keys)
+        except (OSError, ValueError, RuntimeError, StoreError) as exc:
+            log.error("cannot restore epoch %d: %s", view.epoch, exc)
+            self.rt.plans.awaiting_keys = None
+
     async def _reports(self) -> AsyncIterator[pb.NodeReport]:
         while True:
             latency, tokens = self.rt.stats.take_token_latency()
@@ -90,6 +120,7 @@ class Reporter:
             stub = pb_grpc.OrchestratorStub(channel)
             while True:
                 try:
+                    await self._restore(stub)  # first, so the registration names the epoch served
                     await self._register(stub)
                     backoff = 0.2
                     await stub.Report(self._reports())

@@ -81,9 +81,13 @@ class NodeRuntime:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.state_dir = Path(config.state_dir).expanduser() / config.node_id
-        self.store = ModelStore(Path(config.store).expanduser())
+        # Keys of the encrypted blobs this node's plans give it, in memory only (node_agent.plan_state grants and
+        # forgets them); the store decrypts with nothing else and never reads a key file.
+        self.weight_keys: dict[str, bytes] = {}
+        self.store = ModelStore(Path(config.store).expanduser(), keys=self.weight_keys)
         self.pool = SegmentPool(self.store)
-        self.plans = PlanState(config.node_id, self.state_dir, self.store, self.pool, parse_dtypes(config.dtypes))
+        self.plans = PlanState(config.node_id, self.state_dir, self.store, self.pool, parse_dtypes(config.dtypes),
+                               self.weight_keys)
         self.tls = config.tls()
         # The node's frame-encryption identity: kept across restarts so plans made before one stay usable.
         self.node_key = load_or_create_node_key(self.state_dir / "x25519_key.pem")

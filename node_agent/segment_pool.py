@@ -21,6 +21,7 @@ class SegmentPool:
         self._refs: dict[tuple[str, Span], int] = {}
         self._lock = threading.Lock()
         self._unloaded = False  # a runner was dropped since the last take_unloaded()
+        store.keep_resident(set())  # the store may keep decrypted tensors, of loaded segments only
 
     def acquire(self, model_digest: str, span: Span) -> SegmentRunner:
         """Load (blocking; call from the compute thread) or reuse the runner, adding a reference."""
@@ -30,17 +31,20 @@ class SegmentPool:
             if runner is not None:
                 self._refs[key] += 1
                 return runner
-        runner = SegmentRunner(self._store.open(model_digest), span)
-        runner.warm_up()
-        log.info("loaded segment %s of %s (%.1f MB)", span, model_digest[:12], runner.parameter_bytes() / 1e6)
-        with self._lock:
-            existing = self._runners.get(key)
-            if existing is not None:
-                self._refs[key] += 1
-                return existing
-            self._runners[key] = runner
-            self._refs[key] = 1
-            return runner
+        try:
+            runner = SegmentRunner(self._store.open(model_digest), span)
+            runner.warm_up()
+            log.info("loaded segment %s of %s (%.1f MB)", span, model_digest[:12], runner.parameter_bytes() / 1e6)
+            with self._lock:
+                existing = self._runners.get(key)
+                if existing is not None:
+                    self._refs[key] += 1
+                    return existing
+                self._runners[key] = runner
+                self._refs[key] = 1
+                return runner
+        finally:
+            self._keep_resident()  # also drops what a failed load decrypted
 
     def release(self, model_digest: str, span: Span) -> None:
         key = (model_digest, span)
@@ -50,6 +54,17 @@ class SegmentPool:
                 del self._refs[key], self._runners[key]
                 self._unloaded = True
                 log.info("released segment %s", span)
+        self._keep_resident()
+
+    def _keep_resident(self) -> None:
+        """Let the store keep decrypted tensors of exactly the blobs loaded segments hold (no others)."""
+        with self._lock:
+            held = [(digest, list(r.loaded_roles)) for (digest, _), r in self._runners.items()]
+        shas: set[str] = set()
+        for digest, roles in held:
+            files = self._store.open(digest).manifest.files
+            shas.update(files[role].sha256 for role in roles)
+        self._store.keep_resident(shas)
 
     def take_unloaded(self) -> bool:
         """Whether a segment was released since the last call (its memory can be handed back now)."""

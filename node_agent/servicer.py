@@ -20,6 +20,7 @@ from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.request_errors import field_metadata
 from common.sealed_tokens import TokenReceiver
 from common.tls import peer_identity
+from common.weight_keys import WeightKeysError, open_sealed
 from node_agent.forward_stream import ActivationReader, StreamError, crypto_status
 from node_agent.generation import (
     ContextLengthError,
@@ -392,10 +393,10 @@ class NodeServicer(pb_grpc.NodeServicer):
         return view, receiver
 
     # ------------------------------------------------------------ plans
-    async def Prepare(self, request: pb.SignedPlan,  # noqa: N802
-                      context: grpc.aio.ServicerContext[pb.SignedPlan, pb.PrepareReply]) -> pb.PrepareReply:
+    async def Prepare(self, request: pb.PrepareRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext[pb.PrepareRequest, pb.PrepareReply]) -> pb.PrepareReply:
         try:
-            view = self.rt.plans.verify(request)
+            view = self.rt.plans.verify(request.plan)
         except PlanRejected as exc:
             log.warning("rejected plan: %s", exc.reason)
             await context.abort(getattr(grpc.StatusCode, exc.code), exc.reason)
@@ -405,6 +406,12 @@ class NodeServicer(pb_grpc.NodeServicer):
         problem = self.rt.frame_key_problem(view)
         if problem is not None:
             return pb.PrepareReply(ok=False, reason=f"{self.rt.node_id}: {problem}")
+        try:
+            keys = open_sealed(request.weight_keys, self.rt.node_key, cluster_id=view.cluster_id, epoch=view.epoch,
+                               model_digest=view.model_digest, node_id=self.rt.node_id)
+        except WeightKeysError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from exc
         spans = [s.span for s in view.segments_on(self.rt.node_id)]
         try:
             fetched = await ensure_files(self.rt.store, self.rt.orchestrator_channel(), view.model_digest, spans)
@@ -414,10 +421,22 @@ class NodeServicer(pb_grpc.NodeServicer):
             return pb.PrepareReply(ok=False, reason=f"{self.rt.node_id}: {exc}")
         if fetched:
             log.info("epoch %d: fetched %.1f MB of weights", view.epoch, fetched / 1e6)
+        hosted = self.rt.plans.hosted_blobs(view)
+        extra = sorted(set(keys) - set(hosted))
+        if extra:  # the orchestrator sends exactly the hosted layers' keys: anything else is refused whole
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"weight keys for {len(extra)} blob(s) of no segment epoch {view.epoch} gives "
+                                f"{self.rt.node_id} (first {extra[0][:12]})")
+        missing = sorted(hosted[sha] for sha in set(hosted) - set(keys))
+        if missing:
+            return pb.PrepareReply(ok=False, reason=f"{self.rt.node_id}: no weight key for encrypted {missing[0]} "
+                                                    f"(and {len(missing) - 1} more)")
+        self.rt.plans.grant(view.epoch, keys)
         try:
             # Loading runs beside the compute thread, so sessions keep generating while a plan is prepared.
-            await asyncio.get_running_loop().run_in_executor(None, self.rt.plans.prepare_blocking, view, request)
-        except (OSError, ValueError, RuntimeError) as exc:
+            await asyncio.get_running_loop().run_in_executor(None, self.rt.plans.prepare_blocking, view, request.plan)
+        except (OSError, ValueError, RuntimeError, StoreError) as exc:
+            self.rt.plans.forget(view.epoch)
             log.error("cannot prepare epoch %d: %s", view.epoch, exc)
             return pb.PrepareReply(ok=False, reason=f"{self.rt.node_id}: {exc}")
         return pb.PrepareReply(ok=True)
@@ -444,4 +463,5 @@ class NodeServicer(pb_grpc.NodeServicer):
             pb.PlanSegment(start=s.span.start, end=s.span.end, node_id=s.node_id, privacy_critical=s.privacy_critical)
             for s in view.segments_on(self.rt.node_id)]
         return pb.NodeInfoReply(node_id=self.rt.node_id, plan_epoch=view.epoch if view else 0, hosted=hosted,
-                                active_sessions=len(self.rt.sessions), loaded_layers=self.rt.pool.loaded_roles())
+                                active_sessions=len(self.rt.sessions), loaded_layers=self.rt.pool.loaded_roles(),
+                                weight_keys_held=sorted(self.rt.weight_keys))

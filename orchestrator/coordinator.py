@@ -20,6 +20,7 @@ from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.store_roles import roles_for_span
 from common.transport import aio_channel
+from common.weight_keys import hosted_blob_keys, seal
 from orchestrator.config import OrchestratorConfig
 from orchestrator.planning import Plan
 from orchestrator.registry import Registry
@@ -50,6 +51,7 @@ class Coordinator:
         self._lock = asyncio.Lock()
         self.tls = config.tls()  # None = plaintext (dev mode on loopback)
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._background: set[asyncio.Task[None]] = set()  # releases sent to nodes a new plan leaves out
         self.latency_listeners: list[Callable[[float], None]] = []
         # Why the last attempt to replace a broken plan found none ("" once a plan commits or the plan is whole).
         self.no_plan_reason = ""
@@ -98,7 +100,7 @@ class Coordinator:
             log.info("PREPARE epoch %d: %s", epoch, view.describe())
             self.preparing = view
             try:
-                results = await asyncio.gather(*(self._prepare(n, signed) for n in participants))
+                results = await asyncio.gather(*(self._prepare(n, signed, view) for n in participants))
             finally:
                 self.preparing = None
             failures = [reason for ok, reason in results if not ok]
@@ -113,22 +115,57 @@ class Coordinator:
             if errors:
                 log.error("COMMIT epoch %d incomplete: %s", epoch, errors)
             self.state.mark_committed(epoch)
+            departed = [n for n in (self.view.node_ids() if self.view else []) if n not in participants]
             self.signed, self.view = signed, view
             self.no_plan_reason = ""
             log.info("COMMIT epoch %d", epoch)
+            for node_id in departed:  # after COMMIT, off the switch's path: they hold nothing of the new plan
+                task = asyncio.create_task(self._release_departed(node_id, signed, view))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             return True, "committed", plan
 
-    async def _prepare(self, node_id: str, signed: pb.SignedPlan) -> tuple[bool, str]:
+    async def _prepare(self, node_id: str, signed: pb.SignedPlan, view: PlanView) -> tuple[bool, str]:
         address = self.registry.nodes[node_id].address
         try:
-            reply = await self._stub(address, node_id).Prepare(signed, timeout=self.config.prepare_timeout_s)
+            request = pb.PrepareRequest(plan=signed, weight_keys=self.sealed_weight_keys(view, node_id))
+            reply = await self._stub(address, node_id).Prepare(request, timeout=self.config.prepare_timeout_s)
+        except KeyError as exc:
+            return False, f"{node_id}: the store holds no key for blob {str(exc)[:14]}: run `splitmesh model encrypt`"
         except grpc.aio.AioRpcError as exc:
             return False, f"{node_id}: {exc.code().name} {exc.details()}"
         return reply.ok, reply.reason
 
+    async def _release_departed(self, node_id: str, signed: pb.SignedPlan, view: PlanView) -> None:
+        """Move a node the new plan leaves out onto it too (no segments there), so it releases its old
+        segments and forgets their weight keys; best effort: a node that is gone learns at its next plan."""
+        if node_id not in self.registry.nodes:
+            return
+        ok, reason = await self._prepare(node_id, signed, view)
+        try:
+            if not ok:
+                raise RuntimeError(reason)
+            await self._call(node_id, "Commit", pb.CommitRequest(epoch=view.epoch))
+        except (grpc.aio.AioRpcError, RuntimeError) as exc:
+            log.info("%s left epoch %d but was not told: %s", node_id, view.epoch, exc)
+
     async def _call(self, node_id: str, method: str, request: pb.CommitRequest) -> None:
         stub = self._stub(self.registry.nodes[node_id].address, node_id)
         await getattr(stub, method)(request, timeout=10)
+
+    def sealed_weight_keys(self, view: PlanView | None, node_id: str) -> bytes:
+        """The keys of exactly the encrypted blobs ``view`` gives ``node_id``, sealed to its X25519 key in that
+        plan (b"" for a plaintext model or no segments); KeyError when the key file lacks one."""
+        if view is None or not view.segments_on(node_id):
+            return b""
+        keys = hosted_blob_keys(self.model.manifest, [s.span for s in view.segments_on(node_id)],
+                                self.model.store.keys)
+        return seal(keys, view.x25519_keys.get(node_id, b""), cluster_id=view.cluster_id, epoch=view.epoch,
+                    model_digest=view.model_digest, node_id=node_id)
+
+    def plan_for_keys(self, epoch: int) -> PlanView | None:
+        """The committed plan or the plan in PREPARE with this epoch: the only ones whose keys a node gets."""
+        return next((v for v in (self.view, self.preparing) if v is not None and v.epoch == epoch), None)
 
     def assigned_blobs(self, node_id: str) -> frozenset[str]:
         """Hashes of the store files ``node_id`` needs for the segments the committed plan or the plan in

@@ -53,6 +53,28 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                                 plan_public_key=self.co.public_key, key_id=key_id(self.co.signing_key.public_key()),
                                 report_interval_ms=self.co.config.report_interval_ms)
 
+    async def WeightKeys(self, request: pb.WeightKeysRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext[pb.WeightKeysRequest, pb.WeightKeysReply],
+                         ) -> pb.WeightKeysReply:
+        """A restarted node's keys for the segments it hosts in a current plan, sealed to its key in that plan."""
+        caller = peer_identity(context)
+        if caller is not None and caller.node_id != request.node_id:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"node {caller.node_id} may not ask for the keys of {request.node_id[:64]!r}")
+        view = self.co.plan_for_keys(request.epoch)
+        if view is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"epoch {request.epoch} is neither committed nor being prepared")
+            raise AssertionError("unreachable")
+        if not view.segments_on(request.node_id):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"epoch {view.epoch} gives {request.node_id[:64]!r} no segment")
+        try:
+            return pb.WeightKeysReply(weight_keys=self.co.sealed_weight_keys(view, request.node_id))
+        except KeyError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the store holds no key for blob {exc}")
+            raise AssertionError("unreachable") from exc
+
     async def Report(self, request_iterator: AsyncIterator[pb.NodeReport],  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.NodeReport, pb.ReportAck]) -> pb.ReportAck:
         caller = peer_identity(context)  # a node (common.authz); it may report only about itself

@@ -70,9 +70,21 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_encrypt(args: argparse.Namespace) -> int:
+    from common.model_store import ModelStore
+    from common.store_encryption import encrypt_store
+
+    store = ModelStore(Path(args.store).expanduser())
+    moved = encrypt_store(store)
+    for old, new in moved.items():
+        console.print(f"{store.open(new).manifest.name}: {old[:12]} -> {new[:12]} (weights encrypted)")
+    if not moved:
+        console.print(f"every model in {store.root} is already encrypted")
+    return 0
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``model import``, ``model list`` and ``model verify`` to the ``splitmesh`` parser."""
+    """Add ``model import``, ``list``, ``verify`` and ``encrypt`` to the ``splitmesh`` parser."""
     model = subparsers.add_parser("model", help="the model store").add_subparsers(dest="model_command",
                                                                                    required=True)
     imp = model.add_parser("import", help="import the embedded model, a GGUF, a checkpoint dir, or random weights")
@@ -94,3 +106,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ver.add_argument("model", help="name or digest")
     ver.add_argument("--store", default=DEFAULT_STORE, help="model store folder (env SPLITMESH_STORE)")
     ver.set_defaults(func=cmd_model_verify)
+    enc = model.add_parser("encrypt", help="encrypt a plaintext store's weights at rest (idempotent, blob by blob); "
+                           "the keys go to the store's weight_keys.json")
+    enc.add_argument("--store", default=DEFAULT_STORE, help="model store folder (env SPLITMESH_STORE)")
+    enc.set_defaults(func=cmd_model_encrypt)

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from common.model_import import EMBEDDED_MODEL_NAME, ensure_embedded
 from common.model_store import ModelStore, StoredModel
 from common.reference_model import load_reference_model
+from common.store_encryption import encrypted_copy
 from splitmesh.launcher import LocalMesh, MeshSpec, free_port
 
 STORE = Path(os.environ.get("SPLITMESH_STORE", "~/.cache/splitmesh/store")).expanduser()
@@ -25,6 +26,13 @@ def store() -> ModelStore:
     model_store = ModelStore(STORE)
     ensure_embedded(model_store)
     return model_store
+
+
+@pytest.fixture(scope="session")
+def encrypted_store(store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """The embedded model in a private store, weights encrypted at rest (`splitmesh model encrypt`); the
+    shared store is never changed."""
+    return encrypted_copy(store, EMBEDDED_MODEL_NAME, tmp_path_factory.mktemp("encrypted-store"))
 
 
 @pytest.fixture(scope="session")

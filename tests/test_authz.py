@@ -124,7 +124,9 @@ def test_nodes_may_not_generate_and_operators_may_not_install_plans(tls_mesh: Lo
     with tls_mesh.client() as client:
         signed = client.signed_plan()
     with sync_channel(head, TlsConfig.from_dir(tls_mesh.tls_dir, "operator"), node0) as channel:
-        assert _code(lambda: pb_grpc.NodeStub(channel).Prepare(signed, timeout=30)) == grpc.StatusCode.PERMISSION_DENIED
+        prepare = pb.PrepareRequest(plan=signed)
+        denied = _code(lambda: pb_grpc.NodeStub(channel).Prepare(prepare, timeout=30))
+        assert denied == grpc.StatusCode.PERMISSION_DENIED
 
 
 def _cli(mesh: LocalMesh, *args: str) -> subprocess.CompletedProcess[str]:

@@ -64,10 +64,11 @@ signed_plans = st.builds(pb.SignedPlan, plan_bytes=st.binary(max_size=300) | st.
     pb.Plan, kind=st.sampled_from(["splitmesh.plan/1", "x"]), epoch=epochs, model_digest=st.text(max_size=70),
     num_layers=st.integers(0, 64)).map(lambda plan: plan.SerializeToString()),
     signature=st.binary(max_size=80), key_id=st.text(max_size=20))
+prepares = st.builds(pb.PrepareRequest, plan=signed_plans, weight_keys=st.binary(max_size=200))
 # Requests per unary RPC: typed messages with hostile values, or raw bytes (sent without a serializer).
 UNARY: dict[str, st.SearchStrategy[object]] = {
     "Cancel": st.builds(pb.CancelRequest, session_id=st.text(max_size=64)),
-    "Prepare": signed_plans,
+    "Prepare": prepares,
     "Commit": st.builds(pb.CommitRequest, epoch=epochs),
     "Abort": st.builds(pb.CommitRequest, epoch=epochs),
     "Info": st.binary(max_size=300),  # the request has no fields: raw bytes, parsed or not, are its variety

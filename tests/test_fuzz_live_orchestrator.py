@@ -35,6 +35,7 @@ DOCUMENTED: dict[str, set[grpc.StatusCode]] = {
     "/splitmesh.v1.Orchestrator/Register": {C.OK, C.INVALID_ARGUMENT},
     "/splitmesh.v1.Orchestrator/Report": {C.OK, C.INVALID_ARGUMENT, C.FAILED_PRECONDITION},
     "/splitmesh.v1.Orchestrator/GetPlan": {C.OK, C.UNAVAILABLE},
+    "/splitmesh.v1.Orchestrator/WeightKeys": {C.OK, C.FAILED_PRECONDITION, C.PERMISSION_DENIED},
     "/splitmesh.v1.Admin/Status": {C.OK},
     "/splitmesh.v1.Admin/History": {C.OK},
     "/splitmesh.v1.Admin/GetPolicy": {C.OK},
@@ -69,6 +70,8 @@ policy_values = st.one_of(st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e-
 TYPED: dict[str, st.SearchStrategy[Message]] = {
     "/splitmesh.v1.Orchestrator/Register": registrations,
     "/splitmesh.v1.Orchestrator/GetPlan": st.just(pb.GetPlanRequest()),
+    "/splitmesh.v1.Orchestrator/WeightKeys": st.builds(pb.WeightKeysRequest, epoch=counts | st.integers(0, 8),
+                                                       node_id=ids),
     "/splitmesh.v1.Admin/Status": st.just(pb.StatusRequest()),
     "/splitmesh.v1.Admin/History": st.builds(pb.HistoryRequest, limit=st.integers(0, (1 << 32) - 1)),
     "/splitmesh.v1.Admin/GetPolicy": st.just(pb.GetPolicyRequest()),
@@ -87,6 +90,7 @@ TYPED: dict[str, st.SearchStrategy[Message]] = {
 REQUEST_TYPES: dict[str, type[Message]] = {
     "/splitmesh.v1.Orchestrator/Register": pb.RegisterRequest, "/splitmesh.v1.Orchestrator/Report": pb.NodeReport,
     "/splitmesh.v1.Orchestrator/GetPlan": pb.GetPlanRequest, "/splitmesh.v1.Admin/Status": pb.StatusRequest,
+    "/splitmesh.v1.Orchestrator/WeightKeys": pb.WeightKeysRequest,
     "/splitmesh.v1.Admin/History": pb.HistoryRequest, "/splitmesh.v1.Admin/GetPolicy": pb.GetPolicyRequest,
     "/splitmesh.v1.Admin/Resplit": pb.ResplitRequest, "/splitmesh.v1.Admin/Drain": pb.DrainRequest,
     "/splitmesh.v1.Admin/SetPolicy": pb.SetPolicyRequest, "/splitmesh.v1.ModelFiles/GetManifest": pb.ManifestRequest,

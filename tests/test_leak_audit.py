@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from transformers import PreTrainedTokenizerBase
 
 from common.audit_tap import ENV, records
+from common.blob_crypto import MAGIC
 from common.certs import Identity
 from common.chat import chat_token_ids
 from common.model_store import ModelStore, StoreError, layer_role
@@ -41,10 +42,10 @@ class Audit:
 
 
 @pytest.fixture(scope="module")
-def audit(store: ModelStore, tokenizer: PreTrainedTokenizerBase,
+def audit(encrypted_store: ModelStore, tokenizer: PreTrainedTokenizerBase,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audit]:
     taps = tmp_path_factory.mktemp("taps")
-    spec = MeshSpec(nodes=3, store=store.root, workdir=tmp_path_factory.mktemp("audit"), orchestrator_port=0,
+    spec = MeshSpec(nodes=3, store=encrypted_store.root, workdir=tmp_path_factory.mktemp("audit"), orchestrator_port=0,
                     trusted=("node-0", "node-2"), boundaries=(0, 10, 20, 30),
                     placement=("node-0", "node-1", "node-2"), tls=True, extra_env={ENV: str(taps)})
     with LocalMesh(spec) as mesh:
@@ -53,7 +54,7 @@ def audit(store: ModelStore, tokenizer: PreTrainedTokenizerBase,
             generated += [e.token_id for e in client.generate(MESSAGES, max_new_tokens=8)]
         with mesh.client() as client, mesh.client(operator=True) as operator:
             events = []
-            for event in client.generate(MESSAGES, max_new_tokens=10, seed=1):
+            for event in client.generate(MESSAGES, max_new_tokens=32, seed=1):  # outlasts a PREPARE on 2 busy cores
                 events.append(event)
                 if event.index == 2:  # the re-split lands mid-stream: the session moves by replay
                     reply = operator.resplit([0, 12, 22, 30], ["node-0", "node-1", "node-2"])
@@ -90,7 +91,7 @@ def test_the_tap_records_what_a_node_receives(audit: Audit) -> None:
     head = audit.received["node-0"]
     assert any(needle in data for _, data, _ in head for needle in NEEDLES)
     middle = audit.received["node-1"]
-    assert {"SignedPlan", "ForwardRequest", "decrypted-tensor"} <= {kind for kind, _, _ in middle}
+    assert {"PrepareRequest", "ForwardRequest", "decrypted-tensor"} <= {kind for kind, _, _ in middle}
     tensors = [extra for kind, _, extra in middle if kind == "decrypted-tensor"]
     assert len(tensors) > 12  # prefill, replay and decode steps of both generations
 
@@ -130,8 +131,8 @@ def _fetch(mesh: LocalMesh, name: str, sha256: str) -> grpc.StatusCode:
 
 
 @pytest.mark.slow
-def test_a_node_fetches_only_the_layers_its_plan_gives_it(audit: Audit, store: ModelStore) -> None:
-    files = _files(store, audit)
+def test_a_node_fetches_only_the_layers_its_plan_gives_it(audit: Audit, encrypted_store: ModelStore) -> None:
+    files = _files(encrypted_store, audit)
     assert _fetch(audit.mesh, "node-1", files[layer_role(15)]) == grpc.StatusCode.OK  # hosts [12, 22)
     for role in (layer_role(0), layer_role(5), layer_role(25), "embed", "head"):  # 5: hosted before the re-split
         assert _fetch(audit.mesh, "node-1", files[role]) == grpc.StatusCode.PERMISSION_DENIED, role
@@ -148,10 +149,30 @@ def _files(store: ModelStore, audit: Audit) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="layer blobs are stored in plaintext until the store encrypts them at rest")
-def test_the_untrusted_node_cannot_read_unhosted_layers_from_its_disk(audit: Audit, store: ModelStore) -> None:
+def test_the_untrusted_node_cannot_read_unhosted_layers_from_its_disk(audit: Audit) -> None:
     with audit.mesh.client() as client:
         plan = pb.Plan.FromString(client.signed_plan().plan_bytes)
-    node_store = ModelStore(Path(audit.mesh.spec.store))  # local meshes share one store folder
-    with pytest.raises(StoreError, match="encrypted"):
-        node_store.open(plan.model_digest).load_tensors(layer_role(0))
+    # As the node agent opens its store: with only the keys its plans delivered (here: none), never a key file.
+    node_store = ModelStore(Path(audit.mesh.spec.store), keys={})  # local meshes share one store folder
+    model = node_store.open(plan.model_digest)
+    for role in (layer_role(0), layer_role(15), "embed", "head"):
+        with pytest.raises(StoreError, match="encrypted"):
+            model.load_tensors(role)
+        assert node_store.blob_path(model.entry(role).sha256).read_bytes().startswith(MAGIC)  # ciphertext on disk
+
+
+@pytest.mark.slow
+def test_the_untrusted_node_holds_keys_of_its_own_layers_only(audit: Audit) -> None:
+    """Every weight key it ever opened (the tap records the sealed payload it parses) is one of a layer it
+    hosted, [10, 20) then [12, 22); its live key set is exactly the current segment's blobs."""
+    with audit.mesh.client() as client:
+        plan = pb.Plan.FromString(client.signed_plan().plan_bytes)
+    manifest = ModelStore(Path(audit.mesh.spec.store)).open(plan.model_digest).manifest
+    opened = [pb.WeightKeys.FromString(data) for kind, data, _ in audit.received["node-1"] if kind == "WeightKeys"]
+    assert len(opened) == 2
+    hosted = {manifest.files[layer_role(i)].sha256 for i in range(10, 22)}
+    assert {k.sha256 for m in opened for k in m.keys} == hosted
+    with sync_channel(audit.mesh.node_addresses["node-1"], TlsConfig.from_dir(audit.mesh.tls_dir, "client"),
+                      Identity("node", "node-1")) as channel:
+        info = pb_grpc.NodeStub(channel).Info(pb.NodeInfoRequest(), timeout=30)
+    assert set(info.weight_keys_held) == {manifest.files[layer_role(i)].sha256 for i in range(12, 22)}

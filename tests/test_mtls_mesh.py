@@ -269,7 +269,7 @@ def test_only_the_orchestrator_installs_plans_and_nodes_speak_for_themselves(tls
     for name in ("node-1", "client"):
         with _as(tls_mesh, name, node0, tls_mesh.node_addresses["node-0"]) as channel:
             node = pb_grpc.NodeStub(channel)
-            for call in (partial(node.Prepare, signed, timeout=10),
+            for call in (partial(node.Prepare, pb.PrepareRequest(plan=signed), timeout=10),
                          partial(node.Commit, pb.CommitRequest(epoch=1), timeout=10),
                          partial(node.Abort, pb.CommitRequest(epoch=1), timeout=10)):
                 assert _code(call) == grpc.StatusCode.PERMISSION_DENIED, name

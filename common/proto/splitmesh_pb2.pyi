@@ -466,6 +466,52 @@ class GetPlanRequest(_message.Message):
 Global___GetPlanRequest: _TypeAlias = GetPlanRequest  # noqa: Y015
 
 @_typing.final
+class WeightKeysRequest(_message.Message):
+    """A node that restarted onto its committed plan asks again for the keys of the layers it hosts there."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """the committed (or preparing) plan whose segments the caller hosts"""
+    node_id: _builtins.str
+    """must be the caller's certificate name under TLS"""
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeightKeysRequest: _TypeAlias = WeightKeysRequest  # noqa: Y015
+
+@_typing.final
+class WeightKeysReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEIGHT_KEYS_FIELD_NUMBER: _builtins.int
+    weight_keys: _builtins.bytes
+    """sealed WeightKeys (common/weight_keys.py), as in PrepareRequest"""
+    def __init__(
+        self,
+        *,
+        weight_keys: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["weight_keys", b"weight_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeightKeysReply: _TypeAlias = WeightKeysReply  # noqa: Y015
+
+@_typing.final
 class ManifestRequest(_message.Message):
     """---------------------------------------------------------------- model files"""
 
@@ -1528,9 +1574,84 @@ class DeliverReply(_message.Message):
 Global___DeliverReply: _TypeAlias = DeliverReply  # noqa: Y015
 
 @_typing.final
-class PrepareReply(_message.Message):
-    """---------------------------------------------------------------- node: control"""
+class WeightKey(_message.Message):
+    """---------------------------------------------------------------- node: control
 
+    The AES-256-GCM key of one encrypted store blob (weights are encrypted at rest, common/blob_crypto.py).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """the ciphertext's sha256 (the manifest entry's sha256)"""
+    key: _builtins.bytes
+    """32 bytes"""
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeightKey: _TypeAlias = WeightKey  # noqa: Y015
+
+@_typing.final
+class WeightKeys(_message.Message):
+    """Only ever on the wire sealed with HPKE to one node's X25519 key from the plan (common/weight_keys.py)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___WeightKey]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___WeightKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeightKeys: _TypeAlias = WeightKeys  # noqa: Y015
+
+@_typing.final
+class PrepareRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    WEIGHT_KEYS_FIELD_NUMBER: _builtins.int
+    weight_keys: _builtins.bytes
+    """WeightKeys of exactly the blobs of the segments the plan gives the receiver, sealed to its X25519 key
+    with the plan's cluster, epoch, model and node id bound in. Empty when those blobs are plaintext.
+    """
+    @_builtins.property
+    def plan(self) -> Global___SignedPlan: ...
+    def __init__(
+        self,
+        *,
+        plan: Global___SignedPlan | None = ...,
+        weight_keys: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "weight_keys", b"weight_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareRequest: _TypeAlias = PrepareRequest  # noqa: Y015
+
+@_typing.final
+class PrepareReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OK_FIELD_NUMBER: _builtins.int
@@ -1655,6 +1776,7 @@ class NodeInfoReply(_message.Message):
     HOSTED_FIELD_NUMBER: _builtins.int
     ACTIVE_SESSIONS_FIELD_NUMBER: _builtins.int
     LOADED_LAYERS_FIELD_NUMBER: _builtins.int
+    WEIGHT_KEYS_HELD_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     plan_epoch: _builtins.int
     active_sessions: _builtins.int
@@ -1664,6 +1786,10 @@ class NodeInfoReply(_message.Message):
     def loaded_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """store file roles held in memory"""
 
+    @_builtins.property
+    def weight_keys_held(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ciphertext sha256 of the encrypted blobs whose keys it holds (never keys)"""
+
     def __init__(
         self,
         *,
@@ -1672,10 +1798,11 @@ class NodeInfoReply(_message.Message):
         hosted: _abc.Iterable[Global___PlanSegment] | None = ...,
         active_sessions: _builtins.int = ...,
         loaded_layers: _abc.Iterable[_builtins.str] | None = ...,
+        weight_keys_held: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "hosted", b"hosted", "loaded_layers", b"loaded_layers", "node_id", b"node_id", "plan_epoch", b"plan_epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "hosted", b"hosted", "loaded_layers", b"loaded_layers", "node_id", b"node_id", "plan_epoch", b"plan_epoch", "weight_keys_held", b"weight_keys_held"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,6 +50,11 @@ class OrchestratorStub:
                 request_serializer=splitmesh__pb2.GetPlanRequest.SerializeToString,
                 response_deserializer=splitmesh__pb2.SignedPlan.FromString,
                 _registered_method=True)
+        self.WeightKeys = channel.unary_unary(
+                '/splitmesh.v1.Orchestrator/WeightKeys',
+                request_serializer=splitmesh__pb2.WeightKeysRequest.SerializeToString,
+                response_deserializer=splitmesh__pb2.WeightKeysReply.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServicer:
@@ -74,6 +79,12 @@ class OrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WeightKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +102,11 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.GetPlan,
                     request_deserializer=splitmesh__pb2.GetPlanRequest.FromString,
                     response_serializer=splitmesh__pb2.SignedPlan.SerializeToString,
+            ),
+            'WeightKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.WeightKeys,
+                    request_deserializer=splitmesh__pb2.WeightKeysRequest.FromString,
+                    response_serializer=splitmesh__pb2.WeightKeysReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +190,33 @@ class Orchestrator:
             '/splitmesh.v1.Orchestrator/GetPlan',
             splitmesh__pb2.GetPlanRequest.SerializeToString,
             splitmesh__pb2.SignedPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WeightKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmesh.v1.Orchestrator/WeightKeys',
+            splitmesh__pb2.WeightKeysRequest.SerializeToString,
+            splitmesh__pb2.WeightKeysReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -621,7 +664,7 @@ class NodeStub:
                 _registered_method=True)
         self.Prepare = channel.unary_unary(
                 '/splitmesh.v1.Node/Prepare',
-                request_serializer=splitmesh__pb2.SignedPlan.SerializeToString,
+                request_serializer=splitmesh__pb2.PrepareRequest.SerializeToString,
                 response_deserializer=splitmesh__pb2.PrepareReply.FromString,
                 _registered_method=True)
         self.Commit = channel.unary_unary(
@@ -728,7 +771,7 @@ def add_NodeServicer_to_server(servicer, server):
             ),
             'Prepare': grpc.unary_unary_rpc_method_handler(
                     servicer.Prepare,
-                    request_deserializer=splitmesh__pb2.SignedPlan.FromString,
+                    request_deserializer=splitmesh__pb2.PrepareRequest.FromString,
                     response_serializer=splitmesh__pb2.PrepareReply.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
@@ -885,7 +928,7 @@ class Node:
             request,
             target,
             '/splitmesh.v1.Node/Prepare',
-            splitmesh__pb2.SignedPlan.SerializeToString,
+            splitmesh__pb2.PrepareRequest.SerializeToString,
             splitmesh__pb2.PrepareReply.FromString,
             options,
             channel_credentials,

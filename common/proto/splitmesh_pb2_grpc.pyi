@@ -38,6 +38,7 @@ class OrchestratorStub:
     Report: _grpc.StreamUnaryMultiCallable[_splitmesh_pb2.NodeReport, _splitmesh_pb2.ReportAck]
     """Long-lived stream of capacity reports, one every report interval."""
     GetPlan: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.GetPlanRequest, _splitmesh_pb2.SignedPlan]
+    WeightKeys: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.WeightKeysRequest, _splitmesh_pb2.WeightKeysReply]
 
 @_typing.type_check_only
 class OrchestratorAsyncStub(OrchestratorStub):
@@ -46,6 +47,7 @@ class OrchestratorAsyncStub(OrchestratorStub):
     Report: _aio.StreamUnaryMultiCallable[_splitmesh_pb2.NodeReport, _splitmesh_pb2.ReportAck]  # type: ignore[assignment]
     """Long-lived stream of capacity reports, one every report interval."""
     GetPlan: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.GetPlanRequest, _splitmesh_pb2.SignedPlan]  # type: ignore[assignment]
+    WeightKeys: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.WeightKeysRequest, _splitmesh_pb2.WeightKeysReply]  # type: ignore[assignment]
 
 class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -69,6 +71,13 @@ class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
         request: _splitmesh_pb2.GetPlanRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_splitmesh_pb2.SignedPlan, _abc.Awaitable[_splitmesh_pb2.SignedPlan]]: ...
+
+    @_abc_1.abstractmethod
+    def WeightKeys(
+        self,
+        request: _splitmesh_pb2.WeightKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitmesh_pb2.WeightKeysReply, _abc.Awaitable[_splitmesh_pb2.WeightKeysReply]]: ...
 
 def add_OrchestratorServicer_to_server(servicer: OrchestratorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -185,7 +194,7 @@ class NodeStub:
     Cancel: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.CancelRequest, _splitmesh_pb2.CancelReply]
     Forward: _grpc.StreamStreamMultiCallable[_splitmesh_pb2.ForwardRequest, _splitmesh_pb2.ForwardReply]
     Deliver: _grpc.StreamUnaryMultiCallable[_splitmesh_pb2.DeliverRequest, _splitmesh_pb2.DeliverReply]
-    Prepare: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.SignedPlan, _splitmesh_pb2.PrepareReply]
+    Prepare: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.PrepareRequest, _splitmesh_pb2.PrepareReply]
     Commit: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]
     Abort: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]
     Info: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.NodeInfoRequest, _splitmesh_pb2.NodeInfoReply]
@@ -198,7 +207,7 @@ class NodeAsyncStub(NodeStub):
     Cancel: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.CancelRequest, _splitmesh_pb2.CancelReply]  # type: ignore[assignment]
     Forward: _aio.StreamStreamMultiCallable[_splitmesh_pb2.ForwardRequest, _splitmesh_pb2.ForwardReply]  # type: ignore[assignment]
     Deliver: _aio.StreamUnaryMultiCallable[_splitmesh_pb2.DeliverRequest, _splitmesh_pb2.DeliverReply]  # type: ignore[assignment]
-    Prepare: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.SignedPlan, _splitmesh_pb2.PrepareReply]  # type: ignore[assignment]
+    Prepare: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.PrepareRequest, _splitmesh_pb2.PrepareReply]  # type: ignore[assignment]
     Commit: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]  # type: ignore[assignment]
     Abort: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]  # type: ignore[assignment]
     Info: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.NodeInfoRequest, _splitmesh_pb2.NodeInfoReply]  # type: ignore[assignment]
@@ -236,7 +245,7 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Prepare(
         self,
-        request: _splitmesh_pb2.SignedPlan,
+        request: _splitmesh_pb2.PrepareRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_splitmesh_pb2.PrepareReply, _abc.Awaitable[_splitmesh_pb2.PrepareReply]]: ...
 

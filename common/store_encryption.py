@@ -1,0 +1,83 @@
+"""`splitmesh model encrypt`: turn a plaintext store into an encrypted one, blob by blob.
+
+Each weight blob is encrypted under a fresh key (saved before the ciphertext is written), then the model's
+manifest is rewritten to name the ciphertexts and its refs re-pointed; only then are the plaintext weight
+blobs and the old manifest deleted. An interrupted run leaves the old model whole, and running again
+finishes the job; a store already encrypted is left as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from common.model_store import TOKENIZER_PREFIX, Manifest, ModelStore
+
+log = logging.getLogger(__name__)
+
+
+def is_weight_role(role: str) -> bool:
+    """Layers, embed and head are weights (encrypted); tokenizer files are not."""
+    return not role.startswith(TOKENIZER_PREFIX)
+
+
+def encrypted_manifest(store: ModelStore, manifest: Manifest) -> Manifest:
+    """``manifest`` with every plaintext weight blob replaced by an encrypted copy (written to the store)."""
+    files = dict(manifest.files)
+    for role, entry in sorted(files.items()):
+        if is_weight_role(role) and not entry.encrypted:
+            files[role] = store.put_encrypted_blob(store.read_blob(entry, role))
+    return dataclasses.replace(manifest, files=files)
+
+
+def encrypt_store(store: ModelStore) -> dict[str, str]:
+    """Encrypt every model in ``store``; returns old digest -> new digest of the models it changed."""
+    moved: dict[str, str] = {}
+    for digest in store.digests():
+        old = store.open(digest).manifest
+        new = encrypted_manifest(store, old)
+        if new == old:
+            continue
+        new_digest = store.put_manifest(new)
+        for name in store.names():
+            if store.resolve(name) == digest:
+                store.point_ref(name, new_digest)
+        moved[digest] = new_digest
+        log.info("encrypted %s: %s -> %s", old.name, digest[:12], new_digest[:12])
+    _drop_plaintext(store, moved)
+    return moved
+
+
+def _drop_plaintext(store: ModelStore, moved: dict[str, str]) -> None:
+    """Delete the replaced manifests, then every plaintext weight blob no remaining manifest names."""
+    plain = {e.sha256 for d in moved for r, e in store.open(d).manifest.files.items()
+             if is_weight_role(r) and not e.encrypted}
+    for digest in moved:
+        store.remove_manifest(digest)
+    kept = {e.sha256 for d in store.digests() for e in store.open(d).manifest.files.values()}
+    for sha in sorted(plain - kept):
+        store.blob_path(sha).unlink(missing_ok=True)
+
+
+def encrypted_copy(source: ModelStore, name_or_digest: str, root: Path) -> ModelStore:
+    """One model of ``source`` in a new store at ``root``, then encrypted there (``source`` is only read).
+
+    Blobs are hard links where the file system allows (the store never writes a file in place: it replaces
+    by rename, and the migration unlinks), else copies. For tests and benchmarks on a shared store."""
+    manifest = source.open(name_or_digest).manifest
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    copy = ModelStore(root)
+    for entry in manifest.files.values():
+        target = copy.blob_path(entry.sha256)
+        if target.exists():
+            continue
+        try:
+            os.link(source.blob_path(entry.sha256), target)
+        except OSError:
+            shutil.copyfile(source.blob_path(entry.sha256), target)
+    copy.put_manifest(manifest)
+    encrypt_store(copy)
+    return ModelStore(root)
