@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from common.model_store import TOKENIZER_PREFIX, Manifest, ModelStore
+from common.model_store import TOKENIZER_PREFIX, Manifest, ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,13 @@ def encrypted_copy(source: ModelStore, name_or_digest: str, root: Path) -> Model
     manifest = source.open(name_or_digest).manifest
     (root / "blobs").mkdir(parents=True, exist_ok=True)
     copy = ModelStore(root)
+    assert copy.key_file is not None  # opened as owner: keys=None
     for entry in manifest.files.values():
+        if entry.encrypted:  # an encrypted source (what `model import` writes): the copy needs its keys
+            key = source.keys.get(entry.sha256)
+            if key is None:
+                raise StoreError(f"{name_or_digest}: the source store holds no key for blob {entry.sha256[:12]}")
+            copy.key_file.add(entry.sha256, key, entry.plain_sha256)
         target = copy.blob_path(entry.sha256)
         if target.exists():
             continue

@@ -24,7 +24,7 @@ from common.model_store import ModelStore, StoreError, layer_role
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.spans import Span
-from common.store_encryption import encrypt_store
+from common.store_encryption import encrypt_store, encrypted_copy
 from common.store_roles import roles_for_span
 from common.tls import TlsConfig
 from common.transport import sync_channel
@@ -69,6 +69,24 @@ def test_import_writes_an_encrypted_store(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / blob_crypto.KEY_FILE).stat().st_mode) == 0o600
     with pytest.raises(StoreError, match="encrypted and this process holds no key"):
         ModelStore(tmp_path, keys={}).open(digest).load_tensors(layer_role(0))
+
+
+@pytest.mark.parametrize("source_encrypted", [False, True])
+def test_encrypted_copy_reads_like_its_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              source_encrypted: bool) -> None:
+    """The copy tests and benchmarks use: from a plaintext store (an old machine's) or an encrypted one (what
+    `model import` writes now, so every fresh machine's), it decrypts to the source's tensors with its own keys."""
+    source = ModelStore(tmp_path / "source")
+    digest = (import_random(source, "tiny-llama", "tiny", seed=5) if source_encrypted
+              else _plaintext_import(source, monkeypatch))
+    copy = encrypted_copy(source, digest, tmp_path / "copy")
+    copied = copy.open("tiny").manifest
+    assert copied.encrypted and all(e.encrypted for r, e in copied.files.items() if not r.startswith("tokenizer/"))
+    for role in source.open(digest).manifest.files:
+        if role.startswith("tokenizer/"):
+            continue
+        theirs, ours = source.open(digest).load_tensors(role), copy.open("tiny").load_tensors(role)
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
 
 def test_encrypt_migrates_a_plaintext_store_idempotently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
