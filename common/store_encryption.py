@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from common.model_store import TOKENIZER_PREFIX, Manifest, ModelStore, StoreError
+from common.model_store import TOKENIZER_PREFIX, FileEntry, Manifest, ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -62,28 +62,54 @@ def _drop_plaintext(store: ModelStore, moved: dict[str, str]) -> None:
         store.blob_path(sha).unlink(missing_ok=True)
 
 
-def encrypted_copy(source: ModelStore, name_or_digest: str, root: Path) -> ModelStore:
-    """One model of ``source`` in a new store at ``root``, then encrypted there (``source`` is only read).
+def _link_or_copy(source: ModelStore, copy: ModelStore, entry: FileEntry) -> None:
+    """The blob in ``copy`` as a hard link where the file system allows (the store never writes a file in
+    place: it replaces by rename, and the migration unlinks), else as a copy."""
+    target = copy.blob_path(entry.sha256)
+    if target.exists():
+        return
+    try:
+        os.link(source.blob_path(entry.sha256), target)
+    except OSError:
+        shutil.copyfile(source.blob_path(entry.sha256), target)
 
-    Blobs are hard links where the file system allows (the store never writes a file in place: it replaces
-    by rename, and the migration unlinks), else copies. For tests and benchmarks on a shared store."""
-    manifest = source.open(name_or_digest).manifest
+
+def _owned_copy(root: Path) -> ModelStore:
     (root / "blobs").mkdir(parents=True, exist_ok=True)
-    copy = ModelStore(root)
-    assert copy.key_file is not None  # opened as owner: keys=None
+    return ModelStore(root)  # keys=None: opened as the owner, with its own key file
+
+
+def encrypted_copy(source: ModelStore, name_or_digest: str, root: Path) -> ModelStore:
+    """One model of ``source`` in a new store at ``root``, encrypted there (``source`` is only read; an
+    encrypted source's keys are copied with its blobs). For tests and benchmarks on a shared store."""
+    manifest = source.open(name_or_digest).manifest
+    copy = _owned_copy(root)
+    assert copy.key_file is not None
     for entry in manifest.files.values():
-        if entry.encrypted:  # an encrypted source (what `model import` writes): the copy needs its keys
+        if entry.encrypted:  # what `model import` writes: the copy needs the keys
             key = source.keys.get(entry.sha256)
             if key is None:
                 raise StoreError(f"{name_or_digest}: the source store holds no key for blob {entry.sha256[:12]}")
             copy.key_file.add(entry.sha256, key, entry.plain_sha256)
-        target = copy.blob_path(entry.sha256)
-        if target.exists():
-            continue
-        try:
-            os.link(source.blob_path(entry.sha256), target)
-        except OSError:
-            shutil.copyfile(source.blob_path(entry.sha256), target)
+        _link_or_copy(source, copy, entry)
     copy.put_manifest(manifest)
     encrypt_store(copy)
+    return ModelStore(root)
+
+
+def plaintext_copy(source: ModelStore, name_or_digest: str, root: Path) -> ModelStore:
+    """One model of ``source`` in a new store at ``root`` with every weight blob decrypted (the layout of a
+    store from before encryption at rest): the baseline `bench/reconfig.py --encrypted` compares against."""
+    model = source.open(name_or_digest)
+    copy = _owned_copy(root)
+    files = {}
+    for role, entry in model.manifest.files.items():
+        if entry.encrypted:
+            files[role] = copy.put_blob(source.plain_bytes(entry, role).numpy().tobytes())
+            if files[role].sha256 != entry.plain_sha256:
+                raise StoreError(f"{role} decrypts to the wrong plaintext (sha256 mismatch)")
+        else:
+            _link_or_copy(source, copy, entry)
+            files[role] = entry
+    copy.put_manifest(dataclasses.replace(model.manifest, files=files))
     return ModelStore(root)

@@ -24,7 +24,7 @@ from common.model_store import ModelStore, StoreError, layer_role
 from common.proto import splitmesh_pb2 as pb
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.spans import Span
-from common.store_encryption import encrypt_store, encrypted_copy
+from common.store_encryption import encrypt_store, encrypted_copy, plaintext_copy
 from common.store_roles import roles_for_span
 from common.tls import TlsConfig
 from common.transport import sync_channel
@@ -86,6 +86,11 @@ def test_encrypted_copy_reads_like_its_source(tmp_path: Path, monkeypatch: pytes
         if role.startswith("tokenizer/"):
             continue
         theirs, ours = source.open(digest).load_tensors(role), copy.open("tiny").load_tensors(role)
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    plain = plaintext_copy(copy, "tiny", tmp_path / "plain")  # and back: the layout before encryption at rest
+    assert not plain.open("tiny").manifest.encrypted and not plain.open("tiny").missing_or_corrupt()
+    for role in copy.open("tiny").manifest.files:
+        theirs, ours = copy.open("tiny").load_tensors(role), plain.open("tiny").load_tensors(role)
         assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
 
