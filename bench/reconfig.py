@@ -5,7 +5,8 @@ gap between two streamed tokens of a generation running across the switch, once 
 weights already in its local store and once with empty node stores (weights streamed from the
 orchestrator during PREPARE). Every generation must finish with the tokens of a run without re-split.
 ``--encrypted`` instead compares local weights from a plaintext store with local weights from the same model
-encrypted at rest (private plaintext and encrypted copies of the store, in one run; target: at most 5% slower to COMMIT).
+encrypted at rest (private plaintext and encrypted copies of the store, in one run; target: at most 5%
+slower to COMMIT).
 
     .venv/bin/python bench/reconfig.py --switches 6
     .venv/bin/python bench/reconfig.py --switches 6 --encrypted
