@@ -56,6 +56,9 @@ class NodeConfig:
                                        "activation or token")
     stall_reroute_s: float = field(2.0, "a step waiting this long moves to a newer plan if one is committed and a "
                                         "node on its path does not answer a probe (a working node keeps its step)")
+    plan_drain_s: float = field(10.0, "a replaced plan keeps its segments (and their weight keys) this long after "
+                                      "a COMMIT, so a step already working on it (a long prefill upstream) can "
+                                      "still open here and finish on its plan; later it moves to the new plan")
     recovery_timeout_s: float = field(20.0, "how long a session waits for a replacement plan after a failure")
     probe_interval_s: float = field(5.0, "how often to measure RTT and bandwidth to every plan peer (0 = off)")
     probe_bytes: int = field(1 << 20, "payload of the bandwidth probe (large enough to outlast shaper bursts)")
@@ -92,6 +95,8 @@ class NodeConfig:
                                                                         self.batch_gather_ms) < 0:
             raise ConfigError("max_batch_rows and max_batch_tokens must be at least 1, max_queued_sessions, "
                               "prefill_chunk_tokens and batch_gather_ms at least 0")
+        if not self.plan_drain_s >= 0:
+            raise ConfigError("plan_drain_s must be at least 0 (seconds)")
         if self.max_batch_tokens < self.max_prompt_tokens:
             raise ConfigError(f"max_batch_tokens ({self.max_batch_tokens}) must hold one prompt of "
                               f"max_prompt_tokens ({self.max_prompt_tokens})")

@@ -3,7 +3,9 @@
 A signed plan is verified over its exact bytes before it is parsed; the highest accepted epoch is
 persisted with fsync so a restart can never be rolled back to an older plan. The keys of the encrypted
 blobs a plan gives this node are granted with it and forgotten when the plan is aborted or replaced
-(kept only while some plan held here needs them); they are never written to disk.
+(kept only while some plan held here needs them); they are never written to disk. A replaced plan keeps
+its segments and keys for ``drain_s`` after the COMMIT, so a step already working on it upstream can still
+open here and finish on its plan.
 """
 
 from __future__ import annotations
@@ -58,8 +60,12 @@ class UnsupportedDtype(ValueError):
 
 class PlanState:
     def __init__(self, node_id: str, state_dir: Path, store: ModelStore, pool: SegmentPool,
-                 dtypes: tuple[str, ...] = WEIGHT_DTYPES, weight_keys: dict[str, bytes] | None = None) -> None:
+                 dtypes: tuple[str, ...] = WEIGHT_DTYPES, weight_keys: dict[str, bytes] | None = None,
+                 drain_s: float = 0.0) -> None:
         self.node_id = node_id
+        # How long a replaced plan keeps its segments and keys here after a COMMIT, so that a step already
+        # working on it upstream (a long prefill) can still open on this node and finish on its plan.
+        self.drain_s = drain_s
         self.weight_keys = {} if weight_keys is None else weight_keys  # the dict the store decrypts with
         self._granted: dict[int, frozenset[str]] = {}  # epoch -> blob hashes whose keys that plan brought
         # A committed plan found on disk after a restart whose encrypted layers wait for their keys (Reporter).
@@ -260,14 +266,28 @@ class PlanState:
             for stale in [e for e in self._pending if e < epoch]:
                 self._release(self._pending.pop(stale))
                 self._forget_locked(stale)
-            if old is not None:
-                self._forget_locked(old.epoch)
         if old is not None:
-            self._release(old)
+            self._retire(old)
             if len(self._known) > 8:
                 self._known.pop(min(self._known))
         log.info("committed plan epoch %d: %s", epoch, view.describe())
         return True
+
+    def _retire(self, old: PlanView) -> None:
+        """Release a replaced plan's segments and forget its keys, after ``drain_s`` (at once when 0)."""
+        if self.drain_s <= 0:
+            self._end_drain(old)
+            return
+        timer = threading.Timer(self.drain_s, self._end_drain, args=(old,))
+        timer.daemon = True
+        timer.start()
+
+    def _end_drain(self, old: PlanView) -> None:
+        with self._lock:
+            self._forget_locked(old.epoch)
+        self._release(old)
+        if old.segments_on(self.node_id):
+            log.info("released plan epoch %d's segments here", old.epoch)
 
     def abort(self, epoch: int) -> None:
         with self._lock:

@@ -87,7 +87,7 @@ class NodeRuntime:
         self.store = ModelStore(Path(config.store).expanduser(), keys=self.weight_keys)
         self.pool = SegmentPool(self.store)
         self.plans = PlanState(config.node_id, self.state_dir, self.store, self.pool, parse_dtypes(config.dtypes),
-                               self.weight_keys)
+                               self.weight_keys, drain_s=config.plan_drain_s)
         self.tls = config.tls()
         # The node's frame-encryption identity: kept across restarts so plans made before one stay usable.
         self.node_key = load_or_create_node_key(self.state_dir / "x25519_key.pem")

@@ -340,6 +340,9 @@ class NodeServicer(pb_grpc.NodeServicer):
             raise StreamError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
         except SessionLimitError as exc:
             raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except StoreError as exc:  # a replaced plan's segment, released after its drain (keys forgotten)
+            raise StreamError(grpc.StatusCode.UNAVAILABLE, f"epoch {view.epoch}'s segment "
+                              f"{opening.segment_index} is not held here any more: {exc}") from exc
         except ValueError as exc:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
 

@@ -132,6 +132,8 @@ class Coordinator:
             reply = await self._stub(address, node_id).Prepare(request, timeout=self.config.prepare_timeout_s)
         except KeyError as exc:
             return False, f"{node_id}: the store holds no key for blob {str(exc)[:14]}: run `splitmesh model encrypt`"
+        except ValueError as exc:  # no (or no valid) X25519 key registered: nothing can be sealed to it
+            return False, f"{node_id}: cannot receive the weight keys of an encrypted model: {exc}"
         except grpc.aio.AioRpcError as exc:
             return False, f"{node_id}: {exc.code().name} {exc.details()}"
         return reply.ok, reply.reason

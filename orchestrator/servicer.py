@@ -74,6 +74,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         except KeyError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the store holds no key for blob {exc}")
             raise AssertionError("unreachable") from exc
+        except ValueError as exc:  # the plan carries no valid X25519 key for this node
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot seal weight keys to "
+                                f"{request.node_id[:64]!r}: {exc}")
+            raise AssertionError("unreachable") from exc
 
     async def Report(self, request_iterator: AsyncIterator[pb.NodeReport],  # noqa: N802
                      context: grpc.aio.ServicerContext[pb.NodeReport, pb.ReportAck]) -> pb.ReportAck:

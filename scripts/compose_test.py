@@ -2,11 +2,12 @@
 
 Phases, each timed: a Docker engine (installed from Debian and started when missing), the same greedy requests on
 a local mutual-TLS mesh of processes (the reference, on a store freshly imported here), a base image (pulled, or
-made from Debian packages), the CPU image (torch from a local CPU wheel), the embedded model's digest inside the
-image equal to the one imported here, `up -d` until healthy, each container holding only its own key, a greedy
+made from Debian packages), the CPU images (torch from a local CPU wheel; the nodes' and the orchestrator's, one
+build), the embedded model inside both equal to the one imported here layer by layer, encrypted at rest, with the
+weight keys in the orchestrator's image alone, `up -d` until healthy, each container holding only its own key, a greedy
 generation through the `cli` service equal to the reference, `docker kill` of the untrusted cloud box in the middle
 of a generation that must still finish with the reference's tokens, the cloud box restarted and back in the plan,
-then `down -v` and the built image removed. Any failure names its phase and shows the containers' last log lines.
+then `down -v` and the built images removed. Any failure names its phase and shows the containers' last log lines.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SPLITMESH_DOCKER_CACHE", "~/.cache/splitmesh/docker")).expanduser()
 PROJECT = os.environ.get("SPLITMESH_COMPOSE_PROJECT", "splitmesh-compose-test")
 IMAGE = os.environ.get("SPLITMESH_COMPOSE_IMAGE", "splitmesh:compose-test")
+ORCHESTRATOR_IMAGE = os.environ.get("SPLITMESH_COMPOSE_ORCHESTRATOR_IMAGE", "splitmesh-orchestrator:compose-test")
+KEY_FILE = "/opt/splitmesh/store/weight_keys.json"  # the store's weight keys: in the orchestrator's image alone
 REGISTRY_BASE = "python:3.11-slim"
 LOCAL_BASE = "splitmesh-base:bookworm"
 TORCH_PIN = "torch==2.13.0"
@@ -63,9 +66,11 @@ class ComposeTestError(RuntimeError):
 
 @dataclass
 class Reference:
-    """The local mesh's answers: token ids and text of the SHORT and LONG generations, and the model digest."""
+    """The local mesh's answers: token ids and text of the SHORT and LONG generations, the model digest, and its
+    weights by plaintext hash (an import draws fresh keys, so two imports' ciphertexts and digests differ)."""
 
     digest: str = ""
+    plaintext: dict[str, str] = field(default_factory=dict)
     ids: dict[int, list[int]] = field(default_factory=dict)
     text: dict[int, str] = field(default_factory=dict)
 
@@ -174,7 +179,8 @@ class Stack:
 
     def __init__(self, compose: list[str], base: str) -> None:
         self.compose = compose
-        self.env = {**os.environ, "SPLITMESH_IMAGE": IMAGE, "SPLITMESH_BASE_IMAGE": base, "SPLITMESH_TORCH": "cpu",
+        self.env = {**os.environ, "SPLITMESH_IMAGE": IMAGE, "SPLITMESH_ORCHESTRATOR_IMAGE": ORCHESTRATOR_IMAGE,
+                    "SPLITMESH_BASE_IMAGE": base, "SPLITMESH_TORCH": "cpu",
                     "SPLITMESH_ORCHESTRATOR_PORT": str(_free_port())}  # 50051 may be a local mesh's
 
     def cmd(self, *args: str) -> list[str]:
@@ -248,6 +254,7 @@ def local_reference(workdir: Path) -> Reference:
         ref = Reference(digest=store.resolve(EMBEDDED_MODEL_NAME))
     else:
         ref = Reference(digest=import_gguf(store, embedded_gguf_path(), EMBEDDED_MODEL_NAME))
+    ref.plaintext = _plaintext_hashes(store.open(ref.digest).manifest.files)
     spec = MeshSpec(nodes=3, store=store.root, workdir=workdir / "mesh", orchestrator_port=0, tls=True)
     with LocalMesh(spec) as mesh, mesh.client() as client:
         mesh.wait_serving()
@@ -259,12 +266,34 @@ def local_reference(workdir: Path) -> Reference:
     return ref
 
 
-def check_digest(ref: Reference) -> None:
-    code = ("from common.model_store import ModelStore; "
-            "print(ModelStore('/opt/splitmesh/store').resolve('smollm2-135m-instruct'))")
-    inside = sh(["docker", "run", "--rm", "--entrypoint", "python", IMAGE, "-c", code]).stdout.strip()
-    if inside != ref.digest:
-        raise ComposeTestError(f"the image's embedded model has digest {inside[:16]}, imported here {ref.digest[:16]}")
+def _plaintext_hashes(files: Any) -> dict[str, str]:
+    """Role -> sha256 of the plaintext of every file of a manifest (encrypted or not)."""
+    return {role: entry.plain_sha256 or entry.sha256 for role, entry in files.items()}
+
+
+def check_weights(ref: Reference) -> None:
+    """Both images hold the model imported here (the same plaintext, layer by layer), encrypted at rest under the
+    same keys (one build), and only the orchestrator's image holds those keys."""
+    code = ("import json; from common.model_store import ModelStore; "
+            "m = ModelStore('/opt/splitmesh/store').open('smollm2-135m-instruct').manifest; "
+            "print(json.dumps({'digest': m.digest, 'encrypted': m.encrypted, "
+            "'plain': {r: e.plain_sha256 or e.sha256 for r, e in m.files.items()}}))")
+    seen = {}
+    for image in (IMAGE, ORCHESTRATOR_IMAGE):
+        seen[image] = json.loads(sh(["docker", "run", "--rm", "--entrypoint", "python", image, "-c", code]).stdout)
+        if seen[image]["plain"] != ref.plaintext:
+            raise ComposeTestError(f"{image}'s embedded model differs from the one imported here")
+        if not seen[image]["encrypted"]:
+            raise ComposeTestError(f"{image}'s model store is not encrypted at rest")
+    if seen[IMAGE]["digest"] != seen[ORCHESTRATOR_IMAGE]["digest"]:
+        raise ComposeTestError("the two images hold different ciphertext: they are not from one build")
+    probe = ["docker", "run", "--rm", "--entrypoint", "test"]
+    if sh([*probe, IMAGE, "-e", KEY_FILE], check=False, quiet=True).returncode == 0:
+        raise ComposeTestError(f"{IMAGE} (nodes, CLI) carries the weight keys {KEY_FILE}")
+    if sh([*probe, ORCHESTRATOR_IMAGE, "-r", KEY_FILE], check=False, quiet=True).returncode != 0:
+        raise ComposeTestError(f"{ORCHESTRATOR_IMAGE} has no readable {KEY_FILE}")
+    print(f"[compose-test]   both images: digest {seen[IMAGE]['digest'][:16]}, weights equal to the local "
+          "import's; the keys only in the orchestrator's", flush=True)
 
 
 def check_secrets(stack: Stack) -> None:
@@ -374,11 +403,12 @@ def main() -> int:
         stack = Stack(compose, base)
         stack.down()
         with phase("image build"):
-            stack.run("build", "certs", timeout=1800)
-            size = sh(["docker", "image", "inspect", "--format", "{{.Size}}", IMAGE]).stdout.strip()
-            print(f"[compose-test]   {IMAGE}: {int(size) / 1e9:.2f} GB", flush=True)
-        with phase("digest inside the image"):
-            check_digest(ref)
+            stack.run("build", "certs", "orchestrator", timeout=1800)
+            for image in (IMAGE, ORCHESTRATOR_IMAGE):
+                size = sh(["docker", "image", "inspect", "--format", "{{.Size}}", image]).stdout.strip()
+                print(f"[compose-test]   {image}: {int(size) / 1e9:.2f} GB", flush=True)
+        with phase("weights inside the images"):
+            check_weights(ref)
         with phase("up -d until healthy"):
             stack.run("up", "-d", timeout=600)
             stack.wait_healthy(["orchestrator", *NODES], timeout=420)
@@ -405,7 +435,7 @@ def main() -> int:
             with phase("down -v and clean up"):
                 stack.down()
                 if not keep:
-                    sh(["docker", "image", "rm", "-f", IMAGE], check=False, quiet=True)
+                    sh(["docker", "image", "rm", "-f", IMAGE, ORCHESTRATOR_IMAGE], check=False, quiet=True)
                     sh(["docker", "image", "prune", "-f"], check=False, quiet=True)
         print("[compose-test] timings: " + ", ".join(f"{n} {t:.0f} s" for n, t in TIMINGS), flush=True)
         print(f"[compose-test] total {time.monotonic() - started:.0f} s", flush=True)

@@ -216,3 +216,34 @@ def test_the_health_probe_does_not_load_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def _dockerfile_stages(text: str) -> dict[str, str]:
+    """Stage name -> its instructions, in file order (the last one is what a plain `docker build` makes)."""
+    stages: dict[str, str] = {}
+    name = ""
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            name = line.split(" AS ")[-1].strip() if " AS " in line else f"stage{len(stages)}"
+            stages[name] = ""
+        elif name:
+            stages[name] += line + "\n"
+    return stages
+
+
+def test_only_the_orchestrator_image_holds_the_weight_keys(compose: dict[str, Any]) -> None:
+    """The store's weight keys open every layer: they are built into the orchestrator's target alone, and every
+    other splitmesh service (nodes, the CLI, the certs job), in this file and the role files, runs the default
+    keyless target."""
+    stages = _dockerfile_stages((ROOT / services_build(compose)["dockerfile"]).read_text())
+    holding = [n for n, body in stages.items() if "weight_keys.json" in body and n != "build"]
+    assert holding == ["orchestrator"], holding
+    assert list(stages)[-1] == "node" and "weight_keys" not in stages["node"] + stages["runtime"]
+    assert "mv /opt/splitmesh/store/weight_keys.json" in stages["build"]  # out of the store every image copies
+    role_files = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "deploy" / "compose").glob("*.yml"))]
+    for doc in (compose, *role_files):
+        for name, service in doc["services"].items():
+            if "build" not in service:
+                continue  # Prometheus, Grafana
+            want = "orchestrator" if service.get("command") == ["splitmesh-orchestrator"] else "node"
+            assert service["build"].get("target") == want, name

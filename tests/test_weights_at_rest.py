@@ -131,7 +131,8 @@ def test_encrypt_migrates_a_plaintext_store_idempotently(tmp_path: Path, monkeyp
 def mesh(encrypted_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     spec = MeshSpec(nodes=3, store=encrypted_store.root, workdir=tmp_path_factory.mktemp("at-rest"),
                     orchestrator_port=0, trusted=("node-0", "node-2"), boundaries=(0, 10, 20, 30),
-                    placement=("node-0", "node-1", "node-2"), tls=True, node_stores_empty=True)
+                    placement=("node-0", "node-1", "node-2"), tls=True, node_stores_empty=True,
+                    extra_env={"SPLITMESH_PLAN_DRAIN_S": "0"})  # keys checked right after each re-split
     with LocalMesh(spec) as live:
         yield live
 
