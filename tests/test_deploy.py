@@ -43,8 +43,9 @@ ORCHESTRATOR_METRICS_PORT = 9464
 NODE_METRICS_PORT = 9465  # node agents' --metrics-port (their own splitmesh_agent_* metrics)
 ROLE_FILES = ("orchestrator.yml", "edge-trusted.yml", "node.yml")
 # Compose-time variables that are not component settings; README's "Deploying across boxes" documents each.
-DEPLOY_VARS = {"SPLITMESH_IMAGE", "SPLITMESH_ORCHESTRATOR_IMAGE", "SPLITMESH_CERTS_DIR", "SPLITMESH_GATEWAY_ID", "SPLITMESH_GATEWAY_BIND",
-               "GRAFANA_ADMIN_PASSWORD", "SPLITMESH_NODE_PORT", "SPLITMESH_BASE_IMAGE", "SPLITMESH_TORCH"}
+DEPLOY_VARS = {"SPLITMESH_IMAGE", "SPLITMESH_ORCHESTRATOR_IMAGE", "SPLITMESH_CERTS_DIR", "SPLITMESH_GATEWAY_ID",
+               "SPLITMESH_GATEWAY_BIND", "GRAFANA_ADMIN_PASSWORD", "SPLITMESH_NODE_PORT", "SPLITMESH_BASE_IMAGE",
+               "SPLITMESH_TORCH"}
 CLIENT_ENV = {*TLS_ENV, "SPLITMESH_ADDRESS"}  # what the CLI, SDK and gateway read
 SAMPLE_ENV = {
     "SPLITMESH_CERTS_DIR": "/etc/splitmesh/certs",
