@@ -9,6 +9,7 @@ weights, whose linears run :class:`common.int8.Int8Linear`).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -42,10 +43,13 @@ class SegmentRunner:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)  # type: ignore[no-untyped-call]
         self.loaded_roles: list[str] = []
+        needs_table = self.is_first or (self.is_last and model.manifest.tied_embeddings)
+        files = model.load_many([*(layer_role(i) for i in span.layers()), *([EMBED_ROLE] if needs_table else []),
+                                 *([HEAD_ROLE] if self.is_last else [])])
         self.layers = nn.ModuleList()
         for local, index in enumerate(span.layers()):
             layer = skeleton.model.layers[index]
-            self._load(layer, model, layer_role(index))
+            self._load(layer, files, layer_role(index))
             layer.self_attn.layer_idx = local  # caches are per segment, indexed from 0
             self.layers.append(layer)
         self.rotary = type(skeleton.model.rotary_emb)(config=self.config)
@@ -53,29 +57,29 @@ class SegmentRunner:
         self.norm: nn.Module | None = None
         self.lm_head: nn.Module | None = None
         if self.is_first:
-            self.embed = self._embedding(skeleton.model.embed_tokens, model)
+            self.embed = self._embedding(skeleton.model.embed_tokens, files)
         if self.is_last:
-            head = model.load_tensors(HEAD_ROLE)
+            head = files[HEAD_ROLE]
             self.loaded_roles.append(HEAD_ROLE)
             self.norm = skeleton.model.norm
             self.norm.load_state_dict({"weight": head["norm.weight"]}, assign=True, strict=True)
             if model.manifest.tied_embeddings:
-                table = self.embed if self.embed is not None else self._embedding(skeleton.model.embed_tokens, model)
+                table = self.embed if self.embed is not None else self._embedding(skeleton.model.embed_tokens, files)
                 self.lm_head = self._tied_head(skeleton.lm_head, table)
             else:
                 self.lm_head = skeleton.lm_head
                 load_module(self.lm_head, {k.removeprefix("lm_head."): v for k, v in head.items()
                                            if k.startswith("lm_head.")}, self.dtype)
-        del skeleton
+        del skeleton, files
         self.eval()
 
-    def _load(self, module: nn.Module, model: StoredModel, role: str) -> None:
-        load_module(module, model.load_tensors(role), self.dtype)
+    def _load(self, module: nn.Module, files: Mapping[str, Mapping[str, torch.Tensor]], role: str) -> None:
+        load_module(module, files[role], self.dtype)
         self.loaded_roles.append(role)
 
-    def _embedding(self, skeleton_table: nn.Module, model: StoredModel) -> nn.Module:
+    def _embedding(self, skeleton_table: nn.Module, files: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
         """The token table from the ``embed`` file: transformers' own, or its int8 twin when quantized."""
-        tensors = model.load_tensors(EMBED_ROLE)
+        tensors = files[EMBED_ROLE]
         self.loaded_roles.append(EMBED_ROLE)
         if is_quantized(tensors):
             return embedding_from(tensors, self.dtype)
