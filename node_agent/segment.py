@@ -151,6 +151,33 @@ class SegmentRunner:
         cache.group.advance()
         return out
 
+    @torch.inference_mode()
+    def run_prefill_batch_timed(self, caches: list[DynamicCache],
+                                inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        """The first prefill chunk of several sessions as one forward: each ``inputs[b]`` (token ids ``[1, n_b]``
+        or hidden states ``[1, n_b, H]``) starts at position 0 on the empty ``caches[b]``; returns each session's
+        ``[1, n_b, H]``. Rows are right-padded to the longest: under the causal mask a real position never
+        attends to a later one, so the padding changes nothing but the matrix shapes (and with them, possibly,
+        the rounding). Each session's keys and values are then copied out of the batch into its own cache."""
+        lengths = [int(x.shape[1]) for x in inputs]
+        width = max(lengths)
+        rows = [torch.nn.functional.pad(x, (0, width - n) if x.dim() == 2 else (0, 0, 0, width - n))
+                for x, n in zip(inputs, lengths, strict=True)]
+        batch = torch.cat(rows)
+        hidden = self.embed(batch) if self.embed is not None else batch.to(self.dtype)
+        position_ids = torch.arange(width).unsqueeze(0).expand(len(inputs), -1)
+        shared = DynamicCache()
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                  past_key_values=shared, position_ids=position_ids)
+        rope = self.rotary(hidden, position_ids)
+        hidden, seconds = self._layers_timed(hidden, mask, position_ids, shared, rope)
+        for index, layer in enumerate(shared.layers):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            assert isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)
+            for row, (cache, n) in enumerate(zip(caches, lengths, strict=True)):
+                cache.update(keys[row:row + 1, :, :n].clone(), values[row:row + 1, :, :n].clone(), index)
+        return [hidden[row:row + 1, :n] for row, n in enumerate(lengths)], seconds
+
     def _layers_timed(self, hidden: torch.Tensor, mask: object, position_ids: torch.Tensor, cache: Cache,
                       rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, float]:
         """The decoder layers alone over prepared inputs, and the seconds they took."""

@@ -3,7 +3,9 @@
 Everything a node computes arrives as work on the compute thread's queue. When the thread becomes
 free it takes all that waits and hands it here. Decode steps (one token row) of sessions on the same
 local segments run as one batch through transformers' decoder layers, each row with its own position,
-history and padding mask (node_agent/batched_cache.py); everything else runs alone, in arrival order.
+history and padding mask (node_agent/batched_cache.py). The first prefill chunks of sessions that start
+together run as one right-padded forward when they pad well (:func:`run_prefill_batch`); everything else
+runs alone, in arrival order.
 A group of one, or ``max_rows`` of 1, runs exactly the single-session code, bit for bit.
 """
 
@@ -25,6 +27,9 @@ from node_agent.sampler import SamplingConfig, sample
 from node_agent.segment import SegmentRunner
 
 log = logging.getLogger(__name__)
+# A batched prefill (first chunks of several sessions, right-padded to the longest) carries at most this many
+# padded tokens: about what 8 prompts of a chat turn make, so one round stays short.
+PREFILL_BATCH_TOKENS = 2048
 
 StepResult = torch.Tensor | int
 # (token rows, decode: one row per session, seconds in decoder layers, seconds in all). A batched forward
@@ -109,6 +114,24 @@ def run_batch(jobs: list[StepJob]) -> list[StepResult]:
             if job.sampling is not None]
 
 
+def run_prefill_batch(jobs: list[StepJob]) -> list[StepResult]:
+    """First prefill chunks of ``jobs`` (same runners, empty caches) as one right-padded forward per segment."""
+    started = time.perf_counter()
+    hidden = [job.inputs for job in jobs]
+    in_layers = 0.0
+    for index, runner in enumerate(jobs[0].runners):
+        hidden, seconds = runner.run_prefill_batch_timed([job.caches[index] for job in jobs], hidden)
+        in_layers += seconds
+    head = jobs[0]
+    if head.on_done is not None:  # once per forward, with every prompt token it carried
+        head.on_done(sum(job.rows for job in jobs), False, in_layers, time.perf_counter() - started)
+    if head.sampling is None:
+        return list(hidden)
+    logits = head.runners[-1].last_logits_batch(torch.cat([h[:, -1:] for h in hidden]))
+    return [sample(logits[row], job.sampling, job.step) for row, job in enumerate(jobs)
+            if job.sampling is not None]
+
+
 def _group_order(jobs: list[StepJob]) -> list[int]:
     """Job indices in the row order of the decode group their first caches form (node_agent/batched_cache.py),
     so a batch of the same sessions as the last step keeps its group whatever order its rows arrived in."""
@@ -141,10 +164,14 @@ class StepBatcher:
             batch = [job]
             if job.rows == 1 and self.max_rows > 1:
                 batch += self._companions(jobs, index, done)
+            elif job.position == 0 and self.max_rows > 1:
+                batch += self._prefill_companions(jobs, index, done)
             if len(batch) == 1:
                 _settle(job.future, partial(run_one, job))
+            elif job.rows == 1:
+                self._run_batch(batch, run_batch)
             else:
-                self._run_batch(batch)
+                self._run_batch(batch, run_prefill_batch)
 
     def _companions(self, jobs: list[Job], index: int, done: set[int]) -> list[StepJob]:
         """Later decode jobs of the same group, up to the batch limit, each cache at most once."""
@@ -165,10 +192,35 @@ class StepBatcher:
             done.add(later)
         return found
 
+    def _prefill_companions(self, jobs: list[Job], index: int, done: set[int]) -> list[StepJob]:
+        """Later first prefill chunks of the same group that pad well with this one (at most a third of the
+        forward padding, at most PREFILL_BATCH_TOKENS padded tokens, at most ``max_rows`` sessions)."""
+        first = jobs[index]
+        assert isinstance(first, StepJob)
+        key = first.group()
+        seen = {id(c) for c in first.caches}
+        found: list[StepJob] = []
+        real, width = first.rows, first.rows
+        for later in range(index + 1, len(jobs)):
+            if len(found) + 1 >= self.max_rows:
+                break
+            other = jobs[later]
+            if (later in done or not isinstance(other, StepJob) or other.position != 0 or other.rows < 2
+                    or other.group() != key or any(id(c) in seen for c in other.caches)):
+                continue
+            padded = (len(found) + 2) * max(width, other.rows)
+            if padded > PREFILL_BATCH_TOKENS or padded * 2 > (real + other.rows) * 3:
+                continue
+            real, width = real + other.rows, max(width, other.rows)
+            seen.update(id(c) for c in other.caches)
+            found.append(other)
+            done.add(later)
+        return found
+
     @staticmethod
-    def _run_batch(batch: list[StepJob]) -> None:
+    def _run_batch(batch: list[StepJob], run: Callable[[list[StepJob]], list[StepResult]]) -> None:
         try:
-            results = run_batch(batch)
+            results = run(batch)
         except Exception as exc:  # every row of a failed forward hears why
             log.exception("batched step of %d sessions failed", len(batch))
             for job in batch:

@@ -115,6 +115,66 @@ def test_waiting_decode_rows_share_forwards_of_at_most_max_rows(
     assert all(isinstance(r, torch.Tensor) for r in _results([*jobs, prefill]))
 
 
+def test_first_prefill_chunks_that_start_together_share_one_forward_and_equal_each_alone(
+        runners: tuple[SegmentRunner, SegmentRunner], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts of 9, 12, 7 and 11 tokens waiting together (and a 40-token one that would pad them too much):
+    one right-padded forward for the four, the long one alone; every session's hidden states, caches and next
+    decode step match that session run alone (to batched-matmul rounding), and the greedy tokens agree."""
+    lengths, long = (9, 12, 7, 11), 40
+    prompts = [torch.randint(0, 5000, (1, n), generator=torch.Generator().manual_seed(n)) for n in (*lengths, long)]
+    forwards: list[int] = []
+    batched = runners[0].run_prefill_batch_timed
+
+    def count(caches: list[DynamicCache], inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        forwards.append(len(caches))
+        return batched(caches, inputs)
+
+    monkeypatch.setattr(runners[0], "run_prefill_batch_timed", count)
+    alone_caches = [tuple(r.new_cache() for r in runners) for _ in prompts]
+    together_caches = [tuple(r.new_cache() for r in runners) for _ in prompts]
+    alone = [StepJob(runners, c, p, 0) for c, p in zip(alone_caches, prompts, strict=True)]
+    together = [StepJob(runners, c, p, 0) for c, p in zip(together_caches, prompts, strict=True)]
+    for job in (*alone, *together):
+        assert job.future.set_running_or_notify_cancel()
+    for job in alone:
+        StepBatcher(1).run_round([job])
+    assert forwards == []
+    StepBatcher(8).run_round([together[0], together[4], *together[1:4]])
+    assert forwards == [4]  # the 40-token prompt (3x the padding it would add) ran alone
+    last = runners[-1]
+    for one, many, n in zip(_results(alone), _results(together), (*lengths, long), strict=True):
+        assert isinstance(one, torch.Tensor) and isinstance(many, torch.Tensor)
+        assert many.shape == one.shape == (1, n, last.hidden_size)
+        torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-3)  # hidden states reach ~300
+        assert int(last.last_logits(many).argmax()) == int(last.last_logits(one).argmax())
+    decode_alone = [_job(runners, c, 42, n) for c, n in zip(alone_caches, (*lengths, long), strict=True)]
+    decode_together = [_job(runners, c, 42, n) for c, n in zip(together_caches, (*lengths, long), strict=True)]
+    for job in decode_alone:
+        StepBatcher(1).run_round([job])
+    for job in decode_together:  # alone too: the history the batched prefill left is the session's own
+        StepBatcher(1).run_round([job])
+    for one, many in zip(_results(decode_alone), _results(decode_together), strict=True):
+        assert isinstance(one, torch.Tensor) and isinstance(many, torch.Tensor)
+        torch.testing.assert_close(last.last_logits(many), last.last_logits(one), rtol=0, atol=1e-3)
+        assert int(last.last_logits(many).argmax()) == int(last.last_logits(one).argmax())
+    for one_caches, many_caches, n in zip(alone_caches, together_caches, (*lengths, long), strict=True):
+        for a_cache, b_cache in zip(one_caches, many_caches, strict=True):
+            assert b_cache.get_seq_length() == a_cache.get_seq_length() == n + 1
+
+
+def test_the_tail_samples_every_session_of_a_batched_prefill(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    prompts = [torch.randint(0, 5000, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 6, 4)]
+    greedy = SamplingConfig()
+    alone = [StepJob(runners, tuple(r.new_cache() for r in runners), p, 0, greedy) for p in prompts]
+    together = [StepJob(runners, tuple(r.new_cache() for r in runners), p, 0, greedy) for p in prompts]
+    for job in (*alone, *together):
+        assert job.future.set_running_or_notify_cancel()
+    for job in alone:
+        StepBatcher(1).run_round([job])
+    StepBatcher(8).run_round(list(together))
+    assert _results(together) == _results(alone) and all(isinstance(t, int) for t in _results(together))
+
+
 def test_a_row_alone_and_strict_mode_keep_the_exact_single_session_path(
         runners: tuple[SegmentRunner, SegmentRunner]) -> None:
     """Batch size 1 (a lone row, or max_rows=1 with rows waiting together) is bit-identical to run_timed."""
