@@ -73,15 +73,16 @@ class ComputeThread:
 
         The rows of one batch reach the next node as one message per session, spread over a few
         milliseconds; taking the first alone would cost a whole forward for one row, and the split would
-        persist step after step. So while fewer decode rows wait than the node has sessions, the round
-        waits for more, until a quiet gap of ``gather_s / GATHER_QUIET_PARTS`` or ``gather_s`` in all.
+        persist step after step. So while fewer batchable jobs (decode rows, first prefill chunks) wait than
+        the node has sessions, the round waits for more, until a quiet gap of ``gather_s /
+        GATHER_QUIET_PARTS`` or ``gather_s`` in all.
         A node with one session never waits.
         """
         if self._gather_s <= 0.0 or self._max_rows <= 1 or self._expected_rows is None:
             return
         deadline = time.monotonic() + self._gather_s
         while not self._closed:
-            rows = sum(1 for job in self._waiting if isinstance(job, StepJob) and job.rows == 1)
+            rows = sum(1 for job in self._waiting if isinstance(job, StepJob) and job.batchable)
             if rows == 0 or rows >= min(self._max_rows, self._expected_rows()):
                 return
             until = min(deadline, self._last_put + self._quiet_s)

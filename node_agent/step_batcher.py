@@ -54,6 +54,11 @@ class StepJob:
     def rows(self) -> int:
         return int(self.inputs.shape[1])
 
+    @property
+    def batchable(self) -> bool:
+        """A decode row, or a first prefill chunk: the jobs that share forwards with others."""
+        return self.rows == 1 or self.position == 0
+
     def group(self) -> tuple[int, ...]:
         """Jobs with the same key may share a forward: they run the very same segment objects."""
         return tuple(id(r) for r in self.runners)

@@ -329,6 +329,35 @@ def test_rows_arriving_apart_are_gathered_into_one_forward(runners: tuple[Segmen
     assert _staggered_forwards(runners, gather_s=0.0) >= 2
 
 
+def _staggered_prefill_forwards(runners: tuple[SegmentRunner, SegmentRunner], gather_s: float) -> int:
+    """Four first prefill chunks of 6-9 tokens reaching an idle compute thread 3 ms apart (the node before
+    sent its batched prefill on as one message per session): how many forwards they took."""
+    compute = ComputeThread(max_batch_rows=8, gather_s=gather_s, expected_rows=lambda: 4)
+    forwards: list[int] = []
+
+    async def scenario() -> None:
+        steps = []
+        for n in (6, 9, 7, 8):
+            prompt = torch.randint(0, 5000, (1, n), generator=torch.Generator().manual_seed(n))
+            job = StepJob(runners, tuple(r.new_cache() for r in runners), prompt, 0,
+                          on_done=lambda *_: forwards.append(1))
+            steps.append(asyncio.ensure_future(compute.step(job)))
+            await asyncio.sleep(0.003)
+        await asyncio.gather(*steps)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        compute.shutdown()
+    return len(forwards)
+
+
+def test_first_prefill_chunks_arriving_apart_are_gathered_into_one_forward(
+        runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    assert _staggered_prefill_forwards(runners, gather_s=0.2) == 1
+    assert _staggered_prefill_forwards(runners, gather_s=0.0) >= 2
+
+
 def test_a_lone_session_never_waits_for_company(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
     compute = ComputeThread(max_batch_rows=8, gather_s=5.0, expected_rows=lambda: 1)
     caches = _prefilled(runners, 3, 0)
