@@ -301,17 +301,16 @@ def test_compute_thread_batches_steps_waiting_together(runners: tuple[SegmentRun
         torch.testing.assert_close(result, alone, rtol=1e-3, atol=1e-3)  # hidden states reach ~1e2
 
 
-def _staggered_forwards(runners: tuple[SegmentRunner, SegmentRunner], gather_s: float) -> int:
-    """Four decode rows reaching an idle compute thread 3 ms apart (one message per session from the node
-    before): how many forwards they took."""
-    compute = ComputeThread(max_batch_rows=8, gather_s=gather_s, expected_rows=lambda: len(PROMPT_LENGTHS))
-    sessions = [_prefilled(runners, n, seed) for seed, n in enumerate(PROMPT_LENGTHS)]
+def _staggered(jobs: list[StepJob], gather_s: float) -> int:
+    """``jobs`` reaching an idle compute thread 3 ms apart (the node before sends one message per session):
+    how many forwards they took."""
+    compute = ComputeThread(max_batch_rows=8, gather_s=gather_s, expected_rows=lambda: len(jobs))
     forwards: list[int] = []
 
     async def scenario() -> None:
         steps = []
-        for caches, length in zip(sessions, PROMPT_LENGTHS, strict=True):
-            job = StepJob(runners, caches, torch.tensor([[8]]), length, on_done=lambda *_: forwards.append(1))
+        for job in jobs:
+            job.on_done = lambda *_: forwards.append(1)
             steps.append(asyncio.ensure_future(compute.step(job)))
             await asyncio.sleep(0.003)
         await asyncio.gather(*steps)
@@ -321,6 +320,13 @@ def _staggered_forwards(runners: tuple[SegmentRunner, SegmentRunner], gather_s: 
     finally:
         compute.shutdown()
     return len(forwards)
+
+
+def _staggered_forwards(runners: tuple[SegmentRunner, SegmentRunner], gather_s: float) -> int:
+    """Four decode rows, 3 ms apart."""
+    return _staggered([StepJob(runners, caches, torch.tensor([[8]]), length) for caches, length in
+                       zip((_prefilled(runners, n, seed) for seed, n in enumerate(PROMPT_LENGTHS)), PROMPT_LENGTHS,
+                           strict=True)], gather_s)
 
 
 def test_rows_arriving_apart_are_gathered_into_one_forward(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
@@ -330,26 +336,9 @@ def test_rows_arriving_apart_are_gathered_into_one_forward(runners: tuple[Segmen
 
 
 def _staggered_prefill_forwards(runners: tuple[SegmentRunner, SegmentRunner], gather_s: float) -> int:
-    """Four first prefill chunks of 6-9 tokens reaching an idle compute thread 3 ms apart (the node before
-    sent its batched prefill on as one message per session): how many forwards they took."""
-    compute = ComputeThread(max_batch_rows=8, gather_s=gather_s, expected_rows=lambda: 4)
-    forwards: list[int] = []
-
-    async def scenario() -> None:
-        steps = []
-        for n in (6, 9, 7, 8):
-            prompt = torch.randint(0, 5000, (1, n), generator=torch.Generator().manual_seed(n))
-            job = StepJob(runners, tuple(r.new_cache() for r in runners), prompt, 0,
-                          on_done=lambda *_: forwards.append(1))
-            steps.append(asyncio.ensure_future(compute.step(job)))
-            await asyncio.sleep(0.003)
-        await asyncio.gather(*steps)
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        compute.shutdown()
-    return len(forwards)
+    """Four first prefill chunks of 6-9 tokens, 3 ms apart (a batched prefill upstream, sent on per session)."""
+    prompts = [torch.randint(0, 5000, (1, n), generator=torch.Generator().manual_seed(n)) for n in (6, 9, 7, 8)]
+    return _staggered([StepJob(runners, tuple(r.new_cache() for r in runners), p, 0) for p in prompts], gather_s)
 
 
 def test_first_prefill_chunks_arriving_apart_are_gathered_into_one_forward(
