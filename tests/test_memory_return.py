@@ -48,3 +48,45 @@ def test_pool_says_when_a_segment_was_unloaded(store: ModelStore, embedded: Stor
     assert pool.take_unloaded()
     assert not pool.take_unloaded()
     assert pool.spans() == []
+
+
+# Threads that allocate each get a glibc arena of their own unless the process capped them; malloc_stats
+# prints one "Arena N:" block per arena (to stderr).
+ARENAS = """
+import ctypes, ctypes.util, sys, threading
+from node_agent import memory
+limited = memory.limit_arenas() if sys.argv[1] == "limit" else None
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+barrier = threading.Barrier(8)
+def work():
+    barrier.wait()  # all allocate at once, so glibc sees contention and hands out arenas
+    blocks = [libc.malloc(4096) for _ in range(2000)]
+    for b in blocks:
+        libc.free(b)
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(limited, flush=True)
+libc.malloc_stats()
+"""
+
+
+def test_a_node_caps_glibc_arenas_at_two() -> None:
+    def heaps(mode: str) -> tuple[str, int]:
+        done = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, check=True,
+                              timeout=60)
+        return done.stdout.strip(), done.stderr.count("Arena ")
+
+    took, capped = heaps("limit")
+    assert took == "True" and capped <= 2
+    assert heaps("default")[1] > 2  # what every agent thread did before: an arena each
+
+
+def test_the_node_entry_point_caps_arenas_before_starting() -> None:
+    import inspect
+
+    from node_agent import main
+
+    source = inspect.getsource(main.main)
+    assert source.index("limit_arenas()") < source.index("bound_spinning(")  # before torch and any thread
