@@ -11,13 +11,11 @@ from collections.abc import Sequence
 
 from common.config import parse
 from node_agent.config import NodeConfig
-from node_agent.memory import limit_arenas
 from node_agent.openmp import bound_spinning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse(NodeConfig, argv, "splitmesh node agent: hosts model segments", section="node")
-    limit_arenas()  # before any thread of the agent allocates
     openmp = bound_spinning(config.omp_spin_count)
     from node_agent.server import run  # imports torch: after the OpenMP settings are in place
 
