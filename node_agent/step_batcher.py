@@ -114,9 +114,7 @@ def run_batch(jobs: list[StepJob]) -> list[StepResult]:
         head.on_done(len(jobs), True, in_layers, time.perf_counter() - started)
     if head.sampling is None:
         return [hidden[row:row + 1] for row in range(len(jobs))]
-    logits = head.runners[-1].last_logits_batch(hidden)
-    return [sample(logits[row], job.sampling, job.step) for row, job in enumerate(jobs)
-            if job.sampling is not None]
+    return _sampled(jobs, hidden)
 
 
 def run_prefill_batch(jobs: list[StepJob]) -> list[StepResult]:
@@ -132,9 +130,28 @@ def run_prefill_batch(jobs: list[StepJob]) -> list[StepResult]:
         head.on_done(sum(job.rows for job in jobs), False, in_layers, time.perf_counter() - started)
     if head.sampling is None:
         return list(hidden)
-    logits = head.runners[-1].last_logits_batch(torch.cat([h[:, -1:] for h in hidden]))
+    return _sampled(jobs, torch.cat([h[:, -1:] for h in hidden]))
+
+
+def _sampled(jobs: list[StepJob], last_rows: torch.Tensor) -> list[StepResult]:
+    """On the tail: each session's token, sampled from its row of ``last_rows`` (``[B, 1, H]``)."""
+    logits = jobs[0].runners[-1].last_logits_batch(last_rows)
     return [sample(logits[row], job.sampling, job.step) for row, job in enumerate(jobs)
             if job.sampling is not None]
+
+
+def _decode_fits(batch: list[StepJob], other: StepJob) -> bool:
+    """Decode rows share a forward with any number of other decode rows."""
+    return other.rows == 1
+
+
+def _prefill_fits(batch: list[StepJob], other: StepJob) -> bool:
+    """A first prefill chunk joins if the forward stays at most a third padding and PREFILL_BATCH_TOKENS."""
+    if other.position != 0 or other.rows < 2:
+        return False
+    rows = [job.rows for job in batch] + [other.rows]
+    padded = len(rows) * max(rows)
+    return padded <= PREFILL_BATCH_TOKENS and padded * 2 <= sum(rows) * 3
 
 
 def _group_order(jobs: list[StepJob]) -> list[int]:
@@ -168,9 +185,9 @@ class StepBatcher:
                 continue
             batch = [job]
             if job.rows == 1 and self.max_rows > 1:
-                batch += self._companions(jobs, index, done)
+                batch += self._companions(jobs, index, done, _decode_fits)
             elif job.position == 0 and self.max_rows > 1:
-                batch += self._prefill_companions(jobs, index, done)
+                batch += self._companions(jobs, index, done, _prefill_fits)
             if len(batch) == 1:
                 _settle(job.future, partial(run_one, job))
             elif job.rows == 1:
@@ -178,49 +195,26 @@ class StepBatcher:
             else:
                 self._run_batch(batch, run_prefill_batch)
 
-    def _companions(self, jobs: list[Job], index: int, done: set[int]) -> list[StepJob]:
-        """Later decode jobs of the same group, up to the batch limit, each cache at most once."""
+    def _companions(self, jobs: list[Job], index: int, done: set[int],
+                    fits: Callable[[list[StepJob], StepJob], bool]) -> list[StepJob]:
+        """Later jobs of the same group that ``fits`` admits beside those taken, up to the batch limit, each
+        cache at most once."""
         first = jobs[index]
         assert isinstance(first, StepJob)
         key = first.group()
         seen = {id(c) for c in first.caches}
-        found: list[StepJob] = []
+        batch = [first]
         for later in range(index + 1, len(jobs)):
-            if len(found) + 1 >= self.max_rows:
+            if len(batch) >= self.max_rows:
                 break
             other = jobs[later]
-            if (later in done or not isinstance(other, StepJob) or other.rows != 1 or other.group() != key
-                    or any(id(c) in seen for c in other.caches)):
+            if (later in done or not isinstance(other, StepJob) or other.group() != key
+                    or any(id(c) in seen for c in other.caches) or not fits(batch, other)):
                 continue
             seen.update(id(c) for c in other.caches)
-            found.append(other)
+            batch.append(other)
             done.add(later)
-        return found
-
-    def _prefill_companions(self, jobs: list[Job], index: int, done: set[int]) -> list[StepJob]:
-        """Later first prefill chunks of the same group that pad well with this one (at most a third of the
-        forward padding, at most PREFILL_BATCH_TOKENS padded tokens, at most ``max_rows`` sessions)."""
-        first = jobs[index]
-        assert isinstance(first, StepJob)
-        key = first.group()
-        seen = {id(c) for c in first.caches}
-        found: list[StepJob] = []
-        real, width = first.rows, first.rows
-        for later in range(index + 1, len(jobs)):
-            if len(found) + 1 >= self.max_rows:
-                break
-            other = jobs[later]
-            if (later in done or not isinstance(other, StepJob) or other.position != 0 or other.rows < 2
-                    or other.group() != key or any(id(c) in seen for c in other.caches)):
-                continue
-            padded = (len(found) + 2) * max(width, other.rows)
-            if padded > PREFILL_BATCH_TOKENS or padded * 2 > (real + other.rows) * 3:
-                continue
-            real, width = real + other.rows, max(width, other.rows)
-            seen.update(id(c) for c in other.caches)
-            found.append(other)
-            done.add(later)
-        return found
+        return batch[1:]
 
     @staticmethod
     def _run_batch(batch: list[StepJob], run: Callable[[list[StepJob]], list[StepResult]]) -> None:
