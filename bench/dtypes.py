@@ -6,7 +6,8 @@ embedded import itself) and measured:
 - single process (transformers' own model and ``generate``): decode ms/token and tokens/s at 1 session
   and at ``--sessions`` sessions batched (left-padded prompts), prefill ms per 1,000 tokens;
 - a 3-segment mesh on loopback (real node processes, encrypted hops): single-session decode ms/token and
-  tokens/s, resident memory (RSS) of every node; the mesh's many-session figures wait for batching;
+  tokens/s, resident memory (RSS) of every node after it, and aggregate tokens/s of ``--sessions`` concurrent
+  sessions (one SDK client each, batched on the nodes);
 - bytes per hop per token: the payload of one decode step's activation, as the tensor codec encodes it;
 - the peer, when ``scripts/build_llama_cpp.sh`` has built it: llama.cpp on the embedded Q4_1 GGUF itself,
   single-stream, ``--sessions`` parallel sequences and a 2-way RPC split on loopback (bench/llama_cpp_peer.py),
@@ -42,6 +43,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import llama_cpp_peer
+from bench.concurrency_runs import mesh_run
 from bench.embedded import TEXT_SOURCE, model_in, shipped_text
 from bench.overhead import single_process_step_times
 from common.chat import chat_token_ids
@@ -134,34 +136,46 @@ def hop_bytes_per_token(model: StoredModel) -> int:
     return sum(len(c.data) for c in encode_tensor(hidden))
 
 
-def mesh_figures(store: ModelStore, models: dict[str, StoredModel], tokens: int, rounds: int, work: Path,
-                 console: Console) -> dict[str, dict[str, Any]]:
-    """Single-session decode on a 3-segment mesh per dtype, all meshes up at once and run round by round."""
+def mesh_figures(store: ModelStore, models: dict[str, StoredModel], args: argparse.Namespace, work: Path,
+                 tokenizer: PreTrainedTokenizerBase, console: Console) -> dict[str, dict[str, Any]]:
+    """A 3-segment mesh per dtype, all up at once and run round by round: single-session decode, node RSS
+    after it, then ``args.sessions`` concurrent sessions (one SDK client each, bench/concurrency_runs.py)."""
     prompt = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+    many = [chat_token_ids(tokenizer, [{"role": "user", "content": p}])
+            for p in itertools.islice(itertools.cycle(BATCH_PROMPTS), args.sessions)]
+    limits = {"SPLITMESH_MAX_SESSIONS": str(args.sessions), "SPLITMESH_MAX_QUEUED_SESSIONS": str(args.sessions)}
     meshes = {d: LocalMesh(MeshSpec(nodes=3, store=store.root, workdir=work / d, model=m.manifest.name,
                                     orchestrator_port=0, trusted=("node-0", "node-2"), boundaries=(0, 10, 20, 30),
-                                    placement=("node-0", "node-1", "node-2")))
+                                    placement=("node-0", "node-1", "node-2"), extra_env=limits))
               for d, m in models.items()}
     steps: dict[str, list[float]] = {d: [] for d in models}
+    batched: dict[str, list[float]] = {d: [] for d in models}
     out: dict[str, dict[str, Any]] = {}
     try:
         with console.status("starting a 3-segment mesh per dtype"):
             for mesh in meshes.values():
                 mesh.start()
         clients = {d: Client(m.address) for d, m in meshes.items()}
-        for client in clients.values():
+        for d, client in clients.items():
             list(client.generate(prompt, max_new_tokens=4, ignore_eos=True))  # warm-up
-        for r in range(rounds):
+            mesh_run(meshes[d].address, many[:2], 4)
+        for r in range(args.rounds):
             for d, client in clients.items():
-                console.print(f"  mesh round {r + 1}/{rounds}: {d}")
-                arrivals = [time.perf_counter() for _ in client.generate(prompt, max_new_tokens=tokens,
+                console.print(f"  mesh round {r + 1}/{args.rounds}: {d}, 1 session")
+                arrivals = [time.perf_counter() for _ in client.generate(prompt, max_new_tokens=args.tokens,
                                                                          ignore_eos=True)]
                 steps[d] += [b - a for a, b in itertools.pairwise(arrivals)]
-        for d, mesh in meshes.items():
-            rss = {n: psutil.Process(mesh.processes[n].pid).memory_info().rss for n in mesh.node_ids}
+        rss = {d: {n: psutil.Process(mesh.processes[n].pid).memory_info().rss for n in mesh.node_ids}
+               for d, mesh in meshes.items()}  # after single-session decoding: weights, runtime, one cache
+        for r in range(args.rounds):
+            for d, mesh in meshes.items():
+                console.print(f"  mesh round {r + 1}/{args.rounds}: {d}, {args.sessions} sessions")
+                batched[d].append(mesh_run(mesh.address, many, args.tokens).figures()["tokens_per_s"])
+        for d in meshes:
             ms = statistics.median(steps[d]) * 1000
             out[d] = {"mesh3_ms_per_token": round(ms, 2), "mesh3_tokens_per_s": round(1000 / ms, 2),
-                      "mesh3_rss_mb": {n: round(v / 2**20, 1) for n, v in rss.items()}}
+                      f"mesh3_batch{args.sessions}_tokens_per_s": round(statistics.median(batched[d]), 1),
+                      "mesh3_rss_mb": {n: round(v / 2**20, 1) for n, v in rss[d].items()}}
         for client in clients.values():
             client.close()
     finally:
@@ -229,6 +243,7 @@ def peer_figures(args: argparse.Namespace, figures: dict[str, dict[str, Any]],
     ours = {
         "single process, 1 session": ("single_tokens_per_s", "single_tokens_per_s"),
         f"single process, {args.sessions} sessions": (f"batch{args.sessions}_tokens_per_s", parallel),
+        f"3-segment mesh, {args.sessions} sessions": (f"mesh3_batch{args.sessions}_tokens_per_s", parallel),
         "3-segment mesh vs llama.cpp 2-way RPC split": ("mesh3_tokens_per_s", "rpc2_tokens_per_s"),
     }
     table = Table(title=f"llama.cpp {llama_cpp_peer.VERSION} on the Q4_1 GGUF, tokens/s, and splitmesh / llama.cpp")
@@ -259,7 +274,7 @@ def main() -> int:
     parser.add_argument("--store", default="~/.cache/splitmesh/store", help="store holding (or to receive) the models")
     parser.add_argument("--dtypes", default="float32,bfloat16,int8")
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per run")
-    parser.add_argument("--sessions", type=int, default=16, help="sessions batched in the single process")
+    parser.add_argument("--sessions", type=int, default=16, help="concurrent sessions (single process and mesh)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the single process")
     parser.add_argument("--ppl-tokens", type=int, default=2048)
@@ -281,13 +296,16 @@ def main() -> int:
     models = {d.strip(): model_in(store, d.strip()) for d in args.dtypes.split(",")}
     figures, outputs = measure(models, args, tokenizer, ppl_ids, console)
     if not args.no_mesh:
-        for d, mesh_fig in mesh_figures(store, models, args.tokens, args.rounds, work, console).items():
+        for d, mesh_fig in mesh_figures(store, models, args, work, tokenizer, console).items():
             figures[d].update(mesh_fig)
     base = figures.get("float32")
     batch = f"batch{args.sessions}_tokens_per_s"
+    mesh_batch = f"mesh3_batch{args.sessions}_tokens_per_s"
     for dtype, fig in figures.items():
         if base is not None:
             fig["batch_vs_fp32"] = round(fig[batch] / base[batch], 3)
+            if mesh_batch in fig:
+                fig["mesh3_batch_vs_fp32"] = round(fig[mesh_batch] / base[mesh_batch], 3)
             fig["single_vs_fp32"] = round(fig["single_tokens_per_s"] / base["single_tokens_per_s"], 3)
             fig["weight_vs_fp32"] = round(fig["weight_mb"] / base["weight_mb"], 3)
             if "perplexity" in fig:
@@ -308,6 +326,7 @@ def main() -> int:
         ("prefill_ms_per_1000_tokens", "prefill ms per 1,000 tokens"),
         ("mesh3_ms_per_token", "3-segment mesh, ms/token (1 session)"),
         ("mesh3_tokens_per_s", "3-segment mesh, tokens/s (1 session)"),
+        (mesh_batch, f"3-segment mesh, tokens/s ({args.sessions} sessions)"),
         ("weight_mb", "weights in memory, MiB"),
         ("mesh3_rss_mb", "3-segment mesh RSS per node, MiB"),
         ("hop_bytes_per_token", "bytes per hop per token"),
@@ -330,8 +349,10 @@ def main() -> int:
                 continue
             fig = figures[dtype]
             rss = fig.get("mesh3_rss_vs_fp32", {})
-            console.print(f"{dtype}: {args.sessions} sessions {fig['batch_vs_fp32']:.2f}x fp32 (target >= "
-                          f"{target_batch}x); weights {fig['weight_vs_fp32']:.2f}x fp32 (target <= {target_mem}x)"
+            console.print(f"{dtype}: {args.sessions} sessions {fig['batch_vs_fp32']:.2f}x fp32 single-process"
+                          + (f", {fig['mesh3_batch_vs_fp32']:.2f}x on the mesh" if "mesh3_batch_vs_fp32" in fig else "")
+                          + f" (target >= {target_batch}x); weights {fig['weight_vs_fp32']:.2f}x fp32"
+                          + f" (target <= {target_mem}x)"
                           + (", node RSS " + " / ".join(f"{v:.2f}" for v in rss.values()) + "x fp32" if rss else "")
                           + f"; bytes per hop per token {fig['hop_bytes_per_token']} = hidden x "
                           f"{fig['hop_bytes_per_token'] / fig['hidden_size']:g}"
