@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from common.blob_crypto import KEY_BYTES, KeyFile, decrypt_blob, encrypt_blob, plain_size_of
 from common.dtypes import compute_dtype_name
-from common.prefault import prefault
 
 # Its home is common.store_errors (importable without torch); re-exported so callers keep this name.
 from common.store_errors import StoreError as StoreError  # noqa: PLC0414 - explicit re-export (mypy --strict)
@@ -235,7 +234,6 @@ class ModelStore:
                     raise StoreError(f"store file for {role} is corrupted (size mismatch): {path}")
                 with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as sealed:
                     flat = torch.empty(plain_size_of(entry.size), dtype=torch.uint8)
-                    prefault(flat)  # mapped in one call, not a page fault per 4 KiB written
                     decrypt_blob(key, sealed, entry.plain_sha256, role, flat.numpy().data)
         except FileNotFoundError:
             raise StoreError(f"store file for {role} is missing: {path}") from None
