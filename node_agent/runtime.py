@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from node_agent.segment import SegmentRunner
 from node_agent.segment_pool import SegmentPool
 from node_agent.session_registry import NotHostedError, SessionRegistry
 from node_agent.token_ring import TokenInboxes
+from node_agent.torch_threads import confined_executor
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class NodeRuntime:
         self.inboxes = TokenInboxes()  # per session this node heads (and epoch): the step waiting for its token
         self.buffers = BufferBudget(config.max_buffer_bytes)  # bytes of partly received tensors, all streams
         # Tokenizing and chat templates take seconds for a large input: one thread, off the event loop.
-        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self.tokenizing = confined_executor("tokenize", max_workers=1)
         self._tokenizers: dict[str, PreTrainedTokenizerBase | None] = {}
         self._manifests: dict[str, Manifest] = {}
 

@@ -21,6 +21,7 @@ from node_agent.metrics import AgentCollector
 from node_agent.reporter import Reporter
 from node_agent.runtime import NodeRuntime
 from node_agent.servicer import NodeServicer
+from node_agent.torch_threads import confined_executor, single_threaded_here
 
 log = logging.getLogger("node_agent")
 
@@ -28,11 +29,13 @@ log = logging.getLogger("node_agent")
 async def serve(config: NodeConfig) -> None:
     if install_from_env(config.node_id):
         log.warning("audit tap on: recording every message this node receives (security tests only)")
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(confined_executor("node-io"))
     try:
         runtime = NodeRuntime(config)
     except TransportError as exc:
         raise SystemExit(f"TLS settings: {exc}") from None
-    restored = await asyncio.get_running_loop().run_in_executor(None, runtime.plans.restore_blocking)
+    restored = await loop.run_in_executor(None, runtime.plans.restore_blocking)
     if restored is not None:
         log.info("serving the plan of epoch %d again after a restart", restored.epoch)
     if config.metrics_port:
@@ -56,7 +59,6 @@ async def serve(config: NodeConfig) -> None:
              "encrypted" if config.encrypt_activations else "in clear at the frame layer")
     reporter = asyncio.create_task(Reporter(runtime).run())
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
@@ -73,5 +75,6 @@ def run(config: NodeConfig, openmp: str) -> None:
     setup_logging(config.node_id, config.log_level, config.log_json)
     threads = config.threads or os.cpu_count() or 1
     log.info("torch threads: %d; OpenMP idle workers: %s", threads, openmp)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # the default the compute thread starts from
+    single_threaded_here()  # this thread (the event loop) and the executors: see node_agent/torch_threads.py
     asyncio.run(serve(config))
