@@ -5,7 +5,8 @@ warm-up of a segment loaded off the event loop) makes libgomp start a team of wo
 and the team stays. Once the process has more OpenMP threads than cores, libgomp throttles every
 worker's wait to a hundred spins, so the compute thread's workers sleep between the many small kernels
 of a decode step and each kernel pays a futex wake-up. Measured on a 2-core box, int8 layers 10-20 at
-one row: 3.6-4.0 ms per step with one team, 7.8-8.6 ms once a second thread had run one parallel op.
+one row, libgomp's default spin: 3.6-4.0 ms per step with one team, 7.8-8.6 ms once a second thread had
+run one parallel op.
 
 So every node thread but the compute thread runs torch ops on itself alone: its OpenMP and MKL thread
 counts (both per-thread settings) are 1, and it never starts a team. torch's own ``set_num_threads``
