@@ -6,8 +6,9 @@ embedded import itself) and measured:
 - single process (transformers' own model and ``generate``): decode ms/token and tokens/s at 1 session
   and at ``--sessions`` sessions batched (left-padded prompts), prefill ms per 1,000 tokens;
 - a 3-segment mesh on loopback (real node processes, encrypted hops): single-session decode ms/token and
-  tokens/s, resident memory (RSS) of every node after it, and aggregate tokens/s of ``--sessions`` concurrent
-  sessions (one SDK client each, batched on the nodes);
+  tokens/s, resident memory (RSS) of every node after it, the RSS of a fourth node that hosts nothing (the
+  runtime a node costs before any layer) and each node's RSS above it, and aggregate tokens/s of ``--sessions``
+  concurrent sessions (one SDK client each, batched on the nodes);
 - bytes per hop per token: the payload of one decode step's activation, as the tensor codec encodes it;
 - the peer, when ``scripts/build_llama_cpp.sh`` has built it: llama.cpp on the embedded Q4_1 GGUF itself,
   single-stream, ``--sessions`` parallel sequences and a 2-way RPC split on loopback (bench/llama_cpp_peer.py),
@@ -71,6 +72,7 @@ BATCH_PROMPTS = [*PROMPTS, "Why is the sky blue?", "Name a famous painter.", "Wh
                  "Who wrote Hamlet?", "Suggest a name for a dog.", "What does a bee make?",
                  "How many legs does a spider have?", "Tell me a fun fact about the moon."]
 QUALITY_TOKENS = 24
+IDLE_NODE = "node-3"
 TARGETS = {"batch_bf16": 1.3, "batch_int8": 1.6, "mem_bf16": 0.55, "mem_int8": 0.35, "mesh_tps": 2 * 13.3}
 
 
@@ -144,7 +146,8 @@ def mesh_figures(store: ModelStore, models: dict[str, StoredModel], args: argpar
     many = [chat_token_ids(tokenizer, [{"role": "user", "content": p}])
             for p in itertools.islice(itertools.cycle(BATCH_PROMPTS), args.sessions)]
     limits = {"SPLITMESH_MAX_SESSIONS": str(args.sessions), "SPLITMESH_MAX_QUEUED_SESSIONS": str(args.sessions)}
-    meshes = {d: LocalMesh(MeshSpec(nodes=3, store=store.root, workdir=work / d, model=m.manifest.name,
+    # node-3 joins every mesh and hosts nothing: its RSS is what a node costs before any layer (the runtime).
+    meshes = {d: LocalMesh(MeshSpec(nodes=4, store=store.root, workdir=work / d, model=m.manifest.name,
                                     orchestrator_port=0, trusted=("node-0", "node-2"), boundaries=(0, 10, 20, 30),
                                     placement=("node-0", "node-1", "node-2"), extra_env=limits))
               for d, m in models.items()}
@@ -173,9 +176,12 @@ def mesh_figures(store: ModelStore, models: dict[str, StoredModel], args: argpar
                 batched[d].append(mesh_run(mesh.address, many, args.tokens).figures()["tokens_per_s"])
         for d in meshes:
             ms = statistics.median(steps[d]) * 1000
+            idle = rss[d].pop(IDLE_NODE)
             out[d] = {"mesh3_ms_per_token": round(ms, 2), "mesh3_tokens_per_s": round(1000 / ms, 2),
                       f"mesh3_batch{args.sessions}_tokens_per_s": round(statistics.median(batched[d]), 1),
-                      "mesh3_rss_mb": {n: round(v / 2**20, 1) for n, v in rss[d].items()}}
+                      "mesh3_rss_mb": {n: round(v / 2**20, 1) for n, v in rss[d].items()},
+                      "idle_node_rss_mb": round(idle / 2**20, 1),
+                      "mesh3_rss_above_idle_mb": {n: round((v - idle) / 2**20, 1) for n, v in rss[d].items()}}
         for client in clients.values():
             client.close()
     finally:
@@ -315,6 +321,8 @@ def main() -> int:
             if "mesh3_rss_mb" in fig:
                 fig["mesh3_rss_vs_fp32"] = {n: round(v / base["mesh3_rss_mb"][n], 3)
                                             for n, v in fig["mesh3_rss_mb"].items()}
+                fig["mesh3_rss_above_idle_vs_fp32"] = {n: round(v / base["mesh3_rss_above_idle_mb"][n], 3)
+                                                       for n, v in fig["mesh3_rss_above_idle_mb"].items()}
         fig["hop_bytes_is_hidden_x_item"] = fig["hop_bytes_per_token"] == fig["hidden_size"] * (
             4 if dtype == "float32" else 2)
 
@@ -329,6 +337,8 @@ def main() -> int:
         (mesh_batch, f"3-segment mesh, tokens/s ({args.sessions} sessions)"),
         ("weight_mb", "weights in memory, MiB"),
         ("mesh3_rss_mb", "3-segment mesh RSS per node, MiB"),
+        ("idle_node_rss_mb", "RSS of a node hosting nothing, MiB"),
+        ("mesh3_rss_above_idle_mb", "RSS per node above that, MiB"),
         ("hop_bytes_per_token", "bytes per hop per token"),
         ("perplexity", f"perplexity, {args.ppl_tokens} tokens"),
         ("greedy_identical_prompts", f"greedy ids equal fp32 (of {len(PROMPTS)} prompts)"),
@@ -349,11 +359,14 @@ def main() -> int:
                 continue
             fig = figures[dtype]
             rss = fig.get("mesh3_rss_vs_fp32", {})
+            above = fig.get("mesh3_rss_above_idle_vs_fp32", {})
             console.print(f"{dtype}: {args.sessions} sessions {fig['batch_vs_fp32']:.2f}x fp32 single-process"
                           + (f", {fig['mesh3_batch_vs_fp32']:.2f}x on the mesh" if "mesh3_batch_vs_fp32" in fig else "")
                           + f" (target >= {target_batch}x); weights {fig['weight_vs_fp32']:.2f}x fp32"
                           + f" (target <= {target_mem}x)"
                           + (", node RSS " + " / ".join(f"{v:.2f}" for v in rss.values()) + "x fp32" if rss else "")
+                          + (", above an idle node " + " / ".join(f"{v:.2f}" for v in above.values()) + "x"
+                             if above else "")
                           + f"; bytes per hop per token {fig['hop_bytes_per_token']} = hidden x "
                           f"{fig['hop_bytes_per_token'] / fig['hidden_size']:g}"
                           + (f"; perplexity {fig['perplexity_vs_fp32']:.4f}x fp32" if "perplexity_vs_fp32" in fig
