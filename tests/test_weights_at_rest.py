@@ -253,3 +253,37 @@ def test_a_restarted_node_gets_its_keys_again(encrypted_store: ModelStore, refer
         assert "waiting for its weight keys" in log_text
         assert f"restored committed plan epoch {epoch} after restart" in log_text
     assert got == reference_greedy(reference, PROMPT_IDS, 6)  # type: ignore[arg-type]
+
+
+def test_decrypted_tensors_start_aligned_so_int8_layers_copy_nothing(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int8 kernel needs 64-byte aligned data; tensors off that boundary were cloned while the store's
+    resident cache kept the originals, so an int8 node held its weights twice."""
+    from common import int8
+    from common.model_store import TENSOR_ALIGN, tensors_to_bytes
+    from node_agent.segment import SegmentRunner
+
+    store = ModelStore(tmp_path)
+    # one blob whose data section starts off the boundary in the plaintext itself
+    tensors = {"w": torch.arange(4096, dtype=torch.int8).reshape(64, 64), "scale": torch.ones(64)}
+    plain = tensors_to_bytes(tensors)
+    assert (8 + int.from_bytes(plain[:8], "little")) % TENSOR_ALIGN != 0
+    entry = store.put_encrypted_blob(plain)
+    read = store.encrypted_tensors(entry, "probe")
+    assert all(t.data_ptr() % TENSOR_ALIGN == 0 for t in read.values())
+    assert all(torch.equal(read[k], v) for k, v in tensors.items())
+
+    digest = import_random(store, "tiny-llama", "tiny8", seed=3, dtype="int8")
+    cloned: list[int] = []
+    original = int8.aligned
+
+    def counting(tensor: torch.Tensor) -> torch.Tensor:
+        out = original(tensor)
+        if out is not tensor:
+            cloned.append(tensor.numel())
+        return out
+
+    monkeypatch.setattr(int8, "aligned", counting)
+    store.keep_resident(set())  # as a node's segment pool does: decrypted blobs stay as the segment's weights
+    runner = SegmentRunner(store.open(digest), Span(0, 2))
+    assert runner.loaded_roles and not cloned
