@@ -18,12 +18,11 @@ from common.model_store import TENSOR_ALIGN
 
 SCALE_KEY = "scale"
 _QMAX = 127.0
-_ALIGN = TENSOR_ALIGN  # the int8 kernel crashes (SIGSEGV) on int8 data off it
 
 
 def aligned(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in memory aligned for the int8 kernel: tensors read from safetensors sit at any offset."""
-    return tensor if tensor.data_ptr() % _ALIGN == 0 else tensor.clone()
+    return tensor if tensor.data_ptr() % TENSOR_ALIGN == 0 else tensor.clone()  # the kernel SIGSEGVs off it
 
 
 def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:

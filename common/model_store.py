@@ -429,14 +429,19 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
+def _data_start(flat: torch.Tensor) -> int:
+    """Where a safetensors file's data section starts: after its 8-byte length and the JSON header."""
+    return 8 + int.from_bytes(flat[:8].numpy().tobytes(), "little")
+
+
 def _data_aligned(spare: torch.Tensor, size: int) -> torch.Tensor:
     """The ``size`` plaintext bytes at the start of ``spare`` (TENSOR_ALIGN bytes longer), moved so that the
     safetensors data section after the header starts on a TENSOR_ALIGN boundary; a view of ``spare``."""
     import ctypes
 
-    header_len = int.from_bytes(spare[:8].numpy().tobytes(), "little")
-    shift = -(spare.data_ptr() + 8 + header_len) % TENSOR_ALIGN
-    if shift and 8 + header_len <= size:  # a header longer than the blob is tensors_from_buffer's error to raise
+    base = _data_start(spare)
+    shift = -(spare.data_ptr() + base) % TENSOR_ALIGN
+    if shift and base <= size:  # a header longer than the blob is tensors_from_buffer's error to raise
         ctypes.memmove(spare.data_ptr() + shift, spare.data_ptr(), size)
         return spare[shift:shift + size]
     return spare[:size]
@@ -448,9 +453,8 @@ def tensors_from_buffer(flat: torch.Tensor, role: str) -> dict[str, torch.Tensor
     import torch
 
     try:
-        header_len = int.from_bytes(flat[:8].numpy().tobytes(), "little")
-        header = json.loads(flat[8:8 + header_len].numpy().tobytes())
-        base = 8 + header_len
+        base = _data_start(flat)
+        header = json.loads(flat[8:base].numpy().tobytes())
         tensors = {}
         for name, info in header.items():
             if name == "__metadata__":

@@ -36,7 +36,8 @@ def _loaded_setters() -> list[Callable[[int], object]]:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return []
-    paths = dict.fromkeys(line.split(maxsplit=5)[5] for line in maps if len(line.split(maxsplit=5)) == 6)
+    fields = (line.split(maxsplit=5) for line in maps)
+    paths = dict.fromkeys(f[5] for f in fields if len(f) == 6)  # the mapped file, where there is one
     setters: list[Callable[[int], object]] = []
     for symbol, libraries in _SETTERS.items():
         for path in paths:
