@@ -65,6 +65,8 @@ TABLE: Mapping[str, Rule] = {
     _NODE + "Forward": Rule(frozenset({NODE}), "the caller is the plan's predecessor of the segment (NodeServicer)"),
     _NODE + "Deliver": Rule(frozenset({NODE}), "the caller is the plan's tail, this node its head, and the session "
                             "waits here with no token stream yet (NodeServicer)"),
+    _NODE + "Rows": Rule(frozenset({NODE}), "each row reaches only a session whose own stream this caller opened "
+                         "(node_agent/row_routes.py)"),
     _NODE + "Prepare": Rule(frozenset({ORCHESTRATOR})),
     _NODE + "Commit": Rule(frozenset({ORCHESTRATOR})),
     _NODE + "Abort": Rule(frozenset({ORCHESTRATOR})),

@@ -38,13 +38,13 @@ class TokenSender:
     def __init__(self, head_key: X25519PublicKey | None, session_id: str, epoch: int) -> None:
         self._sealer = None if head_key is None else HopSealer(head_key, session_id, epoch, Direction.BACKWARD,
                                                                hop=TOKEN_HOP)
-        self._session_id = session_id
-        self._epoch = epoch
+        self.session_id = session_id
+        self.epoch = epoch
         self._seq = 0
 
     def opening(self) -> pb.DeliverRequest:
         envelope = b"" if self._sealer is None else self._sealer.key_envelope()
-        return pb.DeliverRequest(open=pb.TokenOpen(session_id=self._session_id, epoch=self._epoch,
+        return pb.DeliverRequest(open=pb.TokenOpen(session_id=self.session_id, epoch=self.epoch,
                                                    key_envelope=envelope))
 
     def frame(self, step: int, token_id: int, compute_s: float = 0.0) -> pb.DeliverRequest:

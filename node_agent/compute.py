@@ -23,12 +23,14 @@ class ComputeThread:
     """Serialises model work so sessions never fight over cores, and never blocks the event loop."""
 
     def __init__(self, max_batch_rows: int = 1, gather_s: float = 0.0,
-                 expected_rows: Callable[[], int] | None = None) -> None:
+                 expected_rows: Callable[[], int] | None = None, merge_s: float = 0.0) -> None:
         self._batcher = StepBatcher(max_batch_rows)
         self._max_rows = max_batch_rows
         self._gather_s = gather_s
         self._quiet_s = gather_s / GATHER_QUIET_PARTS
         self._expected_rows = expected_rows
+        self._merge_s = merge_s
+        self._coming = 0  # decode rows of sessions whose step is in the ring, due back here (expect_row)
         self._waiting: list[Job] = []
         self._last_put = 0.0
         self._wake = threading.Condition()
@@ -42,16 +44,37 @@ class ComputeThread:
         self._put(job)
         return cast(T, await asyncio.wrap_future(job.future))
 
-    async def step(self, job: StepJob) -> StepResult:
-        """Run one session's segments; decode rows that wait together are batched."""
-        self._put(job)
-        return await asyncio.wrap_future(job.future)
+    async def step(self, job: StepJob, expected: bool = False) -> StepResult:
+        """Run one session's segments; decode rows that wait together are batched. ``expected``: this is the
+        row an earlier :meth:`expect_row` announced.
 
-    def _put(self, job: Job) -> None:
+        Every session of a forward is woken in one pass of the event loop (:func:`_wake_all`), so the rows a
+        batched forward made leave together as one message per peer (node_agent/row_link.py)."""
+        job.waiter = asyncio.get_running_loop().create_future()
+        self._put(job, expected)
+        try:
+            return await job.waiter
+        except asyncio.CancelledError:
+            job.future.cancel()  # not started yet: the thread drops it
+            raise
+
+    def expect_row(self) -> None:
+        """A session this node heads sent a decode step into the ring: its next row is due back here."""
+        with self._wake:
+            self._coming += 1
+
+    def unexpect_row(self) -> None:
+        """The announced row will not come (the session ended or failed)."""
+        with self._wake:
+            self._coming -= 1
+            self._wake.notify()
+
+    def _put(self, job: Job, expected: bool = False) -> None:
         with self._wake:
             if self._closed:
                 raise RuntimeError("the compute thread is shut down")
             self._waiting.append(job)
+            self._coming -= expected
             self._last_put = time.monotonic()
             self._wake.notify()
 
@@ -65,25 +88,41 @@ class ComputeThread:
                     return
                 taken, self._waiting = self._waiting, []
             # A job whose caller went away (cancelled) before the thread reached it is dropped here.
-            self._batcher.run_round([job for job in taken if job.future.set_running_or_notify_cancel()])
+            running = [job for job in taken if job.future.set_running_or_notify_cancel()]
+            _wake_all([job for job in taken if isinstance(job, StepJob) and job.future.cancelled()])
+            self._batcher.run_round(running, _wake_all)
             self.rounds_done += 1  # one writer (this thread); readers only compare successive values
 
     def _gather(self) -> None:
         """Hold the round open while decode rows of more sessions are still arriving (the lock is held).
 
-        The rows of one batch reach the next node as one message per session, spread over a few
-        milliseconds; taking the first alone would cost a whole forward for one row, and the split would
-        persist step after step. So while fewer batchable jobs (decode rows, first prefill chunks) wait than
-        the node has sessions, the round waits for more, until a quiet gap of ``gather_s /
-        GATHER_QUIET_PARTS`` or ``gather_s`` in all.
+        On a head that merges micro-batches (``merge_s`` > 0, node_agent/pipeline.py decides per plan), a
+        round of decode rows first waits, up to ``merge_s``, for the rows of its sessions whose step is still
+        in the ring (:meth:`expect_row`): nodes that share cores run one batch of all sessions more cheaply
+        than several micro-batches that take turns on the same cores.
+
+        The rows of one batch reach the next node as one message, but its sessions put their jobs a few
+        milliseconds apart (and a head's sessions put theirs as their tokens come home); taking the first
+        alone would cost a whole forward for one row, and the split would persist step after step. So while
+        fewer batchable jobs (decode rows, first prefill chunks) wait than the node has sessions, the round
+        waits for more, until a quiet gap of ``gather_s / GATHER_QUIET_PARTS`` or ``gather_s`` in all.
         A node with one session never waits.
         """
         if self._gather_s <= 0.0 or self._max_rows <= 1 or self._expected_rows is None:
             return
-        deadline = time.monotonic() + self._gather_s
+        now = time.monotonic()
+        deadline = now + self._gather_s
+        merge_until = now + self._merge_s
         while not self._closed:
             rows = sum(1 for job in self._waiting if isinstance(job, StepJob) and job.batchable)
-            if rows == 0 or rows >= min(self._max_rows, self._expected_rows()):
+            if rows == 0 or rows >= self._max_rows:
+                return
+            if self._coming > 0 and rows == len(self._waiting):
+                left = merge_until - time.monotonic()  # only decode rows wait: merge in the rows still in the ring
+                if left > 0.0:
+                    self._wake.wait(left)
+                    continue
+            if rows >= min(self._max_rows, self._expected_rows()):
                 return
             until = min(deadline, self._last_put + self._quiet_s)
             left = until - time.monotonic()
@@ -96,5 +135,32 @@ class ComputeThread:
             self._closed = True
             for job in self._waiting:
                 job.future.cancel()
+            _wake_all([job for job in self._waiting if isinstance(job, StepJob)])
             self._waiting.clear()
             self._wake.notify()
+
+
+def _wake_all(jobs: list[StepJob]) -> None:
+    """Hand a round's results to their awaiting coroutines with one call into each event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[StepJob]] = {}
+    for job in jobs:
+        if job.waiter is not None:
+            by_loop.setdefault(job.waiter.get_loop(), []).append(job)
+    for loop, waiting in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_waiters, waiting)
+        except RuntimeError:  # the loop is closed: nobody awaits these any more
+            continue
+
+
+def _settle_waiters(jobs: list[StepJob]) -> None:
+    for job in jobs:
+        waiter = job.waiter
+        if waiter is None or waiter.done():
+            continue
+        if job.future.cancelled():
+            waiter.cancel()
+        elif job.future.exception() is not None:
+            waiter.set_exception(job.future.exception())  # type: ignore[arg-type]
+        else:
+            waiter.set_result(job.future.result())

@@ -38,6 +38,11 @@ class NodeConfig:
     batch_gather_ms: float = field(8.0, "while fewer decode rows wait than the node has sessions, a forward waits up "
                                         "to this long for more (ended by a gap of a quarter of it between "
                                         "arrivals), so rows of one batch upstream stay one batch here (0 = off)")
+    merge_micro_batches: str = field("auto", "at the head, decode rows wait for the rows of the other sessions "
+                                             "still in the ring, so all run as one batch: on (nodes share cores, "
+                                             "where one batch uses them best), off (micro-batches pipeline across "
+                                             "boxes), auto (on when every node of the plan has the same host)")
+    merge_wait_ms: float = field(1000.0, "the longest a head's decode rows wait to merge with rows still in the ring")
     prefill_chunk_tokens: int = field(256, "a longer prompt is prefilled in chunks of this many tokens, so the "
                                            "decode steps of running sessions go on between them (0 = whole)")
     strict_batching: bool = field(False, "run every step alone and every prompt whole: tokens equal single-process "
@@ -95,6 +100,10 @@ class NodeConfig:
                                                                         self.batch_gather_ms) < 0:
             raise ConfigError("max_batch_rows and max_batch_tokens must be at least 1, max_queued_sessions, "
                               "prefill_chunk_tokens and batch_gather_ms at least 0")
+        if self.merge_micro_batches not in ("auto", "on", "off"):
+            raise ConfigError(f"merge_micro_batches must be auto, on or off, not {self.merge_micro_batches!r}")
+        if not self.merge_wait_ms >= 0:
+            raise ConfigError("merge_wait_ms must be at least 0")
         if not self.plan_drain_s >= 0:
             raise ConfigError("plan_drain_s must be at least 0 (seconds)")
         if self.max_batch_tokens < self.max_prompt_tokens:
@@ -104,6 +113,12 @@ class NodeConfig:
             parse_dtypes(self.dtypes)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+
+    def merges(self, shared_host: bool) -> bool:
+        """Whether a head merges micro-batches on a plan whose nodes do (or do not) all share one host."""
+        if self.strict_batching or self.merge_wait_ms <= 0:
+            return False
+        return self.merge_micro_batches == "on" or (self.merge_micro_batches == "auto" and shared_host)
 
     @property
     def batch_rows(self) -> int:

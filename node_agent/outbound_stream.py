@@ -65,6 +65,25 @@ class OutboundStream:
             raise HopError(grpc.StatusCode.UNAVAILABLE,
                            f"{self.peer}: {self._what} not taken within {self._timeout_s}s") from None
 
+    @property
+    def opened(self) -> bool:
+        """The call is open: the peer knows the session, so its rows may travel batched (node_agent/row_link.py)."""
+        return self._call is not None
+
+    def check(self) -> None:
+        """Raise the failure already seen on this stream, if any."""
+        if self._failure is not None:
+            raise self._failure
+
+    def fail(self, error: HopError) -> None:
+        """A failure of this session's traffic seen elsewhere (its batched rows not taken): kept and reported
+        once, as if the stream itself had ended."""
+        if self._closed or self._failure is not None:
+            return
+        self._failure = error
+        if self._on_failure is not None:
+            self._on_failure(error)
+
     async def _ended(self) -> HopError:
         if self._watch is not None:
             await asyncio.wait({self._watch}, timeout=self._timeout_s)

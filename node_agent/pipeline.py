@@ -3,6 +3,8 @@
 Activations flow one way along the plan; the last segment samples and its node sends the token id
 straight to the head (node_agent/token_ring.py), so logits never leave the tail, no middle node sees a
 token, and a cancelled stream still frees every cache downstream (each node closes the next stream).
+A session's first tensor opens its stream to the next node; its decode rows then travel with the rest of
+their batch as one message (node_agent/row_link.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from node_agent.compute import ComputeThread
 from node_agent.hops import HopError, broken_hop_code
 from node_agent.metrics_registry import ACTIVATION_BYTES, HOP_OVERHEAD_SECONDS, SEGMENT_SECONDS, TRANSFER_SECONDS
 from node_agent.outbound_stream import OutboundStream
+from node_agent.row_link import RowLink, RowLinks
 from node_agent.sampler import SamplingConfig
 from node_agent.segment import SegmentRunner
 from node_agent.step_batcher import StepJob
@@ -39,11 +42,16 @@ log = logging.getLogger(__name__)
 
 
 class ChannelPool:
-    """One long-lived channel per peer, shared by every session; with TLS it accepts only the plan's node."""
+    """One long-lived channel per peer, shared by every session; with TLS it accepts only the plan's node.
+    Each peer also has one rows stream on it (node_agent/row_link.py), shared by every session's batched rows."""
 
-    def __init__(self, tls: TlsConfig | None = None) -> None:
+    def __init__(self, tls: TlsConfig | None = None, rows_timeout_s: float = 30.0) -> None:
         self._tls = tls
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._links = RowLinks(self.get, rows_timeout_s)
+
+    def link(self, address: str, node_id: str) -> RowLink:
+        return self._links.get(address, node_id)
 
     def get(self, address: str, node_id: str) -> grpc.aio.Channel:
         channel = self._channels.get((address, node_id))
@@ -53,6 +61,7 @@ class ChannelPool:
         return channel
 
     async def close(self) -> None:
+        self._links.close()
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
@@ -69,9 +78,10 @@ class RemoteHop:
 
     def __init__(self, channel: grpc.aio.Channel, peer: str, opening: pb.ForwardOpen, chunk_bytes: int,
                  timeout_s: float, sender: HopSender,
-                 on_failure: Callable[[HopError], None] | None = None) -> None:
+                 on_failure: Callable[[HopError], None] | None = None, link: RowLink | None = None) -> None:
         stub = pb_grpc.NodeStub(channel)
         self._peer = peer
+        self._link = link  # the peer's rows stream: decode rows after the first tensor travel batched on it
         self._chunk_bytes = chunk_bytes
         self._sender = sender
         opening.key_envelope = sender.key_envelope()
@@ -88,7 +98,14 @@ class RemoteHop:
         for request in requests:
             if request.HasField("frame"):
                 request.frame.compute_s = compute_s
-        await self._stream.write(requests, lambda: self._opening)
+        if self._link is not None and hidden.shape[1] == 1 and self._stream.opened:
+            self._stream.check()
+            opening = self._opening.open
+            self._link.activation(pb.ActivationRow(session_id=opening.session_id, epoch=opening.epoch,
+                                                   segment_index=opening.segment_index, messages=requests),
+                                  self._stream.fail)
+        else:
+            await self._stream.write(requests, lambda: self._opening)
         self._sent_bytes.inc(hidden.numel() * hidden.element_size())
 
     async def token(self, waiter: asyncio.Future[Delivered], started: float, rows: int,
@@ -137,6 +154,11 @@ def _x25519_key(view: PlanView, node_id: str, what: str) -> X25519PublicKey:
     return public_key_from_bytes(raw)
 
 
+def shares_one_host(view: PlanView) -> bool:
+    """Every node of the plan listens on the same host address: their processes share that box's cores."""
+    return len({address.rsplit(":", 1)[0] for address in view.addresses.values()}) == 1
+
+
 def _boundaries(view: PlanView) -> int:
     """Node boundaries a step crosses from the head to the tail (each one message per token)."""
     nodes = [s.node_id for s in view.segments]
@@ -156,8 +178,11 @@ class SessionPipeline:
                  timeout_s: float, on_compute: Callable[[int, int, bool, float], None] | None = None,
                  encrypt: bool = True,
                  rekey_after: int = MAX_FRAMES_PER_KEY, inboxes: TokenInboxes | None = None,
-                 on_failure: Callable[[HopError], None] | None = None, prefill_chunk_tokens: int = 0) -> None:
+                 on_failure: Callable[[HopError], None] | None = None, prefill_chunk_tokens: int = 0,
+                 merge: bool = False) -> None:
         self.runners = runners
+        self._merge = merge  # at the head: the next decode row is announced while its step is in the ring
+        self._coming = False  # announced (ComputeThread.expect_row) and not yet put
         self._prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prompt runs whole
         self._caches = [r.new_cache() for r in runners]
         self._sampling = sampling
@@ -178,7 +203,7 @@ class SessionPipeline:
                                      sampling=sampling.to_proto())
             sender = _sealer(view, session_id, nxt, rekey_after) if encrypt else PlainHopSender()
             self.remote = RemoteHop(channels.get(view.addresses[peer], peer), peer, opening, chunk_bytes, timeout_s,
-                                    sender, self._failed)
+                                    sender, self._failed, channels.link(view.addresses[peer], peer))
             if first == 0:
                 self.inbox = self._inboxes.open(session_id, view.epoch)
         elif not runners[-1].is_last:
@@ -190,7 +215,8 @@ class SessionPipeline:
             else:
                 key = _x25519_key(view, head, "tokens") if encrypt else None
                 self.sink = RemoteTokenSink(channels.get(view.addresses[head], head), head,
-                                            TokenSender(key, session_id, view.epoch), timeout_s, self._failed)
+                                            TokenSender(key, session_id, view.epoch), timeout_s, self._failed,
+                                            channels.link(view.addresses[head], head))
 
     def _failed(self, error: HopError) -> None:
         if self.inbox is not None:
@@ -212,8 +238,11 @@ class SessionPipeline:
         each its own job, so other sessions' decode steps run between them."""
         rows = int(inputs.shape[1])
         chunk = self._prefill_chunk_tokens
+        expected, self._coming = self._coming, False
         if chunk <= 0 or rows <= chunk:
-            return await self._compute.step(self._job(inputs, position, step))
+            return await self._compute.step(self._job(inputs, position, step), expected)
+        if expected:
+            self._compute.unexpect_row()  # a replay, not the decode row announced
         parts: list[torch.Tensor] = []
         for start in range(0, rows, chunk):
             job = self._job(inputs[:, start:start + chunk], position + start, step)
@@ -241,6 +270,9 @@ class SessionPipeline:
             return None
         waiter = self.inbox.expect(step)  # before the activation leaves: the token may come back at once
         sent = time.perf_counter()
+        if self._merge and int(inputs.shape[1]) == 1:
+            self._compute.expect_row()
+            self._coming = True
         await self.remote.send(step, position, result, 0.0)
         return await self.remote.token(waiter, sent, int(inputs.shape[1]), self._boundaries)
 
@@ -249,6 +281,9 @@ class SessionPipeline:
         return sum(cache.kv_bytes() for cache in self._caches)
 
     def close(self) -> None:
+        if self._coming:
+            self._coming = False
+            self._compute.unexpect_row()
         if self.remote is not None:
             self.remote.close()
         if self.inbox is not None:

@@ -24,8 +24,9 @@ from node_agent.config import NodeConfig
 from node_agent.decode_fit import DecodeCost, DecodeFit
 from node_agent.hops import HopError
 from node_agent.path_watch import PeerProbes, grpc_probe
-from node_agent.pipeline import ChannelPool, SessionPipeline
+from node_agent.pipeline import ChannelPool, SessionPipeline, shares_one_host
 from node_agent.plan_state import PlanState
+from node_agent.row_routes import RowRoutes
 from node_agent.sampler import SamplingConfig
 from node_agent.segment import SegmentRunner
 from node_agent.segment_pool import SegmentPool
@@ -95,8 +96,9 @@ class NodeRuntime:
         self.sessions = SessionRegistry(config.node_id, config.max_sessions, self._acquire_runners,
                                         self._release_runners, self._pipeline)
         self.compute = ComputeThread(config.batch_rows, config.batch_gather_ms / 1000.0,
-                                     self.sessions.pipeline_count)
-        self.channels = ChannelPool(self.tls)
+                                     self.sessions.pipeline_count, config.merge_wait_ms / 1000.0)
+        self.channels = ChannelPool(self.tls, config.hop_timeout_s)
+        self.rows = RowRoutes()  # where the batched rows of every stream open here go
         self.peer_probes = PeerProbes(grpc_probe(self.channels.get))  # shared by every step waiting on a peer
         self.stats = LiveStats()
         self.admission = BatchAdmission(config.node_id, config.max_batch_rows, config.max_queued_sessions,
@@ -164,7 +166,8 @@ class NodeRuntime:
                                chunk_bytes=self.config.chunk_bytes, timeout_s=self.config.hop_timeout_s,
                                on_compute=self.stats.record_compute, encrypt=self.config.encrypt_activations,
                                rekey_after=self.config.rekey_after_frames, inboxes=self.inboxes,
-                               on_failure=on_failure, prefill_chunk_tokens=self.config.prefill_chunk)
+                               on_failure=on_failure, prefill_chunk_tokens=self.config.prefill_chunk,
+                               merge=self.config.merges(shares_one_host(view)))
 
     def _release_runners(self, model_digest: str, runners: list[SegmentRunner]) -> None:
         for runner in runners:

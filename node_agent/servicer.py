@@ -36,6 +36,7 @@ from node_agent.memory import return_freed_memory
 from node_agent.pipeline import SessionPipeline
 from node_agent.plan_state import PlanRejected
 from node_agent.read_ahead import read_ahead
+from node_agent.row_routes import StreamInbox, activation_key, token_key
 from node_agent.runtime import NodeRuntime, NotHostedError, SessionLimitError
 from node_agent.sampler import SamplingConfig
 from node_agent.token_ring import InboxError, TokenInbox
@@ -192,7 +193,8 @@ class NodeServicer(pb_grpc.NodeServicer):
             if not downstream.done():
                 downstream.set_result(error)
 
-        work = asyncio.ensure_future(self._serve_forward(requests, opening, view, receiver, sampling, failed))
+        work = asyncio.ensure_future(self._serve_forward(requests, opening, view, receiver, sampling, failed,
+                                                         None if caller is None else caller.node_id))
         try:
             either: set[asyncio.Future[Any]] = {work, downstream}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -214,19 +216,23 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def _serve_forward(self, requests: AsyncIterator[pb.ForwardRequest], opening: pb.ForwardOpen,
                              view: PlanView, receiver: HopReceiver, sampling: SamplingConfig,
-                             failed: Callable[[HopError], None]) -> None:
-        """Run every activation of the stream through this node's segments and on; raises StreamError or
-        HopError with the status to end the stream with."""
+                             failed: Callable[[HopError], None], sender: str | None) -> None:
+        """Run every activation of the stream, and of the rows its sender batches for it (node_agent/row_routes.py),
+        through this node's segments and on; raises StreamError or HopError with the status to end the stream with."""
         reader = self._reader(view, receiver, opening.segment_index)
         pipeline: SessionPipeline | None = None
+        inbox = StreamInbox(requests)
         try:
-            async for step, position, tensor in reader.activations(requests):
-                if pipeline is None:
-                    # The slot is taken once there is work to run: a silent stream, or one that stops in
-                    # the middle of a tensor, holds no slot (and is closed after the frame timeout).
-                    pipeline = await self._open_pipeline(opening, view, sampling, failed)
-                await pipeline.step(step, position, tensor, reader.compute_s)
+            with self.rt.rows.route(activation_key(opening.session_id, view.epoch, opening.segment_index), sender,
+                                    inbox):
+                async for step, position, tensor in reader.activations(inbox):
+                    if pipeline is None:
+                        # The slot is taken once there is work to run: a silent stream, or one that stops in
+                        # the middle of a tensor, holds no slot (and is closed after the frame timeout).
+                        pipeline = await self._open_pipeline(opening, view, sampling, failed)
+                    await pipeline.step(step, position, tensor, reader.compute_s)
         finally:
+            inbox.close()
             if pipeline is not None:
                 self.rt.sessions.close(opening.session_id, opening.segment_index, opening.epoch, only=pipeline)
             self._trim_after_large_buffers()
@@ -251,14 +257,39 @@ class NodeServicer(pb_grpc.NodeServicer):
         vocab = int(self.rt.manifest(view.model_digest).config["vocab_size"])
         tail = view.segments[-1].node_id
         accepted = 0
+        merged = StreamInbox(requests)  # the stream's tokens and those the tail batches on its rows stream
         try:
-            accepted = await self._take_tokens(requests, inbox, receiver, vocab)
+            with self.rt.rows.route(token_key(first.open.session_id, view.epoch),
+                                    None if caller is None else caller.node_id, merged):
+                accepted = await self._take_tokens(merged, inbox, receiver, vocab)
         except StreamError as exc:
             inbox.fail(HopError(exc.code, f"token stream from {tail}: {exc.details}"))
             await context.abort(exc.code, exc.details)
         finally:
+            merged.close()
             inbox.fail(HopError(grpc.StatusCode.UNAVAILABLE, f"the token stream from {tail} ended"))
         return pb.DeliverReply(tokens=accepted)
+
+    async def Rows(self, request_iterator: AsyncIterator[pb.RowBatch],  # noqa: N802
+                   context: grpc.aio.ServicerContext[pb.RowBatch, pb.RowBatchAck]) -> pb.RowBatchAck:
+        """Batched rows of many sessions from one node: each goes to the stream that node opened for its session
+        (node_agent/row_routes.py), where the stream's own checks judge it; rows of no such stream are dropped."""
+        caller = peer_identity(context)  # a node (common.authz)
+        sender = None if caller is None else caller.node_id
+        most = self.rt.config.max_sessions
+        taken = 0
+        async for batch in request_iterator:
+            rows = len(batch.activations) + len(batch.tokens)
+            if rows > most:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"a row batch of {rows} rows; this node serves at most {most} sessions")
+            for row in batch.activations:
+                taken += self.rt.rows.deliver(activation_key(row.session_id, row.epoch, row.segment_index), sender,
+                                              list(row.messages))
+            for token in batch.tokens:
+                taken += self.rt.rows.deliver(token_key(token.session_id, token.epoch), sender,
+                                              [pb.DeliverRequest(token=token.token)])
+        return pb.RowBatchAck(rows=taken)
 
     async def _take_tokens(self, requests: AsyncIterator[pb.DeliverRequest], inbox: TokenInbox,
                            receiver: TokenReceiver, vocab: int) -> int:

@@ -11,6 +11,7 @@ A group of one, or ``max_rows`` of 1, runs exactly the single-session code, bit 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ class StepJob:
     step: int = 0
     on_done: OnDone | None = None
     future: Future[StepResult] = field(default_factory=Future)
+    waiter: asyncio.Future[StepResult] | None = None  # the awaiting coroutine's (node_agent/compute.py)
 
     @property
     def rows(self) -> int:
@@ -173,8 +175,9 @@ class StepBatcher:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         self.max_rows = max_rows
 
-    def run_round(self, jobs: list[Job]) -> None:
-        """Run every job (already marked running) and settle its future."""
+    def run_round(self, jobs: list[Job], settled: Callable[[list[StepJob]], None] | None = None) -> None:
+        """Run every job (already marked running) and settle its future; ``settled`` hears of each forward's
+        jobs as soon as their futures are set (node_agent/compute.py wakes them together)."""
         done: set[int] = set()
         for index, job in enumerate(jobs):
             if index in done:
@@ -194,6 +197,8 @@ class StepBatcher:
                 self._run_batch(batch, run_batch)
             else:
                 self._run_batch(batch, run_prefill_batch)
+            if settled is not None:
+                settled(batch)
 
     def _companions(self, jobs: list[Job], index: int, done: set[int],
                     fits: Callable[[list[StepJob], StepJob], bool]) -> list[StepJob]:

@@ -2,7 +2,9 @@
 
 The head keeps one :class:`TokenInbox` per session and plan (the step it waits for); the tail hands each
 token to a sink: :class:`LocalTokenSink` when it is the head itself, else :class:`RemoteTokenSink`, a
-``Deliver`` stream to the head sealed to the head's key from the plan (common/sealed_tokens.py).
+``Deliver`` stream to the head sealed to the head's key from the plan (common/sealed_tokens.py). The stream
+opens with the session's first token; the later ones of a batch reach the head together, as one message on
+the head's rows stream (node_agent/row_link.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.sealed_tokens import TokenSender
 from node_agent.hops import HopError, broken_hop_code
 from node_agent.outbound_stream import OutboundStream
+from node_agent.row_link import RowLink
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +128,21 @@ class RemoteTokenSink:
     """
 
     def __init__(self, channel: grpc.aio.Channel, head: str, sender: TokenSender, timeout_s: float,
-                 on_failure: Callable[[HopError], None]) -> None:
+                 on_failure: Callable[[HopError], None], link: RowLink | None = None) -> None:
         self._head = head
         self._sender = sender
+        self._link = link  # the head's rows stream: every token after the first travels batched on it
         self._stream = OutboundStream(head, "token", timeout_s, pb_grpc.NodeStub(channel).Deliver, self._outcome,
                                       on_failure)
 
     async def send(self, step: int, token_id: int, compute_s: float) -> None:
-        await self._stream.write([self._sender.frame(step, token_id, compute_s)], self._sender.opening)
+        request = self._sender.frame(step, token_id, compute_s)
+        if self._link is not None and self._stream.opened:
+            self._stream.check()
+            self._link.token(pb.TokenRow(session_id=self._sender.session_id, epoch=self._sender.epoch,
+                                         token=request.token), self._stream.fail)
+            return
+        await self._stream.write([request], self._sender.opening)
 
     async def _outcome(self, call: grpc.aio.StreamUnaryCall[pb.DeliverRequest, pb.DeliverReply]) -> HopError:
         try:

@@ -1574,6 +1574,119 @@ class DeliverReply(_message.Message):
 Global___DeliverReply: _TypeAlias = DeliverReply  # noqa: Y015
 
 @_typing.final
+class ActivationRow(_message.Message):
+    """One step's rows of many sessions that one forward produced, bound for the same node: a batch crosses a
+    boundary as one message, so the per-hop cost (a gRPC message, an event-loop wake-up, the receiver's
+    gather) is paid once per batch, not once per session. A row is exactly what the session's own stream
+    would carry next (its rekey when one is due, then its frame, sealed with that session's key), so the
+    crypto, sequence and limit checks are the stream's own. The session's stream stays the home of its open,
+    its first tensor and its end; rows flow only on a stream already open, and a step's row is sent only after
+    the step before it came back, so rows never overtake their stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SEGMENT_INDEX_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    epoch: _builtins.int
+    segment_index: _builtins.int
+    """the segment the receiver runs, as in the session's ForwardOpen"""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForwardRequest]:
+        """rekey and frame only"""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        segment_index: _builtins.int = ...,
+        messages: _abc.Iterable[Global___ForwardRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "messages", b"messages", "segment_index", b"segment_index", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivationRow: _TypeAlias = ActivationRow  # noqa: Y015
+
+@_typing.final
+class TokenRow(_message.Message):
+    """One session's sampled token, from the tail to the head (what its Deliver stream would carry next)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    epoch: _builtins.int
+    @_builtins.property
+    def token(self) -> Global___TokenFrame: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        token: Global___TokenFrame | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "session_id", b"session_id", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenRow: _TypeAlias = TokenRow  # noqa: Y015
+
+@_typing.final
+class RowBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def activations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActivationRow]: ...
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenRow]: ...
+    def __init__(
+        self,
+        *,
+        activations: _abc.Iterable[Global___ActivationRow] | None = ...,
+        tokens: _abc.Iterable[Global___TokenRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RowBatch: _TypeAlias = RowBatch  # noqa: Y015
+
+@_typing.final
+class RowBatchAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    rows: _builtins.int
+    """rows taken on this stream"""
+    def __init__(
+        self,
+        *,
+        rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RowBatchAck: _TypeAlias = RowBatchAck  # noqa: Y015
+
+@_typing.final
 class WeightKey(_message.Message):
     """---------------------------------------------------------------- node: control
 

@@ -662,6 +662,11 @@ class NodeStub:
                 request_serializer=splitmesh__pb2.DeliverRequest.SerializeToString,
                 response_deserializer=splitmesh__pb2.DeliverReply.FromString,
                 _registered_method=True)
+        self.Rows = channel.stream_unary(
+                '/splitmesh.v1.Node/Rows',
+                request_serializer=splitmesh__pb2.RowBatch.SerializeToString,
+                response_deserializer=splitmesh__pb2.RowBatchAck.FromString,
+                _registered_method=True)
         self.Prepare = channel.unary_unary(
                 '/splitmesh.v1.Node/Prepare',
                 request_serializer=splitmesh__pb2.PrepareRequest.SerializeToString,
@@ -712,6 +717,13 @@ class NodeServicer:
 
     def Deliver(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rows(self, request_iterator, context):
+        """One long-lived stream per pair of nodes: the batched rows of sessions whose streams are open (RowBatch).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -768,6 +780,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Deliver,
                     request_deserializer=splitmesh__pb2.DeliverRequest.FromString,
                     response_serializer=splitmesh__pb2.DeliverReply.SerializeToString,
+            ),
+            'Rows': grpc.stream_unary_rpc_method_handler(
+                    servicer.Rows,
+                    request_deserializer=splitmesh__pb2.RowBatch.FromString,
+                    response_serializer=splitmesh__pb2.RowBatchAck.SerializeToString,
             ),
             'Prepare': grpc.unary_unary_rpc_method_handler(
                     servicer.Prepare,
@@ -903,6 +920,33 @@ class Node:
             '/splitmesh.v1.Node/Deliver',
             splitmesh__pb2.DeliverRequest.SerializeToString,
             splitmesh__pb2.DeliverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rows(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/splitmesh.v1.Node/Rows',
+            splitmesh__pb2.RowBatch.SerializeToString,
+            splitmesh__pb2.RowBatchAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -194,6 +194,8 @@ class NodeStub:
     Cancel: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.CancelRequest, _splitmesh_pb2.CancelReply]
     Forward: _grpc.StreamStreamMultiCallable[_splitmesh_pb2.ForwardRequest, _splitmesh_pb2.ForwardReply]
     Deliver: _grpc.StreamUnaryMultiCallable[_splitmesh_pb2.DeliverRequest, _splitmesh_pb2.DeliverReply]
+    Rows: _grpc.StreamUnaryMultiCallable[_splitmesh_pb2.RowBatch, _splitmesh_pb2.RowBatchAck]
+    """One long-lived stream per pair of nodes: the batched rows of sessions whose streams are open (RowBatch)."""
     Prepare: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.PrepareRequest, _splitmesh_pb2.PrepareReply]
     Commit: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]
     Abort: _grpc.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]
@@ -207,6 +209,8 @@ class NodeAsyncStub(NodeStub):
     Cancel: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.CancelRequest, _splitmesh_pb2.CancelReply]  # type: ignore[assignment]
     Forward: _aio.StreamStreamMultiCallable[_splitmesh_pb2.ForwardRequest, _splitmesh_pb2.ForwardReply]  # type: ignore[assignment]
     Deliver: _aio.StreamUnaryMultiCallable[_splitmesh_pb2.DeliverRequest, _splitmesh_pb2.DeliverReply]  # type: ignore[assignment]
+    Rows: _aio.StreamUnaryMultiCallable[_splitmesh_pb2.RowBatch, _splitmesh_pb2.RowBatchAck]  # type: ignore[assignment]
+    """One long-lived stream per pair of nodes: the batched rows of sessions whose streams are open (RowBatch)."""
     Prepare: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.PrepareRequest, _splitmesh_pb2.PrepareReply]  # type: ignore[assignment]
     Commit: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]  # type: ignore[assignment]
     Abort: _aio.UnaryUnaryMultiCallable[_splitmesh_pb2.CommitRequest, _splitmesh_pb2.CommitReply]  # type: ignore[assignment]
@@ -241,6 +245,14 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_splitmesh_pb2.DeliverRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_splitmesh_pb2.DeliverReply, _abc.Awaitable[_splitmesh_pb2.DeliverReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Rows(
+        self,
+        request_iterator: _MaybeAsyncIterator[_splitmesh_pb2.RowBatch],
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitmesh_pb2.RowBatchAck, _abc.Awaitable[_splitmesh_pb2.RowBatchAck]]:
+        """One long-lived stream per pair of nodes: the batched rows of sessions whose streams are open (RowBatch)."""
 
     @_abc_1.abstractmethod
     def Prepare(

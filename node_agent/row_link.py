@@ -1,0 +1,139 @@
+"""The sending end of the batched data plane: a step's rows of many sessions cross a boundary as one message.
+
+The compute thread finishes a forward of many sessions at once and wakes them all in one pass of the
+event loop (node_agent/compute.py). Each session then seals its own row (its activation for the next
+node, or on the tail its token for the head) and hands it to the :class:`RowLink` of that peer, which
+sends every row handed over in that pass as one ``RowBatch`` on one long-lived ``Rows`` stream. The
+flush is scheduled behind the wake-ups of the pass (``call_soon``), so it needs no timer and adds no wait.
+
+A row only ever follows its session's own stream (opened with its first tensor), so the receiver knows
+the session before its rows arrive. A batch that cannot be written fails exactly its rows' sessions
+(``on_failure`` with the status), which then replay as after any broken hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from common.proto import splitmesh_pb2 as pb
+from common.proto import splitmesh_pb2_grpc as pb_grpc
+from node_agent.hops import HopError, hop_failure
+from node_agent.metrics_registry import ROW_BATCHES, ROWS_SENT
+
+log = logging.getLogger(__name__)
+
+OnFailure = Callable[[HopError], None]
+
+
+@dataclass
+class _Pending:
+    batch: pb.RowBatch
+    failures: list[OnFailure]
+
+
+class RowLink:
+    """One peer's ``Rows`` stream: rows handed over in one event-loop pass leave as one message, in order."""
+
+    def __init__(self, peer: str, open_call: Callable[[], grpc.aio.StreamUnaryCall[pb.RowBatch, pb.RowBatchAck]],
+                 timeout_s: float) -> None:
+        self.peer = peer
+        self._open_call = open_call
+        self._timeout_s = timeout_s
+        self._call: grpc.aio.StreamUnaryCall[pb.RowBatch, pb.RowBatchAck] | None = None
+        self._pending: _Pending | None = None
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._sent_batches = ROW_BATCHES.labels(peer=peer)
+        self._sent_rows = {kind: ROWS_SENT.labels(peer=peer, kind=kind) for kind in ("activation", "token")}
+
+    def activation(self, row: pb.ActivationRow, on_failure: OnFailure) -> None:
+        """Queue one session's activation row for the next flush."""
+        pending = self._take()
+        pending.batch.activations.append(row)
+        pending.failures.append(on_failure)
+
+    def token(self, row: pb.TokenRow, on_failure: OnFailure) -> None:
+        """Queue one session's token row for the next flush."""
+        pending = self._take()
+        pending.batch.tokens.append(row)
+        pending.failures.append(on_failure)
+
+    def _take(self) -> _Pending:
+        if self._pending is None:
+            self._pending = _Pending(pb.RowBatch(), [])
+            asyncio.get_running_loop().call_soon(self._flush)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_all())
+        return self._pending
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._queue.put_nowait(pending)
+
+    async def _write_all(self) -> None:
+        while True:
+            pending = await self._queue.get()
+            try:
+                await self._write(pending.batch)
+            except HopError as error:
+                self._reset()
+                log.warning("rows to %s not sent (%d sessions fail over): %s %s", self.peer, len(pending.failures),
+                            error.code.name, error.details)
+                for fail in pending.failures:
+                    fail(error)
+                continue
+            self._sent_batches.inc()
+            self._sent_rows["activation"].inc(len(pending.batch.activations))
+            self._sent_rows["token"].inc(len(pending.batch.tokens))
+
+    async def _write(self, batch: pb.RowBatch) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if self._call is None:
+                    self._call = self._open_call()
+                await self._call.write(batch)
+        except grpc.aio.AioRpcError as exc:
+            raise hop_failure(exc, self.peer) from exc
+        except asyncio.InvalidStateError:  # the peer ended the stream (it restarted): the next batch reopens
+            raise HopError(grpc.StatusCode.UNAVAILABLE, f"{self.peer} closed the rows stream") from None
+        except TimeoutError:
+            raise HopError(grpc.StatusCode.UNAVAILABLE,
+                           f"{self.peer}: rows not taken within {self._timeout_s}s") from None
+
+    def _reset(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+        self._reset()
+
+
+class RowLinks:
+    """One :class:`RowLink` per peer, built on the channel the peer's sessions already share."""
+
+    def __init__(self, channel_of: Callable[[str, str], grpc.aio.Channel], timeout_s: float) -> None:
+        self._channel_of = channel_of
+        self._timeout_s = timeout_s
+        self._links: dict[tuple[str, str], RowLink] = {}
+
+    def get(self, address: str, node_id: str) -> RowLink:
+        link = self._links.get((address, node_id))
+        if link is None:
+            stub = pb_grpc.NodeStub(self._channel_of(address, node_id))
+            link = self._links[(address, node_id)] = RowLink(node_id, stub.Rows, self._timeout_s)
+        return link
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
