@@ -179,7 +179,8 @@ def test_no_token_id_passes_the_middle_node(which: str, request: pytest.FixtureR
     # The first on the session's Deliver stream, the rest batched on the tail's rows stream.
     head = [r for r in _records(taps, "node-0")
             if r["method"] in ("/splitmesh.v1.Node/Deliver", "/splitmesh.v1.Node/Rows") and r["dir"] == "in"]
-    delivered = [value for r in head for name, value in r["ints"] if name in ("token.token_id", "tokens.token.token_id")]
+    delivered = [value for r in head for name, value in r["ints"]
+                 if name in ("token.token_id", "tokens.token.token_id")]
     frames = [name for r in head for name in r["fields"] if name in ("token", "tokens.token")]
     sealed = [name for r in head for name in r["fields"] if name in ("token.ciphertext", "tokens.token.ciphertext")]
     assert len(frames) >= MAX_NEW
