@@ -347,6 +347,61 @@ def test_first_prefill_chunks_arriving_apart_are_gathered_into_one_forward(
     assert _staggered_prefill_forwards(runners, gather_s=0.0) >= 2
 
 
+def _merged_forwards(runners: tuple[SegmentRunner, SegmentRunner], merge_s: float) -> int:
+    """A head's two decode rows: one ready now, the other still in the ring (announced) and put 60 ms later, far
+    past the gather window: how many forwards they took."""
+    compute = ComputeThread(max_batch_rows=8, gather_s=0.008, expected_rows=lambda: 2, merge_s=merge_s)
+    jobs = [StepJob(runners, _prefilled(runners, n, seed), torch.tensor([[8]]), n) for seed, n in enumerate((3, 5))]
+    forwards: list[int] = []
+
+    async def scenario() -> None:
+        for job in jobs:
+            job.on_done = lambda *_: forwards.append(1)
+        compute.expect_row()
+        first = asyncio.ensure_future(compute.step(jobs[0]))
+        await asyncio.sleep(0.06)
+        await asyncio.gather(first, compute.step(jobs[1], expected=True))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        compute.shutdown()
+    return len(forwards)
+
+
+def test_a_merging_head_waits_for_rows_still_in_the_ring(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    assert _merged_forwards(runners, merge_s=1.0) == 1
+    assert _merged_forwards(runners, merge_s=0.0) == 2
+
+
+def test_a_merge_wait_ends_when_the_announced_row_will_not_come(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    compute = ComputeThread(max_batch_rows=8, gather_s=0.008, expected_rows=lambda: 2, merge_s=30.0)
+    caches = _prefilled(runners, 3, 0)
+
+    async def scenario() -> float:
+        compute.expect_row()
+        started = time.monotonic()
+        step = asyncio.ensure_future(compute.step(StepJob(runners, caches, torch.tensor([[8]]), 3)))
+        await asyncio.sleep(0.1)
+        compute.unexpect_row()  # the other session ended
+        await step
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(scenario()) < 5.0  # far below the 30 s bound
+    finally:
+        compute.shutdown()
+
+
+def test_merging_follows_the_setting_and_the_plan_hosts() -> None:
+    assert NodeConfig().merges(shared_host=True) and not NodeConfig().merges(shared_host=False)
+    assert NodeConfig(merge_micro_batches="on").merges(shared_host=False)
+    assert not NodeConfig(merge_micro_batches="off").merges(shared_host=True)
+    assert not NodeConfig(strict_batching=True).merges(shared_host=True)
+    with pytest.raises(ConfigError):
+        NodeConfig(merge_micro_batches="sometimes")
+
+
 def test_a_lone_session_never_waits_for_company(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
     compute = ComputeThread(max_batch_rows=8, gather_s=5.0, expected_rows=lambda: 1)
     caches = _prefilled(runners, 3, 0)
