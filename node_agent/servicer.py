@@ -276,13 +276,13 @@ class NodeServicer(pb_grpc.NodeServicer):
         (node_agent/row_routes.py), where the stream's own checks judge it; rows of no such stream are dropped."""
         caller = peer_identity(context)  # a node (common.authz)
         sender = None if caller is None else caller.node_id
-        most = self.rt.config.max_sessions
+        most = 4 * self.rt.config.max_sessions  # a few forwards' rows may leave in one message, never more
         taken = 0
         async for batch in request_iterator:
             rows = len(batch.activations) + len(batch.tokens)
             if rows > most:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"a row batch of {rows} rows; this node serves at most {most} sessions")
+                                    f"a row batch of {rows} rows; this node takes at most {most} in one message")
             for row in batch.activations:
                 taken += self.rt.rows.deliver(activation_key(row.session_id, row.epoch, row.segment_index), sender,
                                               list(row.messages))

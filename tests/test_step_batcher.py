@@ -302,7 +302,7 @@ def test_compute_thread_batches_steps_waiting_together(runners: tuple[SegmentRun
 
 
 def _staggered(jobs: list[StepJob], gather_s: float) -> int:
-    """``jobs`` reaching an idle compute thread 3 ms apart (the node before sends one message per session):
+    """``jobs`` reaching an idle compute thread 3 ms apart (sessions putting their rows a few ms apart):
     how many forwards they took."""
     compute = ComputeThread(max_batch_rows=8, gather_s=gather_s, expected_rows=lambda: len(jobs))
     forwards: list[int] = []
