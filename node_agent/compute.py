@@ -31,6 +31,8 @@ class ComputeThread:
         self._expected_rows = expected_rows
         self._merge_s = merge_s
         self._coming = 0  # decode rows of sessions whose step is in the ring, due back here (expect_row)
+        self._back = 0  # ... whose token is back, the row not yet put (row_back)
+        self._last_back = 0.0
         self._waiting: list[Job] = []
         self._last_put = 0.0
         self._wake = threading.Condition()
@@ -63,10 +65,23 @@ class ComputeThread:
         with self._wake:
             self._coming += 1
 
-    def unexpect_row(self) -> None:
-        """The announced row will not come (the session ended or failed)."""
+    def row_back(self) -> None:
+        """The announced session's token is back: its row follows as soon as the session has handed the token
+        on (a round waits for it at most ``gather_s`` after the last such return, so a session whose client
+        reads slowly holds up the others no longer than that)."""
         with self._wake:
             self._coming -= 1
+            self._back += 1
+            self._last_back = time.monotonic()
+            self._wake.notify()
+
+    def unexpect_row(self, back: bool) -> None:
+        """The announced row will not come (the session ended, failed or replays); ``back``: after row_back."""
+        with self._wake:
+            if back:
+                self._back -= 1
+            else:
+                self._coming -= 1
             self._wake.notify()
 
     def _put(self, job: Job, expected: bool = False) -> None:
@@ -74,7 +89,7 @@ class ComputeThread:
             if self._closed:
                 raise RuntimeError("the compute thread is shut down")
             self._waiting.append(job)
-            self._coming -= expected
+            self._back -= expected
             self._last_put = time.monotonic()
             self._wake.notify()
 
@@ -98,8 +113,9 @@ class ComputeThread:
 
         On a head that merges micro-batches (``merge_s`` > 0, node_agent/pipeline.py decides per plan), a
         round of decode rows first waits, up to ``merge_s``, for the rows of its sessions whose step is still
-        in the ring (:meth:`expect_row`): nodes that share cores run one batch of all sessions more cheaply
-        than several micro-batches that take turns on the same cores.
+        in the ring (:meth:`expect_row`), and up to ``gather_s`` after the last of their tokens came back for
+        those sessions to put their rows (:meth:`row_back`): nodes that share cores run one batch of all
+        sessions more cheaply than several micro-batches that take turns on the same cores.
 
         The rows of one batch reach the next node as one message, but its sessions put their jobs a few
         milliseconds apart (and a head's sessions put theirs as their tokens come home); taking the first
@@ -117,8 +133,9 @@ class ComputeThread:
             rows = sum(1 for job in self._waiting if isinstance(job, StepJob) and job.batchable)
             if rows == 0 or rows >= self._max_rows:
                 return
-            if self._coming > 0 and rows == len(self._waiting):
-                left = merge_until - time.monotonic()  # only decode rows wait: merge in the rows still in the ring
+            if rows == len(self._waiting):  # only batchable rows wait: merge in the rows still in the ring
+                left = max(merge_until - time.monotonic() if self._coming > 0 else 0.0,
+                           self._last_back + self._gather_s - time.monotonic() if self._back > 0 else 0.0)
                 if left > 0.0:
                     self._wake.wait(left)
                     continue

@@ -182,7 +182,7 @@ class SessionPipeline:
                  merge: bool = False) -> None:
         self.runners = runners
         self._merge = merge  # at the head: the next decode row is announced while its step is in the ring
-        self._coming = False  # announced (ComputeThread.expect_row) and not yet put
+        self._announced: str | None = None  # "ring" (ComputeThread.expect_row), "back" (row_back), None
         self._prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prompt runs whole
         self._caches = [r.new_cache() for r in runners]
         self._sampling = sampling
@@ -238,11 +238,11 @@ class SessionPipeline:
         each its own job, so other sessions' decode steps run between them."""
         rows = int(inputs.shape[1])
         chunk = self._prefill_chunk_tokens
-        expected, self._coming = self._coming, False
+        expected, self._announced = self._announced == "back", None
         if chunk <= 0 or rows <= chunk:
             return await self._compute.step(self._job(inputs, position, step), expected)
         if expected:
-            self._compute.unexpect_row()  # a replay, not the decode row announced
+            self._compute.unexpect_row(back=True)  # a replay, not the decode row announced
         parts: list[torch.Tensor] = []
         for start in range(0, rows, chunk):
             job = self._job(inputs[:, start:start + chunk], position + start, step)
@@ -272,18 +272,22 @@ class SessionPipeline:
         sent = time.perf_counter()
         if self._merge and int(inputs.shape[1]) == 1:
             self._compute.expect_row()
-            self._coming = True
+            self._announced = "ring"
         await self.remote.send(step, position, result, 0.0)
-        return await self.remote.token(waiter, sent, int(inputs.shape[1]), self._boundaries)
+        token = await self.remote.token(waiter, sent, int(inputs.shape[1]), self._boundaries)
+        if self._announced == "ring":
+            self._compute.row_back()
+            self._announced = "back"
+        return token
 
     def cache_bytes(self) -> int:
         """Bytes of keys and values this session holds on this node."""
         return sum(cache.kv_bytes() for cache in self._caches)
 
     def close(self) -> None:
-        if self._coming:
-            self._coming = False
-            self._compute.unexpect_row()
+        if self._announced is not None:
+            self._compute.unexpect_row(back=self._announced == "back")
+            self._announced = None
         if self.remote is not None:
             self.remote.close()
         if self.inbox is not None:

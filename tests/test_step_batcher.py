@@ -360,6 +360,7 @@ def _merged_forwards(runners: tuple[SegmentRunner, SegmentRunner], merge_s: floa
         compute.expect_row()
         first = asyncio.ensure_future(compute.step(jobs[0]))
         await asyncio.sleep(0.06)
+        compute.row_back()
         await asyncio.gather(first, compute.step(jobs[1], expected=True))
 
     try:
@@ -383,12 +384,31 @@ def test_a_merge_wait_ends_when_the_announced_row_will_not_come(runners: tuple[S
         started = time.monotonic()
         step = asyncio.ensure_future(compute.step(StepJob(runners, caches, torch.tensor([[8]]), 3)))
         await asyncio.sleep(0.1)
-        compute.unexpect_row()  # the other session ended
+        compute.unexpect_row(back=False)  # the other session ended
         await step
         return time.monotonic() - started
 
     try:
         assert asyncio.run(scenario()) < 5.0  # far below the 30 s bound
+    finally:
+        compute.shutdown()
+
+
+def test_a_session_whose_token_is_back_holds_the_round_only_briefly(
+        runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    """Its client may read slowly, so its next row may be late: the others wait a gather window, not the merge bound."""
+    compute = ComputeThread(max_batch_rows=8, gather_s=0.05, expected_rows=lambda: 2, merge_s=30.0)
+    caches = _prefilled(runners, 3, 0)
+
+    async def scenario() -> float:
+        compute.expect_row()
+        compute.row_back()  # and its row never comes
+        started = time.monotonic()
+        await compute.step(StepJob(runners, caches, torch.tensor([[8]]), 3))
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(scenario()) < 5.0
     finally:
         compute.shutdown()
 
