@@ -3,8 +3,8 @@
 The compute thread finishes a forward of many sessions at once and wakes them all in one pass of the
 event loop (node_agent/compute.py). Each session then seals its own row (its activation for the next
 node, or on the tail its token for the head) and hands it to the :class:`RowLink` of that peer, which
-sends every row handed over in that pass as one ``RowBatch`` on one long-lived ``Rows`` stream. The
-flush is scheduled behind the wake-ups of the pass (``call_soon``), so it needs no timer and adds no wait.
+sends every row handed over in that pass as one ``RowBatch`` on one long-lived ``Rows`` stream. Its
+writer wakes behind the wake-ups of the pass, so the message needs no timer and adds no wait.
 
 A row only ever follows its session's own stream (opened with its first tensor), so the receiver knows
 the session before its rows arrive. A batch that cannot be written fails exactly its rows' sessions
@@ -46,19 +46,19 @@ class RowLink:
         self._timeout_s = timeout_s
         self._call: grpc.aio.StreamUnaryCall[pb.RowBatch, pb.RowBatchAck] | None = None
         self._pending: _Pending | None = None
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._ready = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._sent_batches = ROW_BATCHES.labels(peer=peer)
         self._sent_rows = {kind: ROWS_SENT.labels(peer=peer, kind=kind) for kind in ("activation", "token")}
 
     def activation(self, row: pb.ActivationRow, on_failure: OnFailure) -> None:
-        """Queue one session's activation row for the next flush."""
+        """Queue one session's activation row for the next message."""
         pending = self._take()
         pending.batch.activations.append(row)
         pending.failures.append(on_failure)
 
     def token(self, row: pb.TokenRow, on_failure: OnFailure) -> None:
-        """Queue one session's token row for the next flush."""
+        """Queue one session's token row for the next message."""
         pending = self._take()
         pending.batch.tokens.append(row)
         pending.failures.append(on_failure)
@@ -66,19 +66,20 @@ class RowLink:
     def _take(self) -> _Pending:
         if self._pending is None:
             self._pending = _Pending(pb.RowBatch(), [])
-            asyncio.get_running_loop().call_soon(self._flush)
+            # The writer wakes behind the wake-ups already queued (the rest of this forward's sessions); rows
+            # handed over while it writes leave together in the message after.
+            self._ready.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write_all())
         return self._pending
 
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            self._queue.put_nowait(pending)
-
     async def _write_all(self) -> None:
         while True:
-            pending = await self._queue.get()
+            await self._ready.wait()
+            self._ready.clear()
+            pending, self._pending = self._pending, None
+            if pending is None:
+                continue
             try:
                 await self._write(pending.batch)
             except HopError as error:
