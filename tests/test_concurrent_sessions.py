@@ -69,15 +69,20 @@ def _concurrently(mesh: LocalMesh, requests: list[tuple[list[int], float, int]])
     return outs
 
 
-def batched_forwards(mesh: LocalMesh) -> dict[str, float]:
-    """Per node, how many forwards carried the decode rows of two or more sessions."""
+def _metric(mesh: LocalMesh, sample: str) -> dict[str, float]:
+    """Per node, the sum of a metric's samples named ``sample`` (every label set)."""
     counts = {}
     for node, port in mesh.node_metrics_ports.items():
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             text = response.read().decode()
-        counts[node] = sum(s.value for f in text_string_to_metric_families(text)
-                           if f.name == "splitmesh_agent_batch_rows" for s in f.samples if s.name.endswith("_count"))
+        counts[node] = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                           if s.name == sample)
     return counts
+
+
+def batched_forwards(mesh: LocalMesh) -> dict[str, float]:
+    """Per node, how many forwards carried the decode rows of two or more sessions."""
+    return _metric(mesh, "splitmesh_agent_batch_rows_count")
 
 
 def test_concurrent_sessions_share_forwards_and_keep_their_tokens(
@@ -97,10 +102,16 @@ def test_concurrent_sessions_share_forwards_and_keep_their_tokens(
     assert outs[-1] == alone  # seeded sampling: the same tokens whoever shared its batches
     forwards = batched_forwards(batched_mesh)
     assert sum(forwards.values()) > 0, forwards  # the sessions did share forwards
+    # ... and the rows of a shared forward crossed each boundary together, as one message.
+    rows, messages = _metric(batched_mesh, "splitmesh_agent_rows_total"), _metric(batched_mesh,
+                                                                                  "splitmesh_agent_row_batches_total")
+    assert all(messages[n] > 0 for n in batched_mesh.node_ids), messages  # activations on, tokens home
+    assert sum(rows.values()) >= 1.5 * sum(messages.values()), (rows, messages)
     record_property("sessions_needing_tolerance", tolerated)
     with capsys.disabled():
         print(f"\n{tolerated} of {len(prompts)} sessions needed the top-2 tolerance {TIE_TOLERANCE}; "
-              f"batched forwards per node: {forwards}")
+              f"batched forwards per node: {forwards}; rows per message: "
+              f"{sum(rows.values()) / sum(messages.values()):.2f}")
 
 
 def test_strict_batching_gives_exact_tokens_and_the_head_refuses_beyond_its_limits(

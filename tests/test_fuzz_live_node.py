@@ -1,7 +1,7 @@
 """Malformed requests and frames against a live node: never a crash, always a documented status code,
 health stays SERVING and a generation running meanwhile keeps its exact tokens.
 
-Every RPC of the Node service gets 1,000 generated requests (streams for Forward and Deliver): well-typed
+Every RPC of the Node service gets 1,000 generated requests (streams for Forward, Deliver and Rows): well-typed
 messages with hostile values, and raw bytes that may not even parse (those must be INVALID_ARGUMENT, never UNKNOWN).
 """
 
@@ -47,6 +47,12 @@ token_frames = st.builds(pb.TokenFrame, step=st.integers(0, 1 << 40), seq=st.int
                          ciphertext=st.binary(max_size=64), compute_s=st.floats(allow_nan=True, allow_infinity=True))
 deliver_messages = st.one_of(st.builds(pb.DeliverRequest, open=token_opens),
                              st.builds(pb.DeliverRequest, token=token_frames))
+activation_rows = st.builds(pb.ActivationRow, session_id=st.text(max_size=40), epoch=st.integers(0, 1 << 40),
+                            segment_index=st.integers(0, 8), messages=st.lists(forward_messages, max_size=3))
+token_rows = st.builds(pb.TokenRow, session_id=st.text(max_size=40), epoch=st.integers(0, 1 << 40),
+                       token=token_frames)
+row_batches = st.builds(pb.RowBatch, activations=st.lists(activation_rows, max_size=4),
+                        tokens=st.lists(token_rows, max_size=4))
 sampling = st.builds(pb.SamplingParams, temperature=st.floats(allow_nan=True, allow_infinity=True, width=32),
                      top_p=st.floats(-1, 2, width=32), top_k=st.integers(0, 1 << 31), seed=st.integers(0, 1 << 63))
 chat = st.builds(pb.ChatMessages, messages=st.lists(st.builds(
@@ -74,8 +80,9 @@ UNARY: dict[str, st.SearchStrategy[object]] = {
     "Info": st.binary(max_size=300),  # the request has no fields: raw bytes, parsed or not, are its variety
     "Probe": st.builds(pb.ProbeRequest, payload=st.binary(max_size=1 << 16)),
 }
-RPCS = ("Generate", "Cancel", "Forward", "Deliver", "Prepare", "Commit", "Abort", "Info", "Probe")
-STREAMING_REQUESTS = {"Forward", "Deliver"}
+RPCS = ("Generate", "Cancel", "Forward", "Deliver", "Rows", "Prepare", "Commit", "Abort", "Info", "Probe")
+STREAMING_REQUESTS = {"Forward", "Deliver", "Rows"}
+STREAM_UNARY = {"Deliver", "Rows"}
 STREAMING_REPLIES = {"Generate", "Forward"}
 
 
@@ -119,6 +126,19 @@ def deliver_fuzz(mesh: LocalMesh, streams: list[list[pb.DeliverRequest]]) -> Non
 
 
 @FUZZ
+@given(streams=st.lists(st.lists(row_batches, min_size=1, max_size=3), min_size=1, max_size=1))
+def rows_fuzz(mesh: LocalMesh, streams: list[list[pb.RowBatch]]) -> None:
+    """1,000 malformed row streams to the middle node, which runs the real session meanwhile."""
+    with sync_channel(mesh.node_addresses["node-1"], mesh.client_tls) as channel:
+        stub = pb_grpc.NodeStub(channel)
+        for messages in streams:
+            try:
+                stub.Rows(iter(messages), timeout=10)
+            except grpc.RpcError as exc:
+                assert exc.code() in DOCUMENTED, (exc.code(), exc.details())
+
+
+@FUZZ
 @given(request=generate_requests)
 def generate_fuzz(mesh: LocalMesh, request: pb.GenerateRequest) -> None:
     with sync_channel(mesh.node_addresses["node-0"], mesh.client_tls) as channel:
@@ -152,7 +172,7 @@ def raw_fuzz(mesh: LocalMesh, method: str, messages: list[bytes]) -> None:
     path = f"/splitmesh.v1.Node/{method}"
     with sync_channel(mesh.node_addresses["node-1"], mesh.client_tls) as channel:
         try:
-            if method == "Deliver":
+            if method in STREAM_UNARY:
                 channel.stream_unary(path)(iter(messages), timeout=30)
             elif method in STREAMING_REQUESTS:
                 list(channel.stream_stream(path)(iter(messages), timeout=30))
@@ -166,7 +186,7 @@ def raw_fuzz(mesh: LocalMesh, method: str, messages: list[bytes]) -> None:
 
 def test_every_node_rpc_is_fuzzed() -> None:
     assert set(RPCS) == set(pb.DESCRIPTOR.services_by_name["Node"].methods_by_name)
-    assert set(RPCS) == {"Generate", "Forward", "Deliver", *UNARY}
+    assert set(RPCS) == {"Generate", "Forward", "Deliver", "Rows", *UNARY}
 
 
 @pytest.mark.slow
@@ -182,6 +202,7 @@ def test_node_survives_fuzzing_with_a_live_session(mesh: LocalMesh, background: 
     worker.start()
     forward_fuzz(mesh)
     deliver_fuzz(mesh)
+    rows_fuzz(mesh)
     generate_fuzz(mesh)
     for method in UNARY:
         unary_fuzz(method)(mesh)

@@ -208,6 +208,11 @@ def test_forged_token_deliveries_are_refused_and_the_session_runs_on(
             return [sender.opening(), sender.frame(step, 1)]
 
         assert _deliver(mesh, "node-1", forged(session)) == grpc.StatusCode.PERMISSION_DENIED  # not the tail
+        # Batched rows: one from a node that is not the session's tail reaches no stream (dropped, not fatal).
+        row = pb.TokenRow(session_id=session, epoch=plan.epoch, token=forged(session)[1].token)
+        with _channel(mesh, "node-1", "node-0") as channel:
+            ack = pb_grpc.NodeStub(channel).Rows(iter([pb.RowBatch(tokens=[row])]), timeout=30)
+        assert ack.rows == 0
         assert _deliver(mesh, "client", forged(session)) == grpc.StatusCode.PERMISSION_DENIED  # not a node
         assert _deliver(mesh, "node-2", forged("no-such-session")) == grpc.StatusCode.NOT_FOUND
         assert _deliver(mesh, "node-2", forged(session, plan.epoch + 5)) == grpc.StatusCode.UNAVAILABLE
