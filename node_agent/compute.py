@@ -19,6 +19,16 @@ T = TypeVar("T")
 GATHER_QUIET_PARTS = 4  # a gap of this fraction of the gather window between arrivals ends the wait
 
 
+class DueRow:
+    """A merging head session's next decode row, as the compute thread counts it (its lock guards ``state``)."""
+
+    IDLE, RUNNING, BACK = range(3)
+
+    def __init__(self) -> None:
+        self.state = DueRow.IDLE
+        self.closed = False  # the session is gone: never counted again
+
+
 class ComputeThread:
     """Serialises model work so sessions never fight over cores, and never blocks the event loop."""
 
@@ -30,8 +40,8 @@ class ComputeThread:
         self._quiet_s = gather_s / GATHER_QUIET_PARTS
         self._expected_rows = expected_rows
         self._merge_s = merge_s
-        self._coming = 0  # decode rows of sessions whose step is in the ring, due back here (expect_row)
-        self._back = 0  # ... whose token is back, the row not yet put (row_back)
+        self._coming = 0  # merging sessions whose decode step runs (here or in the ring): their next row is due
+        self._back = 0  # ... whose token is back and whose next row is not put yet (row_back)
         self._last_back = 0.0
         self._waiting: list[Job] = []
         self._last_put = 0.0
@@ -46,50 +56,52 @@ class ComputeThread:
         self._put(job)
         return cast(T, await asyncio.wrap_future(job.future))
 
-    async def step(self, job: StepJob, expected: bool = False) -> StepResult:
-        """Run one session's segments; decode rows that wait together are batched. ``expected``: this is the
-        row an earlier :meth:`expect_row` announced.
+    async def step(self, job: StepJob) -> StepResult:
+        """Run one session's segments; decode rows that wait together are batched.
 
         Every session of a forward is woken in one pass of the event loop (:func:`_wake_all`), so the rows a
         batched forward made leave together as one message per peer (node_agent/row_link.py)."""
         job.waiter = asyncio.get_running_loop().create_future()
-        self._put(job, expected)
+        self._put(job)
         try:
             return await job.waiter
         except asyncio.CancelledError:
             job.future.cancel()  # not started yet: the thread drops it
             raise
 
-    def expect_row(self) -> None:
-        """A session this node heads sent a decode step into the ring: its next row is due back here."""
+    def row_back(self, due: DueRow) -> None:
+        """The session's token is home: its next row follows as soon as it has handed the token on (a round waits
+        for it at most ``gather_s`` after the last such return, so a session whose client reads slowly holds
+        up the others no longer than that)."""
         with self._wake:
-            self._coming += 1
-
-    def row_back(self) -> None:
-        """The announced session's token is back: its row follows as soon as the session has handed the token
-        on (a round waits for it at most ``gather_s`` after the last such return, so a session whose client
-        reads slowly holds up the others no longer than that)."""
-        with self._wake:
-            self._coming -= 1
-            self._back += 1
-            self._last_back = time.monotonic()
-            self._wake.notify()
-
-    def unexpect_row(self, back: bool) -> None:
-        """The announced row will not come (the session ended, failed or replays); ``back``: after row_back."""
-        with self._wake:
-            if back:
-                self._back -= 1
-            else:
+            if due.state == DueRow.RUNNING:
                 self._coming -= 1
+                self._back += 1
+                due.state = DueRow.BACK
+                self._last_back = time.monotonic()
+                self._wake.notify()
+
+    def forget(self, due: DueRow) -> None:
+        """The session's next row will not come (it ended, or failed over)."""
+        with self._wake:
+            self._settle_due(due)
+            due.closed = True
             self._wake.notify()
 
-    def _put(self, job: Job, expected: bool = False) -> None:
+    def _settle_due(self, due: DueRow) -> None:
+        if due.state == DueRow.RUNNING:
+            self._coming -= 1
+        elif due.state == DueRow.BACK:
+            self._back -= 1
+        due.state = DueRow.IDLE
+
+    def _put(self, job: Job) -> None:
         with self._wake:
             if self._closed:
                 raise RuntimeError("the compute thread is shut down")
             self._waiting.append(job)
-            self._back -= expected
+            if isinstance(job, StepJob) and job.due is not None:
+                self._settle_due(job.due)
             self._last_put = time.monotonic()
             self._wake.notify()
 
@@ -102,6 +114,11 @@ class ComputeThread:
                 if self._closed:
                     return
                 taken, self._waiting = self._waiting, []
+                for job in taken:  # a merging session's decode row runs: its next one is due
+                    if (isinstance(job, StepJob) and job.due is not None and job.rows == 1 and not job.due.closed
+                            and not job.future.cancelled()):
+                        job.due.state = DueRow.RUNNING
+                        self._coming += 1
             # A job whose caller went away (cancelled) before the thread reached it is dropped here.
             running = [job for job in taken if job.future.set_running_or_notify_cancel()]
             _wake_all([job for job in taken if isinstance(job, StepJob) and job.future.cancelled()])
@@ -111,11 +128,11 @@ class ComputeThread:
     def _gather(self) -> None:
         """Hold the round open while decode rows of more sessions are still arriving (the lock is held).
 
-        On a head that merges micro-batches (``merge_s`` > 0, node_agent/pipeline.py decides per plan), a
-        round of decode rows first waits, up to ``merge_s``, for the rows of its sessions whose step is still
-        in the ring (:meth:`expect_row`), and up to ``gather_s`` after the last of their tokens came back for
-        those sessions to put their rows (:meth:`row_back`): nodes that share cores run one batch of all
-        sessions more cheaply than several micro-batches that take turns on the same cores.
+        On a head that merges micro-batches (``merge_s`` > 0 and jobs with a :class:`DueRow`; node_agent/pipeline.py
+        decides per plan), a round of decode rows first waits, up to ``merge_s``, for the rows of its sessions
+        whose decode step still runs (here, or in the ring), and up to ``gather_s`` after the last of their
+        tokens came home for those sessions to put their rows (:meth:`row_back`): nodes that share cores run
+        one batch of all sessions more cheaply than several micro-batches that take turns on the same cores.
 
         The rows of one batch reach the next node as one message, but its sessions put their jobs a few
         milliseconds apart (and a head's sessions put theirs as their tokens come home); taking the first

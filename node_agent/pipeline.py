@@ -28,7 +28,7 @@ from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.sealed_tokens import TokenSender
 from common.tls import TlsConfig
 from common.transport import aio_channel
-from node_agent.compute import ComputeThread
+from node_agent.compute import ComputeThread, DueRow
 from node_agent.hops import HopError, broken_hop_code
 from node_agent.metrics_registry import ACTIVATION_BYTES, HOP_OVERHEAD_SECONDS, SEGMENT_SECONDS, TRANSFER_SECONDS
 from node_agent.outbound_stream import OutboundStream
@@ -181,8 +181,8 @@ class SessionPipeline:
                  on_failure: Callable[[HopError], None] | None = None, prefill_chunk_tokens: int = 0,
                  merge: bool = False) -> None:
         self.runners = runners
-        self._merge = merge  # at the head: the next decode row is announced while its step is in the ring
-        self._announced: str | None = None  # "ring" (ComputeThread.expect_row), "back" (row_back), None
+        # At a merging head: the compute thread counts this session's next decode row due while a step runs.
+        self._due = DueRow() if merge and first == 0 else None
         self._prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prompt runs whole
         self._caches = [r.new_cache() for r in runners]
         self._sampling = sampling
@@ -230,19 +230,18 @@ class SessionPipeline:
             self._on_compute(self._layers, rows, decode, in_layers)
 
     def _job(self, inputs: torch.Tensor, position: int, step: int) -> StepJob:
-        return StepJob(tuple(self.runners), tuple(self._caches), inputs, position,
-                       self._sampling if self.remote is None else None, step, self._record)
+        job = StepJob(tuple(self.runners), tuple(self._caches), inputs, position,
+                      self._sampling if self.remote is None else None, step, self._record)
+        job.due = self._due
+        return job
 
     async def _compute_local(self, inputs: torch.Tensor, position: int, step: int) -> torch.Tensor | int:
         """This node's segments over ``inputs``; a long prefill runs as chunks of ``prefill_chunk_tokens``,
         each its own job, so other sessions' decode steps run between them."""
         rows = int(inputs.shape[1])
         chunk = self._prefill_chunk_tokens
-        expected, self._announced = self._announced == "back", None
         if chunk <= 0 or rows <= chunk:
-            return await self._compute.step(self._job(inputs, position, step), expected)
-        if expected:
-            self._compute.unexpect_row(back=True)  # a replay, not the decode row announced
+            return await self._compute.step(self._job(inputs, position, step))
         parts: list[torch.Tensor] = []
         for start in range(0, rows, chunk):
             job = self._job(inputs[:, start:start + chunk], position + start, step)
@@ -261,6 +260,8 @@ class SessionPipeline:
         if self.remote is None:
             assert isinstance(result, int)
             if self.sink is None:
+                if self._due is not None:
+                    self._compute.row_back(self._due)
                 return result
             await self.sink.send(step, result, compute_s + time.perf_counter() - started)
             return None
@@ -270,14 +271,10 @@ class SessionPipeline:
             return None
         waiter = self.inbox.expect(step)  # before the activation leaves: the token may come back at once
         sent = time.perf_counter()
-        if self._merge and int(inputs.shape[1]) == 1:
-            self._compute.expect_row()
-            self._announced = "ring"
         await self.remote.send(step, position, result, 0.0)
         token = await self.remote.token(waiter, sent, int(inputs.shape[1]), self._boundaries)
-        if self._announced == "ring":
-            self._compute.row_back()
-            self._announced = "back"
+        if self._due is not None:
+            self._compute.row_back(self._due)
         return token
 
     def cache_bytes(self) -> int:
@@ -285,9 +282,8 @@ class SessionPipeline:
         return sum(cache.kv_bytes() for cache in self._caches)
 
     def close(self) -> None:
-        if self._announced is not None:
-            self._compute.unexpect_row(back=self._announced == "back")
-            self._announced = None
+        if self._due is not None:
+            self._compute.forget(self._due)
         if self.remote is not None:
             self.remote.close()
         if self.inbox is not None:

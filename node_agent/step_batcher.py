@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -26,6 +27,9 @@ from node_agent.batched_cache import SessionCache
 from node_agent.metrics_registry import BATCH_ROWS
 from node_agent.sampler import SamplingConfig, sample
 from node_agent.segment import SegmentRunner
+
+if TYPE_CHECKING:
+    from node_agent.compute import DueRow
 
 log = logging.getLogger(__name__)
 # A batched prefill (first chunks of several sessions, right-padded to the longest) carries at most this many
@@ -51,6 +55,7 @@ class StepJob:
     on_done: OnDone | None = None
     future: Future[StepResult] = field(default_factory=Future)
     waiter: asyncio.Future[StepResult] | None = None  # the awaiting coroutine's (node_agent/compute.py)
+    due: DueRow | None = None  # a merging head session's: its next row is counted due while this one runs
 
     @property
     def rows(self) -> int:

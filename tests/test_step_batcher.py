@@ -18,7 +18,7 @@ from common.model_store import StoredModel
 from common.spans import Span
 from node_agent.admission import BatchAdmission, SessionLimitError
 from node_agent.batched_cache import SessionCache, settle
-from node_agent.compute import ComputeThread
+from node_agent.compute import ComputeThread, DueRow
 from node_agent.config import NodeConfig
 from node_agent.sampler import SamplingConfig
 from node_agent.segment import SegmentRunner
@@ -347,21 +347,29 @@ def test_first_prefill_chunks_arriving_apart_are_gathered_into_one_forward(
     assert _staggered_prefill_forwards(runners, gather_s=0.0) >= 2
 
 
+def _head_sessions(runners: tuple[SegmentRunner, SegmentRunner]) -> tuple[StepJob, StepJob, StepJob, DueRow]:
+    """Session A's decode row, and two consecutive decode rows of a merging session B (one DueRow)."""
+    a_caches, b_caches = _prefilled(runners, 3, 0), _prefilled(runners, 5, 1)
+    due = DueRow()
+    b1, b2 = (StepJob(runners, b_caches, torch.tensor([[8]]), position) for position in (5, 6))
+    b1.due = b2.due = due
+    return StepJob(runners, a_caches, torch.tensor([[8]]), 3), b1, b2, due
+
+
 def _merged_forwards(runners: tuple[SegmentRunner, SegmentRunner], merge_s: float) -> int:
-    """A head's two decode rows: one ready now, the other still in the ring (announced) and put 60 ms later, far
-    past the gather window: how many forwards they took."""
+    """B's step runs (then its token is in the ring); A's row waits; B's token comes home 60 ms later, far past
+    the gather window, and B puts its next row: how many forwards A's and B's next rows took."""
     compute = ComputeThread(max_batch_rows=8, gather_s=0.008, expected_rows=lambda: 2, merge_s=merge_s)
-    jobs = [StepJob(runners, _prefilled(runners, n, seed), torch.tensor([[8]]), n) for seed, n in enumerate((3, 5))]
+    a, b1, b2, due = _head_sessions(runners)
     forwards: list[int] = []
 
     async def scenario() -> None:
-        for job in jobs:
-            job.on_done = lambda *_: forwards.append(1)
-        compute.expect_row()
-        first = asyncio.ensure_future(compute.step(jobs[0]))
+        await compute.step(b1)
+        a.on_done = b2.on_done = lambda *_: forwards.append(1)
+        first = asyncio.ensure_future(compute.step(a))
         await asyncio.sleep(0.06)
-        compute.row_back()
-        await asyncio.gather(first, compute.step(jobs[1], expected=True))
+        compute.row_back(due)
+        await asyncio.gather(first, compute.step(b2))
 
     try:
         asyncio.run(scenario())
@@ -375,36 +383,24 @@ def test_a_merging_head_waits_for_rows_still_in_the_ring(runners: tuple[SegmentR
     assert _merged_forwards(runners, merge_s=0.0) == 2
 
 
-def test_a_merge_wait_ends_when_the_announced_row_will_not_come(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
-    compute = ComputeThread(max_batch_rows=8, gather_s=0.008, expected_rows=lambda: 2, merge_s=30.0)
-    caches = _prefilled(runners, 3, 0)
-
-    async def scenario() -> float:
-        compute.expect_row()
-        started = time.monotonic()
-        step = asyncio.ensure_future(compute.step(StepJob(runners, caches, torch.tensor([[8]]), 3)))
-        await asyncio.sleep(0.1)
-        compute.unexpect_row(back=False)  # the other session ended
-        await step
-        return time.monotonic() - started
-
-    try:
-        assert asyncio.run(scenario()) < 5.0  # far below the 30 s bound
-    finally:
-        compute.shutdown()
-
-
-def test_a_session_whose_token_is_back_holds_the_round_only_briefly(
-        runners: tuple[SegmentRunner, SegmentRunner]) -> None:
-    """Its client may read slowly, so its next row may be late: the others wait a gather window, not the merge bound."""
+@pytest.mark.parametrize("token_home", [False, True])
+def test_a_merge_wait_ends_when_the_due_row_will_not_come(runners: tuple[SegmentRunner, SegmentRunner],
+                                                          token_home: bool) -> None:
+    """B ends while its step is in the ring; or its token is home but its client reads slowly, so its next row is
+    late: the others wait at most a gather window, not the 30 s merge bound."""
     compute = ComputeThread(max_batch_rows=8, gather_s=0.05, expected_rows=lambda: 2, merge_s=30.0)
-    caches = _prefilled(runners, 3, 0)
+    a, b1, _, due = _head_sessions(runners)
 
     async def scenario() -> float:
-        compute.expect_row()
-        compute.row_back()  # and its row never comes
+        await compute.step(b1)
+        if token_home:
+            compute.row_back(due)  # and its row never comes
         started = time.monotonic()
-        await compute.step(StepJob(runners, caches, torch.tensor([[8]]), 3))
+        step = asyncio.ensure_future(compute.step(a))
+        await asyncio.sleep(0.1)
+        if not token_home:
+            compute.forget(due)  # the session ended
+        await step
         return time.monotonic() - started
 
     try:
