@@ -92,13 +92,16 @@ class RemoteHop:
         self._hop_seconds = TRANSFER_SECONDS.labels(peer=peer)
         self._overhead = {kind: HOP_OVERHEAD_SECONDS.labels(peer=peer, kind=kind) for kind in ("decode", "prefill")}
 
-    async def send(self, step: int, position: int, hidden: torch.Tensor, compute_s: float) -> None:
-        """Write one step's activation; ``compute_s`` is the step's compute since the head (a metric)."""
+    async def send(self, step: int, position: int, hidden: torch.Tensor, compute_s: float,
+                   batched: bool = False) -> None:
+        """Write one step's activation; ``compute_s`` is the step's compute since the head (a metric). A decode
+        row of a ``batched`` forward leaves with the forward's other rows (node_agent/row_link.py); a row alone
+        goes straight on its own stream, which spares it the hand-over."""
         requests = self._requests(step, position, hidden)
         for request in requests:
             if request.HasField("frame"):
                 request.frame.compute_s = compute_s
-        if self._link is not None and hidden.shape[1] == 1 and self._stream.opened:
+        if self._link is not None and batched and hidden.shape[1] == 1 and self._stream.opened:
             self._stream.check()
             opening = self._opening.open
             self._link.activation(pb.ActivationRow(session_id=opening.session_id, epoch=opening.epoch,
@@ -181,6 +184,7 @@ class SessionPipeline:
                  on_failure: Callable[[HopError], None] | None = None, prefill_chunk_tokens: int = 0,
                  merge: bool = False) -> None:
         self.runners = runners
+        self._shared = False  # the last step's forward carried other sessions' rows too
         # At a merging head: the compute thread counts this session's next decode row due while a step runs.
         self._due = DueRow() if merge and first == 0 else None
         self._prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prompt runs whole
@@ -240,8 +244,12 @@ class SessionPipeline:
         each its own job, so other sessions' decode steps run between them."""
         rows = int(inputs.shape[1])
         chunk = self._prefill_chunk_tokens
+        self._shared = False
         if chunk <= 0 or rows <= chunk:
-            return await self._compute.step(self._job(inputs, position, step))
+            job = self._job(inputs, position, step)
+            result = await self._compute.step(job)
+            self._shared = job.shared
+            return result
         parts: list[torch.Tensor] = []
         for start in range(0, rows, chunk):
             job = self._job(inputs[:, start:start + chunk], position + start, step)
@@ -263,15 +271,15 @@ class SessionPipeline:
                 if self._due is not None:
                     self._compute.row_back(self._due)
                 return result
-            await self.sink.send(step, result, compute_s + time.perf_counter() - started)
+            await self.sink.send(step, result, compute_s + time.perf_counter() - started, self._shared)
             return None
         assert isinstance(result, torch.Tensor)
         if self.inbox is None:
-            await self.remote.send(step, position, result, compute_s + time.perf_counter() - started)
+            await self.remote.send(step, position, result, compute_s + time.perf_counter() - started, self._shared)
             return None
         waiter = self.inbox.expect(step)  # before the activation leaves: the token may come back at once
         sent = time.perf_counter()
-        await self.remote.send(step, position, result, 0.0)
+        await self.remote.send(step, position, result, 0.0, self._shared)
         token = await self.remote.token(waiter, sent, int(inputs.shape[1]), self._boundaries)
         if self._due is not None:
             self._compute.row_back(self._due)

@@ -7,7 +7,8 @@ sends every row handed over in that pass as one ``RowBatch`` on one long-lived `
 writer wakes behind the wake-ups of the pass, so the message needs no timer and adds no wait.
 
 A row only ever follows its session's own stream (opened with its first tensor), so the receiver knows
-the session before its rows arrive. A batch that cannot be written fails exactly its rows' sessions
+the session before its rows arrive; a row whose forward carried no other session's row keeps to that
+stream, the shortest way. A batch that cannot be written fails exactly its rows' sessions
 (``on_failure`` with the status), which then replay as after any broken hop.
 """
 

@@ -56,6 +56,7 @@ class StepJob:
     future: Future[StepResult] = field(default_factory=Future)
     waiter: asyncio.Future[StepResult] | None = None  # the awaiting coroutine's (node_agent/compute.py)
     due: DueRow | None = None  # a merging head session's: its next row is counted due while this one runs
+    shared: bool = False  # set when run: its forward carried other sessions' rows too (they leave together)
 
     @property
     def rows(self) -> int:
@@ -196,6 +197,8 @@ class StepBatcher:
                 batch += self._companions(jobs, index, done, _decode_fits)
             elif job.position == 0 and self.max_rows > 1:
                 batch += self._companions(jobs, index, done, _prefill_fits)
+            for member in batch:
+                member.shared = len(batch) > 1
             if len(batch) == 1:
                 _settle(job.future, partial(run_one, job))
             elif job.rows == 1:

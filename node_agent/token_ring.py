@@ -102,7 +102,7 @@ class LocalTokenSink:
         self._session_id = session_id
         self._epoch = epoch
 
-    async def send(self, step: int, token_id: int, compute_s: float) -> None:
+    async def send(self, step: int, token_id: int, compute_s: float, batched: bool = False) -> None:
         inbox = self._inboxes.get(self._session_id, self._epoch)
         if inbox is None:
             raise HopError(grpc.StatusCode.NOT_FOUND, f"session {self._session_id[:8]} has ended at its head")
@@ -135,9 +135,10 @@ class RemoteTokenSink:
         self._stream = OutboundStream(head, "token", timeout_s, pb_grpc.NodeStub(channel).Deliver, self._outcome,
                                       on_failure)
 
-    async def send(self, step: int, token_id: int, compute_s: float) -> None:
+    async def send(self, step: int, token_id: int, compute_s: float, batched: bool = False) -> None:
+        """The token of ``step``; one of a ``batched`` forward leaves with the forward's other tokens."""
         request = self._sender.frame(step, token_id, compute_s)
-        if self._link is not None and self._stream.opened:
+        if self._link is not None and batched and self._stream.opened:
             self._stream.check()
             self._link.token(pb.TokenRow(session_id=self._sender.session_id, epoch=self._sender.epoch,
                                          token=request.token), self._stream.fail)
