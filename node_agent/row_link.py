@@ -49,6 +49,7 @@ class RowLink:
         self._pending: _Pending | None = None
         self._ready = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._watch: asyncio.Future[None] | None = None  # ends with the call (_forget_when_ended)
         self._sent_batches = ROW_BATCHES.labels(peer=peer)
         self._sent_rows = {kind: ROWS_SENT.labels(peer=peer, kind=kind) for kind in ("activation", "token")}
 
@@ -84,7 +85,6 @@ class RowLink:
             try:
                 await self._write(pending.batch)
             except HopError as error:
-                self._reset()
                 log.warning("rows to %s not sent (%d sessions fail over): %s %s", self.peer, len(pending.failures),
                             error.code.name, error.details)
                 for fail in pending.failures:
@@ -95,20 +95,44 @@ class RowLink:
             self._sent_rows["token"].inc(len(pending.batch.tokens))
 
     async def _write(self, batch: pb.RowBatch) -> None:
+        """Write ``batch``; a call that had ended before it (the peer restarted, or its connection went while no
+        rows flowed) is replaced and the batch written once more on a fresh one before anything fails."""
+        for retry in (False, True):
+            fresh = self._call is None
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    call = self._call if self._call is not None else self._open()
+                    await call.write(batch)
+                return
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                self._reset()
+                if fresh or retry:
+                    if isinstance(exc, grpc.aio.AioRpcError):
+                        raise hop_failure(exc, self.peer) from exc
+                    raise HopError(grpc.StatusCode.UNAVAILABLE, f"{self.peer} closed the rows stream") from None
+            except TimeoutError:
+                self._reset()
+                raise HopError(grpc.StatusCode.UNAVAILABLE,
+                               f"{self.peer}: rows not taken within {self._timeout_s}s") from None
+
+    def _open(self) -> grpc.aio.StreamUnaryCall[pb.RowBatch, pb.RowBatchAck]:
+        call = self._call = self._open_call()
+        self._watch = asyncio.ensure_future(self._forget_when_ended(call))
+        return call
+
+    async def _forget_when_ended(self, call: grpc.aio.StreamUnaryCall[pb.RowBatch, pb.RowBatchAck]) -> None:
+        """The peer ends a rows stream only when it goes away (or refuses it): the next batch opens a new one."""
         try:
-            async with asyncio.timeout(self._timeout_s):
-                if self._call is None:
-                    self._call = self._open_call()
-                await self._call.write(batch)
+            await call
         except grpc.aio.AioRpcError as exc:
-            raise hop_failure(exc, self.peer) from exc
-        except asyncio.InvalidStateError:  # the peer ended the stream (it restarted): the next batch reopens
-            raise HopError(grpc.StatusCode.UNAVAILABLE, f"{self.peer} closed the rows stream") from None
-        except TimeoutError:
-            raise HopError(grpc.StatusCode.UNAVAILABLE,
-                           f"{self.peer}: rows not taken within {self._timeout_s}s") from None
+            log.info("rows stream to %s ended: %s %s", self.peer, exc.code().name, exc.details())
+        if self._call is call:
+            self._call = None
 
     def _reset(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._call is not None:
             self._call.cancel()
             self._call = None

@@ -29,6 +29,10 @@ class FakeCall:
         self.written: list[pb.RowBatch] = []
         self.error = error
         self.cancelled = False
+        self.ended = asyncio.Event()  # awaiting the call returns once it is set (the peer ended the call)
+
+    def __await__(self) -> Any:
+        return self.ended.wait().__await__()
 
     async def write(self, batch: pb.RowBatch) -> None:
         if self.error is not None:
@@ -91,6 +95,44 @@ def test_a_batch_that_cannot_be_written_fails_exactly_its_sessions_and_the_link_
     asyncio.run(scenario())
     assert sorted(failed) == ["a", "b"] and {e.code for e in failed.values()} == {grpc.StatusCode.UNAVAILABLE}
     assert broken.cancelled and [[r.session_id for r in b.activations] for b in fresh.written] == [["c"]]
+
+
+def test_a_call_that_ended_while_idle_is_replaced_without_failing_anyone() -> None:
+    """The peer restarted between two batches: its old call is gone, the next batch goes on a fresh one."""
+    old, fresh = FakeCall(), FakeCall()
+    failed: list[HopError] = []
+
+    async def scenario() -> None:
+        link = _link([old, fresh])
+        link.activation(_row("a"), failed.append)
+        await _settle()
+        old.error = asyncio.InvalidStateError()  # written to from now on, it says the RPC is finished
+        link.activation(_row("b"), failed.append)
+        await _settle()
+        link.close()
+
+    asyncio.run(scenario())
+    assert not failed
+    assert [r.session_id for b in old.written for r in b.activations] == ["a"]
+    assert [r.session_id for b in fresh.written for r in b.activations] == ["b"]
+
+
+def test_a_call_whose_end_is_seen_is_dropped_at_once() -> None:
+    old, fresh = FakeCall(), FakeCall()
+
+    async def scenario() -> None:
+        link = _link([old, fresh])
+        link.activation(_row("a"), lambda error: None)
+        await _settle()
+        old.ended.set()  # the peer ended it (a write to it would be lost, not refused)
+        await _settle()
+        link.activation(_row("b"), lambda error: None)
+        await _settle()
+        link.close()
+
+    asyncio.run(scenario())
+    assert [r.session_id for b in old.written for r in b.activations] == ["a"]
+    assert [r.session_id for b in fresh.written for r in b.activations] == ["b"]
 
 
 async def _stream(messages: list[str], end: BaseException | None = None,
