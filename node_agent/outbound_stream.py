@@ -65,15 +65,13 @@ class OutboundStream:
             raise HopError(grpc.StatusCode.UNAVAILABLE,
                            f"{self.peer}: {self._what} not taken within {self._timeout_s}s") from None
 
-    @property
-    def opened(self) -> bool:
-        """The call is open: the peer knows the session, so its rows may travel batched (node_agent/row_link.py)."""
-        return self._call is not None
-
-    def check(self) -> None:
-        """Raise the failure already seen on this stream, if any."""
+    def rides_rows(self, batched: bool) -> bool:
+        """Whether the session's next message leaves on the peer's rows stream (node_agent/row_link.py) instead: only
+        one of a ``batched`` forward, and only once this call is open, so the peer knows the session before its
+        rows. A failure already seen here is raised either way."""
         if self._failure is not None:
             raise self._failure
+        return batched and self._call is not None
 
     def fail(self, error: HopError) -> None:
         """A failure of this session's traffic seen elsewhere (its batched rows not taken): kept and reported

@@ -81,7 +81,7 @@ class RemoteHop:
                  on_failure: Callable[[HopError], None] | None = None, link: RowLink | None = None) -> None:
         stub = pb_grpc.NodeStub(channel)
         self._peer = peer
-        self._link = link  # the peer's rows stream: decode rows after the first tensor travel batched on it
+        self._link = link  # the peer's rows stream: decode rows of batched forwards travel on it
         self._chunk_bytes = chunk_bytes
         self._sender = sender
         opening.key_envelope = sender.key_envelope()
@@ -101,8 +101,7 @@ class RemoteHop:
         for request in requests:
             if request.HasField("frame"):
                 request.frame.compute_s = compute_s
-        if self._link is not None and batched and hidden.shape[1] == 1 and self._stream.opened:
-            self._stream.check()
+        if self._link is not None and self._stream.rides_rows(batched and hidden.shape[1] == 1):
             opening = self._opening.open
             self._link.activation(pb.ActivationRow(session_id=opening.session_id, epoch=opening.epoch,
                                                    segment_index=opening.segment_index, messages=requests),

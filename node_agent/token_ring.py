@@ -131,15 +131,14 @@ class RemoteTokenSink:
                  on_failure: Callable[[HopError], None], link: RowLink | None = None) -> None:
         self._head = head
         self._sender = sender
-        self._link = link  # the head's rows stream: every token after the first travels batched on it
+        self._link = link  # the head's rows stream: tokens of batched forwards travel on it
         self._stream = OutboundStream(head, "token", timeout_s, pb_grpc.NodeStub(channel).Deliver, self._outcome,
                                       on_failure)
 
     async def send(self, step: int, token_id: int, compute_s: float, batched: bool = False) -> None:
         """The token of ``step``; one of a ``batched`` forward leaves with the forward's other tokens."""
         request = self._sender.frame(step, token_id, compute_s)
-        if self._link is not None and batched and self._stream.opened:
-            self._stream.check()
+        if self._link is not None and self._stream.rides_rows(batched):
             self._link.token(pb.TokenRow(session_id=self._sender.session_id, epoch=self._sender.epoch,
                                          token=request.token), self._stream.fail)
             return
