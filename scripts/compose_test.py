@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -178,10 +177,13 @@ class Stack:
     """The compose project under test, addressed the same way by Compose v2 and docker-compose 1.29."""
 
     def __init__(self, compose: list[str], base: str) -> None:
+        sys.path.insert(0, str(ROOT))
+        from splitmesh.launcher import free_port
+
         self.compose = compose
         self.env = {**os.environ, "SPLITMESH_IMAGE": IMAGE, "SPLITMESH_ORCHESTRATOR_IMAGE": ORCHESTRATOR_IMAGE,
                     "SPLITMESH_BASE_IMAGE": base, "SPLITMESH_TORCH": "cpu",
-                    "SPLITMESH_ORCHESTRATOR_PORT": str(_free_port())}  # 50051 may be a local mesh's
+                    "SPLITMESH_ORCHESTRATOR_PORT": str(free_port())}  # 50051 may be a local mesh's
 
     def cmd(self, *args: str) -> list[str]:
         return [*self.compose, "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), *args]
@@ -225,13 +227,6 @@ class Stack:
 
     def down(self) -> None:
         self.run("down", "-v", "--remove-orphans", "--timeout", "5", check=False, timeout=300)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def plan_nodes(status: dict[str, Any]) -> set[str]:

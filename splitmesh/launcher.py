@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,10 +38,38 @@ from splitmesh.client import Client
 log = logging.getLogger(__name__)
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()  # ports this process already named: two nodes of one mesh never share one
+
+
+def ephemeral_ports() -> range:
+    """The ports the kernel gives outgoing connections and ``bind(0)`` (Linux's default where unknown)."""
+    try:
+        low, high = map(int, EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port for a server that binds it later, chosen outside the ephemeral range.
+
+    A port from ``bind(0)`` is ephemeral: between choosing it and a node binding it (seconds, while the
+    node imports torch) any outgoing connection of the box, the mesh's own included, may take it as its
+    source port, and the node then fails to start. Ports below the ephemeral range are only ever taken by
+    servers that bind them on purpose.
+    """
+    ephemeral = ephemeral_ports()
+    pool = range(10000, ephemeral.start) if ephemeral.start > 11000 else range(ephemeral.stop, 65536)
+    if len(pool) < 1000:
+        pool = range(1024, 65536)
+    for _ in range(200):
+        port = random.choice(pool)
+        if port in _handed_out or port in ephemeral or port_taken(port):
+            continue
+        _handed_out.add(port)
+        return port
+    raise MeshStartError(f"no free loopback port in {pool.start}-{pool.stop - 1}")
 
 
 @dataclass
