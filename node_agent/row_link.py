@@ -79,20 +79,26 @@ class RowLink:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            pending, self._pending = self._pending, None
-            if pending is None:
-                continue
-            try:
-                await self._write(pending.batch)
-            except HopError as error:
-                log.warning("rows to %s not sent (%d sessions fail over): %s %s", self.peer, len(pending.failures),
-                            error.code.name, error.details)
-                for fail in pending.failures:
-                    fail(error)
-                continue
-            self._sent_batches.inc()
-            self._sent_rows["activation"].inc(len(pending.batch.activations))
-            self._sent_rows["token"].inc(len(pending.batch.tokens))
+            # No local names the batch across the wait: a link that goes quiet (its peer left the plan) would
+            # otherwise keep its last sessions' failure callbacks, and through them their pipelines, caches
+            # and segment weights, alive until its next message.
+            await self._send_pending()
+
+    async def _send_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            await self._write(pending.batch)
+        except HopError as error:
+            log.warning("rows to %s not sent (%d sessions fail over): %s %s", self.peer, len(pending.failures),
+                        error.code.name, error.details)
+            for fail in pending.failures:
+                fail(error)
+            return
+        self._sent_batches.inc()
+        self._sent_rows["activation"].inc(len(pending.batch.activations))
+        self._sent_rows["token"].inc(len(pending.batch.tokens))
 
     async def _write(self, batch: pb.RowBatch) -> None:
         """Write ``batch``; a call that had ended before it (the peer restarted, or its connection went while no

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -229,3 +231,33 @@ def test_the_rows_of_one_batched_forward_leave_as_one_message(embedded: StoredMo
         compute.shutdown()
     assert sum(len(b.activations) for b in call.written) == 6
     assert len(call.written) == 1, [len(b.activations) for b in call.written]
+
+
+class _Session:
+    """Stands for a session pipeline: what a row's failure callback keeps alive."""
+
+    def failed(self, error: HopError) -> None:
+        pass
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_quiet_link_keeps_no_session_of_its_last_message_alive(fails: bool) -> None:
+    """A link whose peer left the plan sends nothing more: its last batch's sessions (their pipelines,
+    caches and segment weights) must still be freed once they end."""
+    error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+    calls = [FakeCall(error if fails else None) for _ in range(2)]
+    gone: list[weakref.ref[_Session]] = []
+
+    async def scenario() -> None:
+        link = _link(calls)
+        sessions = [_Session() for _ in range(3)]
+        for i in range(3):
+            link.activation(_row(str(i)), sessions[i].failed)
+        gone.extend(weakref.ref(s) for s in sessions)
+        del sessions
+        await _settle()
+        gc.collect()
+        assert [ref() for ref in gone] == [None, None, None]  # while the writer waits for the next rows
+        link.close()
+
+    asyncio.run(scenario())
