@@ -106,24 +106,32 @@ class ComputeThread:
             self._wake.notify()
 
     def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._waiting and not self._closed:
-                    self._wake.wait()
-                self._gather()
-                if self._closed:
-                    return
-                taken, self._waiting = self._waiting, []
-                for job in taken:  # a merging session's decode row runs: its next one is due
-                    if (isinstance(job, StepJob) and job.due is not None and job.rows == 1 and not job.due.closed
-                            and not job.future.cancelled()):
-                        job.due.state = DueRow.RUNNING
-                        self._coming += 1
-            # A job whose caller went away (cancelled) before the thread reached it is dropped here.
-            running = [job for job in taken if job.future.set_running_or_notify_cancel()]
-            _wake_all([job for job in taken if isinstance(job, StepJob) and job.future.cancelled()])
-            self._batcher.run_round(running, _wake_all)
-            self.rounds_done += 1  # one writer (this thread); readers only compare successive values
+        # Each round in a call of its own: nothing of a finished round (its jobs hold runners, caches and
+        # tensors) stays named while the thread waits for the next, so a node taken out of a plan frees the
+        # segments it released even if no work ever comes again.
+        while self._round():
+            pass
+
+    def _round(self) -> bool:
+        """Wait for jobs and run them as one round; False once the thread is shut down."""
+        with self._wake:
+            while not self._waiting and not self._closed:
+                self._wake.wait()
+            self._gather()
+            if self._closed:
+                return False
+            taken, self._waiting = self._waiting, []
+            for job in taken:  # a merging session's decode row runs: its next one is due
+                if (isinstance(job, StepJob) and job.due is not None and job.rows == 1 and not job.due.closed
+                        and not job.future.cancelled()):
+                    job.due.state = DueRow.RUNNING
+                    self._coming += 1
+        # A job whose caller went away (cancelled) before the thread reached it is dropped here.
+        running = [job for job in taken if job.future.set_running_or_notify_cancel()]
+        _wake_all([job for job in taken if isinstance(job, StepJob) and job.future.cancelled()])
+        self._batcher.run_round(running, _wake_all)
+        self.rounds_done += 1  # one writer (this thread); readers only compare successive values
+        return True
 
     def _gather(self) -> None:
         """Hold the round open while decode rows of more sessions are still arriving (the lock is held).

@@ -301,6 +301,29 @@ def test_compute_thread_batches_steps_waiting_together(runners: tuple[SegmentRun
         torch.testing.assert_close(result, alone, rtol=1e-3, atol=1e-3)  # hidden states reach ~1e2
 
 
+def test_an_idle_compute_thread_keeps_nothing_of_its_last_round(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    """A node taken out of the plan runs no further round: its last round's jobs (their caches, and through
+    their runners the weights of segments it released) must be freed all the same."""
+    compute = ComputeThread(max_batch_rows=8)
+    caches: list[tuple[SessionCache, ...]] = [_prefilled(runners, n, seed) for seed, n in enumerate(PROMPT_LENGTHS)]
+    refs = [weakref.ref(cache) for session in caches for cache in session]
+
+    async def scenario() -> None:
+        await asyncio.gather(*(compute.step(StepJob(runners, c, torch.tensor([[8]]), n))
+                               for c, n in zip(caches, PROMPT_LENGTHS, strict=True)))
+
+    try:
+        asyncio.run(scenario())
+        caches.clear()
+        deadline = time.monotonic() + 5
+        while any(ref() is not None for ref in refs) and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.05)
+        assert [ref() for ref in refs if ref() is not None] == []
+    finally:
+        compute.shutdown()
+
+
 def _staggered(jobs: list[StepJob], gather_s: float) -> int:
     """``jobs`` reaching an idle compute thread 3 ms apart (sessions putting their rows a few ms apart):
     how many forwards they took."""
