@@ -6,10 +6,13 @@ seconds. Every ``--fault-every`` seconds the plan is put back on all four nodes 
 the next fault in turn: kill -9 then restart, SIGSTOP then SIGCONT, or a cut of its data link (a TCP
 proxy in front of it). Checks: no request fails, and every completed generation has exactly the tokens
 of a fault-free run of its prompt. The resident memory of the orchestrator and of every node is sampled
-every ``--sample-every`` seconds; growth is measured over each process's own lifetime (a restarted
-node starts again from its new process), and memory counts as stable when no process's floor (its
-lowest RSS between the peaks of replays and plan changes) rises from the middle to the last third of its
-life.
+every ``--sample-every`` seconds, with what each node says it holds (``splitmesh_agent_weight_bytes`` of
+its loaded segments and ``splitmesh_agent_kv_cache_bytes`` of its open sessions); growth is measured over
+each process's own lifetime (a restarted node starts again from its new process). Which layers a node
+hosts changes with every fault (the survivors take a dead node's layers), so its raw RSS floor compares
+different plans. Memory counts as stable when no process's floor of what it holds beyond those weights
+and caches (its lowest, between the peaks of replays and plan changes) rises from the middle to the last
+third of its life: a leak is what stays behind when the plan and its sessions are accounted for.
 
     .venv/bin/python bench/soak.py                    # 16 sessions, 300 s, a fault every 30 s
     .venv/bin/python bench/soak.py --duration 60 --fault-every 15
@@ -25,11 +28,14 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -40,7 +46,7 @@ from bench.faults import FAULT_KINDS, heal, inject, put_proxies, wait_all_alive,
 from bench.tcp_proxy import TcpProxy
 from splitmesh import Client
 from splitmesh.client import SplitmeshError
-from splitmesh.launcher import LocalMesh, MeshSpec
+from splitmesh.launcher import LocalMesh, MeshSpec, free_port
 
 PROMPTS = [
     "Explain how a bicycle works.",
@@ -75,6 +81,28 @@ class MemorySample:
     at: float
     pid: int
     rss: int
+    held: int | None = None  # weights of loaded segments + KV caches, as the node reports them (None: no answer)
+
+    @property
+    def beyond_held(self) -> int | None:
+        return None if self.held is None else self.rss - self.held
+
+
+HELD_METRICS = ("splitmesh_agent_weight_bytes", "splitmesh_agent_kv_cache_bytes")
+
+
+def node_held_bytes(port: int) -> int | None:
+    """Weights and KV-cache bytes a node reports on its metrics port (None when it does not answer: a node
+    stopped or restarting)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1.0) as response:
+            text = response.read().decode()
+    except (OSError, urllib.error.URLError):
+        return None
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    if not all(name in values for name in HELD_METRICS):
+        return None
+    return int(sum(values[name] for name in HELD_METRICS))
 
 
 def session_loop(mesh: LocalMesh, worker: int, tokens: int, expected: dict[str, list[int]], stop: threading.Event,
@@ -107,11 +135,17 @@ def sample_memory(mesh: LocalMesh, samples: dict[str, list[MemorySample]]) -> No
     for name, proc in mesh.processes.items():
         if proc.poll() is not None:
             continue
+        port = mesh.node_metrics_ports.get(name, 0)
         try:
-            rss = psutil.Process(proc.pid).memory_info().rss
+            before = psutil.Process(proc.pid).memory_info().rss
+            held = node_held_bytes(port) if port else None
+            after = psutil.Process(proc.pid).memory_info().rss
         except psutil.NoSuchProcess:
             continue
-        samples.setdefault(name, []).append(MemorySample(time.monotonic(), proc.pid, rss))
+        # A reading taken while the node loaded or freed a segment would pair one plan's RSS with another's.
+        steady = held is not None and abs(after - before) < 16 << 20
+        samples.setdefault(name, []).append(MemorySample(time.monotonic(), proc.pid, after,
+                                                         held if steady else None))
 
 
 def ensure_base_plan(mesh: LocalMesh) -> None:
@@ -163,26 +197,41 @@ def _faults(mesh: LocalMesh, proxies: dict[str, TcpProxy], kinds: list[str], eve
 STABLE_TOLERANCE = 1.05  # the last third's floor may sit this much (and 20 MB) above the middle third's
 
 
-def settled_floors(rows: list[MemorySample]) -> tuple[float, float, bool]:
-    """Lowest RSS (MB) in the middle and in the last third of one process's samples, and whether it is stable.
+MIN_JUDGED_SAMPLES = 9  # a process judged on fewer (a node restarted late in the run) is reported, not judged
+
+
+def settled_floors(rows: list[MemorySample]) -> tuple[float, float, bool] | None:
+    """Lowest memory (MB) in the middle and in the last third of one process's samples, and whether it is
+    stable; None when the process served too briefly to tell.
 
     Replays after a fault and plan changes load segments and raise memory for a while (the peaks); a leak
-    is what stays behind, so it lifts the floor between faults. The first third is left out: it holds the
-    start, before the first fault has made the node load anything.
+    is what stays behind, so it lifts the floor between faults. A node's floor is of what it holds beyond
+    the weights and KV caches it reports (the orchestrator, which reports none, of its RSS), counted from
+    the first sample in which it hosted a segment: a restarted node idles until a plan takes it back. The
+    first third of that is left out: it holds the node's warm-up (its first loads and sessions).
     """
-    third = max(1, len(rows) // 3)
-    middle = min(r.rss for r in rows[third:2 * third]) / 1e6
-    last = min(r.rss for r in rows[2 * third:]) / 1e6
+    def floor(part: list[MemorySample]) -> float:
+        net = [r.beyond_held for r in part if r.beyond_held is not None]
+        return min(net if net else [r.rss for r in part]) / 1e6
+
+    if any(r.held is not None for r in rows):
+        hosting = next((i for i, r in enumerate(rows) if r.held), len(rows))
+        rows = [r for r in rows[hosting:] if r.held is not None]
+    if len(rows) < MIN_JUDGED_SAMPLES:
+        return None
+    third = len(rows) // 3
+    middle = floor(rows[third:2 * third])
+    last = floor(rows[2 * third:])
     return middle, last, last <= middle * STABLE_TOLERANCE + 20.0
 
 
 def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[str, float], bool]:
     table = Table(title="resident memory (MB)")
     for column in ("process", "samples", "restarts", "start", "end", "max", "growth over its lifetime",
-                   "floor: middle | last third"):
+                   "floor beyond weights and caches: middle | last third"):
         table.add_column(column, justify="right")
     figures: dict[str, float] = {}
-    stable_all = True
+    stable_all, judged = True, 0
     for name, rows in sorted(samples.items()):
         last = rows[-1]
         own = [r for r in rows if r.pid == last.pid]  # the process alive at the end, since it started
@@ -197,13 +246,20 @@ def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[st
             growth = (last.rss - own[0].rss) / 1e6
             figures[f"{key}_rss_growth_mb"] = round(growth, 1)
             growth_text = f"{growth:+.1f} over {own[-1].at - own[0].at:.0f} s"
-        middle, late, stable = settled_floors(own) if len(own) >= 3 else (end, end, True)
+        floors = settled_floors(own)
+        figures[f"{key}_memory_judged"] = int(floors is not None)
+        if floors is None:
+            table.add_row(name, str(len(rows)), str(restarts), f"{start:.0f}", f"{end:.0f}", f"{peak:.0f}",
+                          growth_text, "too short to judge")
+            continue
+        middle, late, stable = floors
+        judged += 1
         stable_all &= stable
-        figures.update({f"{key}_rss_middle_floor_mb": round(middle, 1), f"{key}_rss_last_floor_mb": round(late, 1),
-                        f"{key}_rss_stable": int(stable)})
+        figures.update({f"{key}_middle_floor_mb": round(middle, 1), f"{key}_last_floor_mb": round(late, 1),
+                        f"{key}_memory_stable": int(stable)})
         table.add_row(name, str(len(rows)), str(restarts), f"{start:.0f}", f"{end:.0f}", f"{peak:.0f}", growth_text,
                       f"{middle:.0f} | {late:.0f} " + ("stable" if stable else "[red]rising[/red]"))
-    return table, figures, stable_all
+    return table, figures, stable_all and judged > 0
 
 
 def main() -> int:
@@ -224,7 +280,7 @@ def main() -> int:
     console = Console()
     spec = MeshSpec(nodes=4, store=Path("~/.cache/splitmesh/store"), workdir=Path(tempfile.mkdtemp(prefix="soak-")),
                     orchestrator_port=0, trusted=("node-0", "node-3"), boundaries=BOUNDARIES, placement=PLACEMENT,
-                    threads=args.threads)
+                    threads=args.threads, metrics_port=free_port())  # nodes report what they hold
     mesh = LocalMesh(spec)
     proxies = put_proxies(mesh, MIDDLE) if "link-cut" in kinds else {}
     tally, samples = Tally(), dict[str, list[MemorySample]]()

@@ -31,3 +31,7 @@ class AgentCollector(Collector):
         layers = GaugeMetricFamily("splitmesh_agent_loaded_layers", "Decoder layers held in memory")
         layers.add_metric([], sum(1 for role in self.rt.pool.loaded_roles() if role.startswith("layer.")))
         yield layers
+        weights = GaugeMetricFamily("splitmesh_agent_weight_bytes",
+                                    "Bytes of weights held by the segments this node has loaded")
+        weights.add_metric([], self.rt.pool.weight_bytes())
+        yield weights

@@ -9,7 +9,7 @@ weights, whose linears run :class:`common.int8.Int8Linear`).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -105,17 +105,15 @@ class SegmentRunner:
     def new_cache(self) -> SessionCache:
         return SessionCache()
 
-    def parameter_bytes(self) -> int:
-        seen: set[int] = set()
-        total = 0
+    def weight_tensors(self) -> Iterator[torch.Tensor]:
+        """Every parameter and buffer of the segment (int8 weights and scales are buffers)."""
         for module in (*self.layers, self.embed, self.norm, self.lm_head):
-            if module is None:
-                continue
-            for p in (*module.parameters(), *module.buffers()):  # int8 weights and scales are buffers
-                if p.data_ptr() not in seen:
-                    seen.add(p.data_ptr())
-                    total += p.numel() * p.element_size()
-        return total
+            if module is not None:
+                yield from module.parameters()
+                yield from module.buffers()
+
+    def parameter_bytes(self) -> int:
+        return weight_bytes([self])
 
     def run(self, cache: DynamicCache, inputs: torch.Tensor, position: int) -> torch.Tensor:
         """Token ids ``[1, n]`` (first span) or hidden states ``[1, n, H]`` -> hidden states ``[1, n, H]``."""
@@ -219,3 +217,15 @@ class SegmentRunner:
             raise RuntimeError(f"span {self.span} is not the last span: it has no head")
         logits: torch.Tensor = self.lm_head(self.norm(hidden[:, -1:, :]))
         return logits[:, -1].float()
+
+
+def weight_bytes(runners: Iterable[SegmentRunner]) -> int:
+    """Bytes of the weights of ``runners``, each tensor once (overlapping spans share their layers)."""
+    seen: set[int] = set()
+    total = 0
+    for runner in runners:
+        for tensor in runner.weight_tensors():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+    return total

@@ -7,7 +7,7 @@ import threading
 
 from common.model_store import ModelStore
 from common.spans import Span
-from node_agent.segment import SegmentRunner
+from node_agent.segment import SegmentRunner, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,12 @@ class SegmentPool:
     def loaded_roles(self) -> list[str]:
         with self._lock:
             return sorted({role for r in self._runners.values() for role in r.loaded_roles})
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights the loaded segments hold (layers shared by overlapping spans counted once)."""
+        with self._lock:
+            runners = list(self._runners.values())
+        return weight_bytes(runners)
 
     def spans(self) -> list[Span]:
         with self._lock:

@@ -42,6 +42,11 @@ def test_node_agents_export_their_own_metrics(mesh: LocalMesh) -> None:
     assert head[("splitmesh_agent_activation_bytes_total", (("peer", "node-4"),))] > 0
     assert head[("splitmesh_agent_loaded_layers", ())] == 15
     assert tail[("splitmesh_agent_loaded_layers", ())] == 15
+    # fp32 SmolLM2-135M: a decoder layer holds 3,540,096 values, the token table 49,152 x 576, the final norm 576;
+    # the tail's tied head reads its own copy of the table.
+    layer, table, norm = 4 * 3_540_096, 4 * 49_152 * 576, 4 * 576
+    assert head[("splitmesh_agent_weight_bytes", ())] == table + 15 * layer
+    assert tail[("splitmesh_agent_weight_bytes", ())] == table + 15 * layer + norm
     assert tail[("splitmesh_agent_segment_compute_seconds_count", (("segment", "15-30"),))] >= tokens
     # One prefill and tokens-1 decode steps crossed node-0 -> node-4, each with the hop's own overhead observed.
     decode = (("kind", "decode"), ("peer", "node-4"))

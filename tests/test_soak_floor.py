@@ -1,0 +1,41 @@
+"""The soak's memory verdict: a leak lifts what a node holds beyond its weights and caches, a bigger plan does not."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bench.soak import MemorySample, settled_floors
+
+MB = 1_000_000
+
+
+def _samples(rss_mb: Sequence[float], held_mb: Sequence[float | None]) -> list[MemorySample]:
+    return [MemorySample(at=float(i), pid=1, rss=int(r * MB), held=None if h is None else int(h * MB))
+            for i, (r, h) in enumerate(zip(rss_mb, held_mb, strict=True))]
+
+
+def test_a_node_whose_plan_grows_is_stable() -> None:
+    # 300 MB of weights and caches, then 600 after the plan gave it more layers: RSS rises, nothing leaks.
+    rows = _samples([700] * 6 + [1000] * 6, [300] * 6 + [600] * 6)
+    assert settled_floors(rows) == (400.0, 400.0, True)
+
+
+def test_memory_left_behind_beyond_what_the_node_holds_is_a_leak() -> None:
+    rows = _samples([700] * 8 + [900] * 4, [300] * 12)
+    assert settled_floors(rows) == (400.0, 600.0, False)
+
+
+def test_a_restarted_node_is_judged_from_when_it_hosts_again() -> None:
+    # Idle after its restart (nothing held), then hosting: the idle samples are not its floor.
+    rows = _samples([350] * 4 + [700] * 12, [0] * 4 + [300] * 12)
+    assert settled_floors(rows) == (400.0, 400.0, True)
+    assert settled_floors(rows[:10]) is None  # six samples of hosting: too short to tell
+
+
+def test_samples_without_an_answer_are_left_out_and_a_process_without_reports_uses_its_rss() -> None:
+    rows = _samples([700, 5000, 700, 700, 700, 700, 700, 5000, 700, 700, 700, 700],
+                    [300, None, 300, 300, 300, 300, 300, None, 300, 300, 300, 300])
+    floors = settled_floors(rows)
+    assert floors is not None and floors[2]
+    orchestrator = _samples([80] * 6 + [85] * 6, [None] * 12)
+    assert settled_floors(orchestrator) == (80.0, 85.0, True)
