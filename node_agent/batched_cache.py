@@ -43,12 +43,16 @@ class SessionCache(DynamicCache):
         """Bytes of keys and values of this session (its share of a group's buffers while in one)."""
         if self.group is not None:
             return self.group.bytes_of(self)
-        total = 0
-        for layer in self.layers:
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total
+        return _own_bytes(self)
+
+
+def _own_bytes(cache: DynamicCache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def settle(cache: DynamicCache) -> None:
@@ -100,12 +104,14 @@ class DecodeGroup:
         return self.lengths[row]
 
     def bytes_of(self, cache: SessionCache) -> int:
-        length = self.length_of(cache)
+        """The session's row of the group's buffers (headroom included: it is allocated), plus what its own
+        layers still hold (those the group has not reached)."""
+        assert self.row_of(cache) is not None, "a cache points at a group that does not hold it"
         total = 0
         for buffers in (self._keys, self._values):
             for buffer in buffers.values():
-                total += buffer[0, :, :length].numel() * buffer.element_size()
-        return total
+                total += buffer[0].numel() * buffer.element_size()
+        return total + _own_bytes(cache)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +172,9 @@ class DecodeGroup:
             if length and isinstance(own_keys, torch.Tensor) and isinstance(own_values, torch.Tensor):
                 keys[row, :, :length] = own_keys[0]
                 values[row, :, :length] = own_values[0]
+                # The group holds the truth from now on (dissolve writes it back): the stale copy would double
+                # the session's KV memory for as long as it decodes in this group.
+                layer.keys, layer.values = own_keys[:, :, :0].clone(), own_values[:, :, :0].clone()
         return keys, values
 
 

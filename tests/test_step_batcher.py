@@ -249,6 +249,29 @@ def test_a_decode_group_persists_across_steps_and_sessions_leave_and_rejoin(
     assert freed() is None
 
 
+def test_a_grouped_session_keeps_its_history_once(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
+    """While sessions decode in a group, the group's buffers are their only copy of the history (the stale own
+    copy would double KV memory); settling gives each session its whole history back."""
+    solo, batched = _sessions(runners), _sessions(runners)
+    own_before = [c.kv_bytes() for c in batched[0]]
+    jobs = [_job(runners, caches, 8, n) for caches, n in zip(batched, PROMPT_LENGTHS, strict=True)]
+    StepBatcher(8).run_round(list[Job](jobs))
+    for caches in batched:
+        for cache in caches:
+            assert cache.group is not None
+            assert all(layer.keys.numel() == 0 and layer.values.numel() == 0 for layer in cache.layers)
+            assert cache.kv_bytes() >= own_before[0] // 2  # its row of the group's buffers, headroom included
+    for caches, n in zip(solo, PROMPT_LENGTHS, strict=True):
+        StepBatcher(1).run_round([_job(runners, caches, 8, n)])
+    for grouped, alone in zip(batched, solo, strict=True):
+        for cache, reference in zip(grouped, alone, strict=True):
+            settle(cache)
+            assert cache.group is None and cache.get_seq_length() == reference.get_seq_length()
+            for layer, want in zip(cache.layers, reference.layers, strict=True):
+                torch.testing.assert_close(layer.keys, want.keys, rtol=1e-3, atol=1e-3)
+                torch.testing.assert_close(layer.values, want.values, rtol=1e-3, atol=1e-3)
+
+
 def test_sessions_whose_first_step_is_one_token_decode_together(runners: tuple[SegmentRunner, SegmentRunner]) -> None:
     """One-token prompts: empty caches batched from position 0, two steps, then each alone: equal to solo."""
     solo = [tuple(r.new_cache() for r in runners) for _ in range(3)]
