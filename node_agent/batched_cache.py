@@ -174,6 +174,7 @@ class DecodeGroup:
                 values[row, :, :length] = own_values[0]
                 # The group holds the truth from now on (dissolve writes it back): the stale copy would double
                 # the session's KV memory for as long as it decodes in this group.
+                assert isinstance(layer, DynamicLayer), "a session cache holds full-attention layers"
                 layer.keys, layer.values = own_keys[:, :, :0].clone(), own_values[:, :, :0].clone()
         return keys, values
 
