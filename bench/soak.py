@@ -197,7 +197,22 @@ def _faults(mesh: LocalMesh, proxies: dict[str, TcpProxy], kinds: list[str], eve
 STABLE_TOLERANCE = 1.05  # the last third's floor may sit this much (and 20 MB) above the middle third's
 
 
+Figure = float | list[float]  # a value of the closing JSON line
 MIN_JUDGED_SAMPLES = 9  # a process judged on fewer (a node restarted late in the run) is reported, not judged
+
+
+def judged_samples(rows: list[MemorySample]) -> list[MemorySample]:
+    """The samples a process is judged on: for a node, those with its report, from when it first hosts."""
+    if any(r.held is not None for r in rows):
+        hosting = next((i for i, r in enumerate(rows) if r.held), len(rows))
+        return [r for r in rows[hosting:] if r.held is not None]
+    return rows
+
+
+def floor_mb(part: list[MemorySample]) -> float:
+    """The lowest memory of these samples beyond what the node holds (RSS where it reports nothing)."""
+    net = [r.beyond_held for r in part if r.beyond_held is not None]
+    return min(net if net else [r.rss for r in part]) / 1e6
 
 
 def settled_floors(rows: list[MemorySample]) -> tuple[float, float, bool] | None:
@@ -210,28 +225,30 @@ def settled_floors(rows: list[MemorySample]) -> tuple[float, float, bool] | None
     the first sample in which it hosted a segment: a restarted node idles until a plan takes it back. The
     first third of that is left out: it holds the node's warm-up (its first loads and sessions).
     """
-    def floor(part: list[MemorySample]) -> float:
-        net = [r.beyond_held for r in part if r.beyond_held is not None]
-        return min(net if net else [r.rss for r in part]) / 1e6
-
-    if any(r.held is not None for r in rows):
-        hosting = next((i for i, r in enumerate(rows) if r.held), len(rows))
-        rows = [r for r in rows[hosting:] if r.held is not None]
+    rows = judged_samples(rows)
     if len(rows) < MIN_JUDGED_SAMPLES:
         return None
     third = len(rows) // 3
-    middle = floor(rows[third:2 * third])
-    last = floor(rows[2 * third:])
+    middle = floor_mb(rows[third:2 * third])
+    last = floor_mb(rows[2 * third:])
     return middle, last, last <= middle * STABLE_TOLERANCE + 20.0
 
 
-def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[str, float], bool]:
+def floor_trend(rows: list[MemorySample], parts: int = 6) -> list[float]:
+    """The floor in each of ``parts`` equal stretches of the judged samples: a leak climbs, noise wanders."""
+    rows = judged_samples(rows)
+    size = len(rows) // parts
+    return [round(floor_mb(rows[i * size:(i + 1) * size]), 1) for i in range(parts)] if size else []
+
+
+def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[str, Figure], bool]:
     table = Table(title="resident memory (MB)")
     for column in ("process", "samples", "restarts", "start", "end", "max", "growth over its lifetime",
                    "floor beyond weights and caches: middle | last third"):
         table.add_column(column, justify="right")
-    figures: dict[str, float] = {}
+    figures: dict[str, Figure] = {}
     stable_all, judged = True, 0
+    trends: dict[str, list[float]] = {}
     for name, rows in sorted(samples.items()):
         last = rows[-1]
         own = [r for r in rows if r.pid == last.pid]  # the process alive at the end, since it started
@@ -253,12 +270,17 @@ def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[st
                           growth_text, "too short to judge")
             continue
         middle, late, stable = floors
+        trends[name] = floor_trend(own)
+        figures[f"{key}_floor_trend_mb"] = trends[name]
         judged += 1
         stable_all &= stable
         figures.update({f"{key}_middle_floor_mb": round(middle, 1), f"{key}_last_floor_mb": round(late, 1),
                         f"{key}_memory_stable": int(stable)})
         table.add_row(name, str(len(rows)), str(restarts), f"{start:.0f}", f"{end:.0f}", f"{peak:.0f}", growth_text,
                       f"{middle:.0f} | {late:.0f} " + ("stable" if stable else "[red]rising[/red]"))
+    if trends:
+        table.caption = "floor beyond weights and caches by sixth of each judged life (MB): " + "; ".join(
+            f"{name} {' '.join(f'{v:.0f}' for v in values)}" for name, values in trends.items())
     return table, figures, stable_all and judged > 0
 
 
@@ -352,7 +374,7 @@ def main() -> int:
     ok = tally.failed == 0 and tally.mismatched == 0 and tally.completed > 0 and not broken and stable
     console.print("[green]PASS[/green]: no failed request, every output identical, memory stable" if ok
                   else "[red]FAIL[/red]" + ("" if stable else ": a process's memory floor kept rising"))
-    figures: dict[str, float] = {
+    figures: dict[str, Figure] = {
         "duration_s": round(wall, 1), "sessions": args.sessions, "completed": tally.completed, "failed": tally.failed,
         "mismatched": tally.mismatched, "tokens": tally.tokens, "tokens_per_s": round(tally.tokens / wall, 2),
         **{f"faults_{k.replace('-', '_')}": n for k, n in fault_counts.items()},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.soak import MemorySample, settled_floors
+from bench.soak import MemorySample, floor_trend, settled_floors
 
 MB = 1_000_000
 
@@ -39,3 +39,10 @@ def test_samples_without_an_answer_are_left_out_and_a_process_without_reports_us
     assert floors is not None and floors[2]
     orchestrator = _samples([80] * 6 + [85] * 6, [None] * 12)
     assert settled_floors(orchestrator) == (80.0, 85.0, True)
+
+
+def test_the_trend_shows_a_climb_and_not_a_wander() -> None:
+    climbing = _samples([700 + 20 * i for i in range(12)], [300] * 12)
+    assert floor_trend(climbing) == [400.0, 440.0, 480.0, 520.0, 560.0, 600.0]
+    wandering = _samples([700, 760, 720, 700, 740, 700, 760, 700, 700, 740, 700, 760], [300] * 12)
+    assert floor_trend(wandering) == [400.0] * 6
