@@ -82,6 +82,7 @@ class MemorySample:
     pid: int
     rss: int
     held: int | None = None  # weights of loaded segments + KV caches, as the node reports them (None: no answer)
+    under_load: bool = True  # False: the sample after every session ended
 
     @property
     def beyond_held(self) -> int | None:
@@ -131,7 +132,7 @@ def session_loop(mesh: LocalMesh, worker: int, tokens: int, expected: dict[str, 
                                           else 0.0)
 
 
-def sample_memory(mesh: LocalMesh, samples: dict[str, list[MemorySample]]) -> None:
+def sample_memory(mesh: LocalMesh, samples: dict[str, list[MemorySample]], under_load: bool = True) -> None:
     for name, proc in mesh.processes.items():
         if proc.poll() is not None:
             continue
@@ -145,7 +146,7 @@ def sample_memory(mesh: LocalMesh, samples: dict[str, list[MemorySample]]) -> No
         # A reading taken while the node loaded or freed a segment would pair one plan's RSS with another's.
         steady = held is not None and abs(after - before) < 16 << 20
         samples.setdefault(name, []).append(MemorySample(time.monotonic(), proc.pid, after,
-                                                         held if steady else None))
+                                                         held if steady else None, under_load))
 
 
 def ensure_base_plan(mesh: LocalMesh) -> None:
@@ -202,7 +203,10 @@ MIN_JUDGED_SAMPLES = 9  # a process judged on fewer (a node restarted late in th
 
 
 def judged_samples(rows: list[MemorySample]) -> list[MemorySample]:
-    """The samples a process is judged on: for a node, those with its report, from when it first hosts."""
+    """The samples a process is judged on: under load and, for a node, those with its report, from when it
+    first hosts. (The sample after the load ended is reported on its own: it sees memory the sessions held
+    and gave back, which no sample under load can.)"""
+    rows = [r for r in rows if r.under_load]
     if any(r.held is not None for r in rows):
         hosting = next((i for i, r in enumerate(rows) if r.held), len(rows))
         return [r for r in rows[hosting:] if r.held is not None]
@@ -248,7 +252,7 @@ def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[st
         table.add_column(column, justify="right")
     figures: dict[str, Figure] = {}
     stable_all, judged = True, 0
-    trends: dict[str, list[float]] = {}
+    trends: dict[str, str] = {}
     for name, rows in sorted(samples.items()):
         last = rows[-1]
         own = [r for r in rows if r.pid == last.pid]  # the process alive at the end, since it started
@@ -270,8 +274,12 @@ def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[st
                           growth_text, "too short to judge")
             continue
         middle, late, stable = floors
-        trends[name] = floor_trend(own)
-        figures[f"{key}_floor_trend_mb"] = trends[name]
+        trend = floor_trend(own)
+        figures[f"{key}_floor_trend_mb"] = trend
+        trends[name] = f"{' '.join(f'{v:.0f}' for v in trend)}"
+        if not last.under_load and last.beyond_held is not None:
+            figures[f"{key}_after_load_beyond_held_mb"] = round(last.beyond_held / 1e6, 1)
+            trends[name] += f", after {last.beyond_held / 1e6:.0f}"
         judged += 1
         stable_all &= stable
         figures.update({f"{key}_middle_floor_mb": round(middle, 1), f"{key}_last_floor_mb": round(late, 1),
@@ -279,8 +287,8 @@ def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[st
         table.add_row(name, str(len(rows)), str(restarts), f"{start:.0f}", f"{end:.0f}", f"{peak:.0f}", growth_text,
                       f"{middle:.0f} | {late:.0f} " + ("stable" if stable else "[red]rising[/red]"))
     if trends:
-        table.caption = "floor beyond weights and caches by sixth of each judged life (MB): " + "; ".join(
-            f"{name} {' '.join(f'{v:.0f}' for v in values)}" for name, values in trends.items())
+        table.caption = ("floor beyond weights and caches by sixth of each judged life under load, then after "
+                         "the load (MB): ") + "; ".join(f"{name} {text}" for name, text in trends.items())
     return table, figures, stable_all and judged > 0
 
 
@@ -343,7 +351,7 @@ def main() -> int:
                     thread.join()
                 if chaos is not None:
                     chaos.join()
-            sample_memory(mesh, samples)
+            sample_memory(mesh, samples, under_load=False)
             wall = time.monotonic() - started
     finally:
         stop.set()

@@ -46,3 +46,11 @@ def test_the_trend_shows_a_climb_and_not_a_wander() -> None:
     assert floor_trend(climbing) == [400.0, 440.0, 480.0, 520.0, 560.0, 600.0]
     wandering = _samples([700, 760, 720, 700, 740, 700, 760, 700, 700, 740, 700, 760], [300] * 12)
     assert floor_trend(wandering) == [400.0] * 6
+
+
+def test_the_sample_after_the_load_is_not_judged() -> None:
+    """Memory the sessions held and gave back when they ended must not lower the last third's floor."""
+    rows = _samples([700] * 6 + [900] * 6 + [450], [300] * 13)
+    rows[-1].under_load = False
+    assert settled_floors(rows) == (400.0, 600.0, False)
+    assert floor_trend(rows) == [400.0, 400.0, 400.0, 600.0, 600.0, 600.0]
