@@ -82,7 +82,7 @@ class MemorySample:
     pid: int
     rss: int
     held: int | None = None  # weights of loaded segments + KV caches, as the node reports them (None: no answer)
-    under_load: bool = True  # False: the sample after every session ended
+    under_load: bool = True  # False: the sample right after every session ended (before a node's next trim)
 
     @property
     def beyond_held(self) -> int | None:
