@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from splitmesh.launcher import free_port
+
 DEFAULT_DIR = Path(os.environ.get("SPLITMESH_LLAMA_CPP_DIR", "~/.cache/splitmesh/llama.cpp")).expanduser()
 VERSION = "0.3.36"
 
@@ -63,13 +65,6 @@ def parallel(bin_dir: Path, gguf: Path, sequences: int, prompt: int, tokens: int
     return float(rows[-1]["speed_tg"])  # type: ignore[arg-type]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -89,7 +84,7 @@ def rpc_servers(bin_dir: Path, count: int, threads: int) -> Iterator[list[str]]:
     endpoints: list[str] = []
     try:
         for _ in range(count):
-            port = _free_port()
+            port = free_port()  # outside the ephemeral range: no connection takes it before the server binds
             proc = subprocess.Popen([str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
                                      "-t", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     env={**os.environ, "GGML_RPC_NO_RDMA": "1"})
