@@ -5,6 +5,11 @@ the head (node_agent/token_ring.py) work this way: the call opens with the first
 must be taken within ``timeout_s``, and the stream's end is watched beside the writes. An end while the
 session still uses the stream is a failure downstream: it is kept (the next write raises it) and
 reported once to ``on_failure``, so a waiting head learns it at once.
+
+Closing leaves no reference cycle behind: the watch task and the owner's callbacks are let go, and a
+kept failure is raised as a fresh error each time (a raised exception's traceback holds the frame
+that raised it, and that frame this stream). A session caught in a cycle waits for Python's full
+collection, rare in a process holding torch, and keeps its segment runner resident until then.
 """
 
 from __future__ import annotations
@@ -46,8 +51,7 @@ class OutboundStream:
 
     async def write(self, messages: Sequence[Any], opening: Callable[[], Any]) -> None:
         """Write ``messages``, opening the call with ``opening()`` first if it is not open yet."""
-        if self._failure is not None:
-            raise self._failure
+        self._raise_failure()
         try:
             async with asyncio.timeout(self._timeout_s):  # no task per step, unlike wait_for
                 if self._call is None:
@@ -69,8 +73,7 @@ class OutboundStream:
         """Whether the session's next message leaves on the peer's rows stream (node_agent/row_link.py) instead: only
         one of a ``batched`` forward, and only once this call is open, so the peer knows the session before its
         rows. A failure already seen here is raised either way."""
-        if self._failure is not None:
-            raise self._failure
+        self._raise_failure()
         return batched and self._call is not None
 
     def fail(self, error: HopError) -> None:
@@ -81,6 +84,10 @@ class OutboundStream:
         self._failure = error
         if self._on_failure is not None:
             self._on_failure(error)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:  # a copy: the kept one must not collect this frame's traceback
+            raise HopError(self._failure.code, self._failure.details)
 
     async def _ended(self) -> HopError:
         if self._watch is not None:
@@ -103,6 +110,21 @@ class OutboundStream:
 
     def close(self) -> None:
         self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()  # a dropped call's end may never come: the watch must not wait for it
+            self._watch = None
         if self._call is not None:
             self._call.cancel()
             self._call = None
+        # The owner's bound methods: keeping them would tie the owner and this stream into a cycle.
+        self._open_call = _closed_call
+        self._outcome = _closed_outcome
+        self._on_failure = None
+
+
+def _closed_call() -> WritableCall:
+    raise HopError(grpc.StatusCode.CANCELLED, "the session closed this stream")
+
+
+async def _closed_outcome(call: Any) -> HopError:
+    raise AssertionError("a closed stream watches no call")

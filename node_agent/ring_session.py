@@ -136,8 +136,8 @@ class RingSession:
         kept_logged = False
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=STALL_POLL_S)
-                if done:
+                await asyncio.wait({task}, timeout=STALL_POLL_S)
+                if task.done():
                     return task.result()
                 now = time.perf_counter()
                 if watch is None:
@@ -173,3 +173,7 @@ class RingSession:
             for pending in (task, probe):
                 if pending is not None and not pending.done():
                     pending.cancel()
+            # A failed step's error holds this frame in its traceback, and this frame would hold the task that
+            # holds the error (so the wait's result set is not kept either): a cycle, and with it the
+            # session's pipeline until a full collection.
+            del task, probe, pending

@@ -17,6 +17,7 @@ from common.log_format import setup_logging
 from common.proto import splitmesh_pb2_grpc as pb_grpc
 from common.transport import TransportError, bind
 from node_agent.config import NodeConfig
+from node_agent.memory import freeze_startup_objects
 from node_agent.metrics import AgentCollector
 from node_agent.reporter import Reporter
 from node_agent.runtime import NodeRuntime
@@ -77,4 +78,5 @@ def run(config: NodeConfig, openmp: str) -> None:
     log.info("torch threads: %d; OpenMP idle workers: %s", threads, openmp)
     torch.set_num_threads(threads)  # the default the compute thread starts from
     single_threaded_here()  # this thread (the event loop) and the executors: see node_agent/torch_threads.py
+    log.debug("%d start-up objects frozen out of the cycle collector", freeze_startup_objects())
     asyncio.run(serve(config))

@@ -37,6 +37,54 @@ def test_freed_tensors_are_returned_to_the_os() -> None:
     assert figures["after"] < figures["base"] + 60
 
 
+# A session or runner caught in a reference cycle: refcounts never reach zero, only the collector frees it.
+CYCLE_PROGRAM = """
+import gc, json, psutil, torch
+from node_agent.memory import return_freed_memory
+rss = lambda: psutil.Process().memory_info().rss / 1e6
+gc.disable()  # as in a node with hundreds of thousands of objects: the full collection is far off
+base = rss()
+class Holder:
+    pass
+holder = Holder()
+holder.me = holder
+holder.weights = torch.ones(60_000_000)  # 240 MB
+del holder
+held = rss()
+return_freed_memory()
+print(json.dumps({"base": base, "held": held, "after": rss()}))
+"""
+
+FREEZE_PROGRAM = """
+import gc, json
+import node_agent.server  # everything a node imports before it serves
+from node_agent.memory import freeze_startup_objects
+tracked = len(gc.get_objects())
+frozen = freeze_startup_objects()
+print(json.dumps({"tracked": tracked, "frozen": frozen, "left": len(gc.get_objects())}))
+"""
+
+
+def _run(program: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True, timeout=120)
+    figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def test_tensors_held_only_by_a_reference_cycle_are_returned() -> None:
+    figures = _run(CYCLE_PROGRAM)
+    assert figures["held"] - figures["base"] > 200
+    assert figures["after"] < figures["base"] + 40
+
+
+def test_start_up_objects_leave_the_collectors_walk() -> None:
+    """A full collection walks what is not frozen; before the freeze that was every imported object."""
+    figures = _run(FREEZE_PROGRAM)
+    assert figures["tracked"] > 100_000  # torch, transformers, grpc and the node's own modules
+    assert figures["frozen"] >= 0.9 * figures["tracked"]
+    assert figures["left"] < 0.01 * figures["tracked"]
+
+
 def test_pool_says_when_a_segment_was_unloaded(store: ModelStore, embedded: StoredModel) -> None:
     pool = SegmentPool(store)
     span = Span(3, 4)
