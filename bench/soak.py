@@ -36,6 +36,7 @@ from pathlib import Path
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -246,10 +247,11 @@ def floor_trend(rows: list[MemorySample], parts: int = 6) -> list[float]:
 
 
 def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[str, Figure], bool]:
-    table = Table(title="resident memory (MB)")
-    for column in ("process", "samples", "restarts", "start", "end", "max", "growth over its lifetime",
-                   "floor beyond weights and caches: middle | last third"):
-        table.add_column(column, justify="right")
+    table = Table(title="resident memory (MB)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  caption_justify="left")  # fits 80 columns
+    table.add_column("process", justify="left", no_wrap=True)
+    for column in ("n", "restarts", "start", "end", "max", "growth", "beyond held"):
+        table.add_column(column, justify="right", no_wrap=True)
     figures: dict[str, Figure] = {}
     stable_all, judged = True, 0
     trends: dict[str, str] = {}
@@ -262,16 +264,16 @@ def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[st
         figures.update({f"{key}_rss_start_mb": round(start, 1), f"{key}_rss_end_mb": round(end, 1),
                         f"{key}_rss_max_mb": round(peak, 1), f"{key}_restarts": restarts})
         if restarts:  # a restarted node's first sample may predate its weights: no growth figure
-            growth_text = "n/a (restarted)"
+            growth_text = "restarted"
         else:
             growth = (last.rss - own[0].rss) / 1e6
             figures[f"{key}_rss_growth_mb"] = round(growth, 1)
-            growth_text = f"{growth:+.1f} over {own[-1].at - own[0].at:.0f} s"
+            growth_text = f"{growth:+.0f}/{own[-1].at - own[0].at:.0f}s"
         floors = settled_floors(own)
         figures[f"{key}_memory_judged"] = int(floors is not None)
         if floors is None:
             table.add_row(name, str(len(rows)), str(restarts), f"{start:.0f}", f"{end:.0f}", f"{peak:.0f}",
-                          growth_text, "too short to judge")
+                          growth_text, "too short")
             continue
         middle, late, stable = floors
         trend = floor_trend(own)
@@ -285,10 +287,12 @@ def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[st
         figures.update({f"{key}_middle_floor_mb": round(middle, 1), f"{key}_last_floor_mb": round(late, 1),
                         f"{key}_memory_stable": int(stable)})
         table.add_row(name, str(len(rows)), str(restarts), f"{start:.0f}", f"{end:.0f}", f"{peak:.0f}", growth_text,
-                      f"{middle:.0f} | {late:.0f} " + ("stable" if stable else "[red]rising[/red]"))
+                      f"{middle:.0f} | {late:.0f} " + ("flat" if stable else "[red]rises[/red]"))
     if trends:
-        table.caption = ("floor beyond weights and caches by sixth of each judged life under load, then after "
-                         "the load (MB): ") + "; ".join(f"{name} {text}" for name, text in trends.items())
+        table.caption = ("n: samples; growth: MB over the seconds of its life. beyond held: the floor of RSS "
+                         "beyond the weights and KV caches a node reports, in the middle | last third of its "
+                         "judged life; by sixth under load, then after the load (MB):\n")
+        table.caption += "\n".join(f"  {name}: {text}" for name, text in trends.items())
     return table, figures, stable_all and judged > 0
 
 
