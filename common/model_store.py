@@ -222,7 +222,6 @@ class ModelStore:
         decryption, straight from the mapped ciphertext). Only with its key. The GCM tags authenticate every
         byte under a key only the owner ever drew, with the manifest's plaintext hash as associated data, so
         nothing is hashed here (:meth:`check_plaintext` hashes)."""
-        import torch
 
         key = self.keys.get(entry.sha256)
         if key is None and self.key_file is not None:  # another process of the owner may have added it
@@ -237,7 +236,7 @@ class ModelStore:
                     raise StoreError(f"store file for {role} is corrupted (size mismatch): {path}")
                 with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as sealed:
                     size = plain_size_of(entry.size)
-                    spare = torch.empty(size + TENSOR_ALIGN, dtype=torch.uint8)
+                    spare = _own_mapping(size + TENSOR_ALIGN)
                     decrypt_blob(key, sealed, entry.plain_sha256, role, spare[:size].numpy().data)
         except FileNotFoundError:
             raise StoreError(f"store file for {role} is missing: {path}") from None
@@ -432,6 +431,20 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
 def _data_start(flat: torch.Tensor) -> int:
     """Where a safetensors file's data section starts: after its 8-byte length and the JSON header."""
     return 8 + int.from_bytes(flat[:8].numpy().tobytes(), "little")
+
+
+def _own_mapping(nbytes: int) -> torch.Tensor:
+    """A flat uint8 tensor over an anonymous mapping of its own (zero pages, touched by whoever writes them),
+    unmapped when its last view goes.
+
+    A decrypted layer lives as long as its segment and goes as a whole when the segment is released, as a
+    plaintext store's mapped file does. From the C heap it would not: glibc raises its mmap threshold after
+    a large free (up to 32 MB), and from then on every layer (14 MB in fp32) comes from the heap, where a
+    released one leaves holes among live blocks. On a node whose plan changes again and again those holes
+    kept hundreds of megabytes resident beyond the weights it held (bench/soak.py)."""
+    import torch
+
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 
 def _data_aligned(spare: torch.Tensor, size: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+from common.model_import import EMBEDDED_MODEL_NAME
 from common.model_store import ModelStore, StoredModel
 from common.spans import Span
 from node_agent.segment_pool import SegmentPool
@@ -65,8 +66,29 @@ print(json.dumps({"tracked": tracked, "frozen": frozen, "left": len(gc.get_objec
 """
 
 
-def _run(program: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True, timeout=120)
+# Decrypted layers of an encrypted store, loaded among small live blocks after glibc's mmap threshold rose.
+LAYERS_PROGRAM = """
+import json, sys, psutil, torch
+from common.model_store import ModelStore, layer_role
+rss = lambda: psutil.Process().memory_info().rss / 1e6
+torch.ones(5_000_000)  # freeing 20 MB raises glibc's mmap threshold past a layer's 14 MB
+model = ModelStore(sys.argv[1]).open(sys.argv[2])
+assert model.manifest.encrypted
+live = [torch.ones(16)]
+base = rss()
+layers = []
+for index in range(8):
+    layers.append(model.load_tensors(layer_role(index)))
+    live.append(torch.ones(16))  # the node's other allocations, made between loads
+loaded = rss()
+del layers
+print(json.dumps({"base": base, "loaded": loaded, "after": rss()}))
+"""
+
+
+def _run(program: str, *args: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, check=True,
+                         timeout=120)
     figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return figures
 
@@ -83,6 +105,14 @@ def test_start_up_objects_leave_the_collectors_walk() -> None:
     assert figures["tracked"] > 100_000  # torch, transformers, grpc and the node's own modules
     assert figures["frozen"] >= 0.9 * figures["tracked"]
     assert figures["left"] < 0.01 * figures["tracked"]
+
+
+def test_released_decrypted_layers_leave_resident_memory_without_a_trim(store: ModelStore) -> None:
+    """Decrypted weights get mappings of their own, as a plaintext store's mapped files are: released, they are
+    gone, whatever the heap around them holds."""
+    figures = _run(LAYERS_PROGRAM, str(store.root), EMBEDDED_MODEL_NAME)
+    assert figures["loaded"] - figures["base"] > 100  # 8 layers of 14 MB
+    assert figures["after"] < figures["base"] + 15
 
 
 def test_pool_says_when_a_segment_was_unloaded(store: ModelStore, embedded: StoredModel) -> None:
