@@ -278,7 +278,7 @@ def memory_table(samples: dict[str, list[MemorySample]]) -> tuple[Table, dict[st
         middle, late, stable = floors
         trend = floor_trend(own)
         figures[f"{key}_floor_trend_mb"] = trend
-        trends[name] = f"{' '.join(f'{v:.0f}' for v in trend)}"
+        trends[name] = " ".join(f"{v:.0f}" for v in trend)
         if not last.under_load and last.beyond_held is not None:
             figures[f"{key}_after_load_beyond_held_mb"] = round(last.beyond_held / 1e6, 1)
             trends[name] += f", after {last.beyond_held / 1e6:.0f}"

@@ -30,9 +30,15 @@ print(json.dumps({"base": base, "held": held, "after": rss(), "trimmed": trimmed
 """
 
 
+def _run(program: str, *args: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, check=True,
+                         timeout=120)
+    figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
+
+
 def test_freed_tensors_are_returned_to_the_os() -> None:
-    out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, check=True, timeout=120)
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures = _run(PROGRAM)
     assert figures["trimmed"]
     assert figures["held"] - figures["base"] > 150  # without the trim the 240 MB stay resident
     assert figures["after"] < figures["base"] + 60
@@ -84,13 +90,6 @@ loaded = rss()
 del layers
 print(json.dumps({"base": base, "loaded": loaded, "after": rss()}))
 """
-
-
-def _run(program: str, *args: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, check=True,
-                         timeout=120)
-    figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return figures
 
 
 def test_tensors_held_only_by_a_reference_cycle_are_returned() -> None:
