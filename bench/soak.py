@@ -82,7 +82,7 @@ class MemorySample:
     at: float
     pid: int
     rss: int
-    held: int | None = None  # weights of loaded segments + KV caches, as the node reports them (None: no answer)
+    held: int | None = None  # weights of loaded segments, KV caches and the weight reserve, as the node reports them
     under_load: bool = True  # False: the sample right after every session ended (before a node's next trim)
 
     @property
@@ -90,12 +90,13 @@ class MemorySample:
         return None if self.held is None else self.rss - self.held
 
 
-HELD_METRICS = ("splitmesh_agent_weight_bytes", "splitmesh_agent_kv_cache_bytes")
+HELD_METRICS = ("splitmesh_agent_weight_bytes", "splitmesh_agent_kv_cache_bytes",
+                "splitmesh_agent_weight_reserve_bytes")
 
 
 def node_held_bytes(port: int) -> int | None:
-    """Weights and KV-cache bytes a node reports on its metrics port (None when it does not answer: a node
-    stopped or restarting)."""
+    """Weights, KV-cache and weight-reserve bytes a node reports on its metrics port (None when it does not
+    answer: a node stopped or restarting)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1.0) as response:
             text = response.read().decode()

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from common.store_errors import StoreError
@@ -24,6 +25,7 @@ MAGIC = b"SMWENC1\n"
 CHUNK_BYTES = 16 << 20  # AES-GCM one-shot calls stay far below cryptography's 2 GiB limit
 KEY_BYTES = 32
 TAG_BYTES = 16
+BLOCK_BYTES = 16  # AES
 KEY_FILE = "weight_keys.json"  # in the store root: read only by the store's owner, never served
 
 
@@ -53,6 +55,19 @@ def plain_size_of(cipher_size: int) -> int:
     if size < 0 or _chunk_count(size) != n:
         raise StoreError(f"an encrypted blob cannot be {cipher_size} bytes long")
     return size
+
+
+def peek_plaintext(key: bytes, ciphertext: bytes | bytearray | mmap.mmap, nbytes: int) -> bytes:
+    """The first ``nbytes`` (at most one AES block) of the plaintext, NOT authenticated: only to lay out the
+    buffer :func:`decrypt_blob` then fills and authenticates (a safetensors header's length, so the tensors
+    land aligned without moving them afterwards). GCM encrypts the first block of chunk 0 with the counter
+    block nonce || 2 (NIST SP 800-38D, 96-bit nonce)."""
+    if not 0 <= nbytes <= BLOCK_BYTES or len(ciphertext) < len(MAGIC) + nbytes:
+        raise ValueError(f"cannot peek at {nbytes} bytes")
+    size = plain_size_of(len(ciphertext))
+    counter = _nonce(0, _chunk_count(size) == 1) + (2).to_bytes(4, "big")
+    decryptor = Cipher(algorithms.AES(key), modes.CTR(counter)).decryptor()
+    return decryptor.update(bytes(ciphertext[len(MAGIC):len(MAGIC) + nbytes]))
 
 
 def decrypt_blob(key: bytes, ciphertext: bytes | bytearray | mmap.mmap, plain_sha256: str, role: str,

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.blob_crypto import KEY_BYTES, KeyFile, decrypt_blob, encrypt_blob, plain_size_of
+from common.blob_crypto import KEY_BYTES, KeyFile, decrypt_blob, encrypt_blob, peek_plaintext, plain_size_of
 from common.dtypes import compute_dtype_name
+from common.page_reserve import PageReserve
 
 # Its home is common.store_errors (importable without torch); re-exported so callers keep this name.
 from common.store_errors import StoreError as StoreError  # noqa: PLC0414 - explicit re-export (mypy --strict)
@@ -154,10 +155,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class ModelStore:
     """A folder of blobs and manifests; safe to share between processes on one box."""
 
-    def __init__(self, root: str | os.PathLike[str], keys: Mapping[str, bytes] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], keys: Mapping[str, bytes] | None = None,
+                 pages: PageReserve | None = None) -> None:
         """``keys=None`` opens the store as its owner (the orchestrator's box, the operator CLI): with the key
-        file. A node agent passes the keys its plans delivered instead, and never reads a key file."""
+        file. A node agent passes the keys its plans delivered instead, and never reads a key file, and a
+        :class:`PageReserve` that keeps released layers' memory for its next plan change."""
         self.root = Path(root)
+        self.pages = pages if pages is not None else PageReserve()
         self.key_file = KeyFile(self.root) if keys is None else None
         # The very mapping passed in (a node's grants change it in place), even while it is empty.
         self.keys: Mapping[str, bytes] = keys if keys is not None else self.key_file.keys if self.key_file else {}
@@ -236,11 +240,13 @@ class ModelStore:
                     raise StoreError(f"store file for {role} is corrupted (size mismatch): {path}")
                 with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as sealed:
                     size = plain_size_of(entry.size)
-                    spare = _own_mapping(size + TENSOR_ALIGN)
-                    decrypt_blob(key, sealed, entry.plain_sha256, role, spare[:size].numpy().data)
+                    spare = self.pages.take(size + TENSOR_ALIGN)
+                    shift = _aligning_shift(spare, peek_plaintext(key, sealed, 8) if size >= 8 else b"")
+                    plain = spare[shift:shift + size]
+                    decrypt_blob(key, sealed, entry.plain_sha256, role, plain.numpy().data)
         except FileNotFoundError:
             raise StoreError(f"store file for {role} is missing: {path}") from None
-        return _data_aligned(spare, size)
+        return plain
 
     def check_plaintext(self, entry: FileEntry, role: str = "blob") -> None:
         """Hash an encrypted blob's plaintext against the manifest (a full verification pass: the load path
@@ -433,31 +439,12 @@ def _data_start(flat: torch.Tensor) -> int:
     return 8 + int.from_bytes(flat[:8].numpy().tobytes(), "little")
 
 
-def _own_mapping(nbytes: int) -> torch.Tensor:
-    """A flat uint8 tensor over an anonymous mapping of its own (zero pages, touched by whoever writes them),
-    unmapped when its last view goes.
-
-    A decrypted layer lives as long as its segment and goes as a whole when the segment is released, as a
-    plaintext store's mapped file does. From the C heap it would not: glibc raises its mmap threshold after
-    a large free (up to 32 MB), and from then on every layer (14 MB in fp32) comes from the heap, where a
-    released one leaves holes among live blocks. On a node whose plan changes again and again those holes
-    kept hundreds of megabytes resident beyond the weights it held (bench/soak.py)."""
-    import torch
-
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
-
-
-def _data_aligned(spare: torch.Tensor, size: int) -> torch.Tensor:
-    """The ``size`` plaintext bytes at the start of ``spare`` (TENSOR_ALIGN bytes longer), moved so that the
-    safetensors data section after the header starts on a TENSOR_ALIGN boundary; a view of ``spare``."""
-    import ctypes
-
-    base = _data_start(spare)
-    shift = -(spare.data_ptr() + base) % TENSOR_ALIGN
-    if shift and base <= size:  # a header longer than the blob is tensors_from_buffer's error to raise
-        ctypes.memmove(spare.data_ptr() + shift, spare.data_ptr(), size)
-        return spare[shift:shift + size]
-    return spare[:size]
+def _aligning_shift(spare: torch.Tensor, length_field: bytes) -> int:
+    """Where in ``spare`` (TENSOR_ALIGN bytes longer than the blob) a safetensors blob goes so that its data
+    section, after the 8-byte header length and the header, starts on a TENSOR_ALIGN boundary."""
+    if len(length_field) < 8:
+        return 0
+    return -(spare.data_ptr() + 8 + int.from_bytes(length_field, "little")) % TENSOR_ALIGN
 
 
 def tensors_from_buffer(flat: torch.Tensor, role: str) -> dict[str, torch.Tensor]:

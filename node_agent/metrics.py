@@ -35,3 +35,7 @@ class AgentCollector(Collector):
                                     "Bytes of weights held by the segments this node has loaded")
         weights.add_metric([], self.rt.pool.weight_bytes())
         yield weights
+        reserve = GaugeMetricFamily("splitmesh_agent_weight_reserve_bytes",
+                                    "Bytes of released layers' memory kept (wiped) for the next plan change")
+        reserve.add_metric([], self.rt.store.pages.held_bytes())
+        yield reserve

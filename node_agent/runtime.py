@@ -15,6 +15,7 @@ from common.certs import Identity
 from common.dtypes import parse_dtypes
 from common.frame_crypto import load_or_create_node_key, public_key_bytes
 from common.model_store import Manifest, ModelStore
+from common.page_reserve import PageReserve
 from common.plan_view import PlanView
 from common.tensor_budget import BufferBudget
 from common.transport import aio_channel
@@ -85,7 +86,8 @@ class NodeRuntime:
         # Keys of the encrypted blobs this node's plans give it, in memory only (node_agent.plan_state grants and
         # forgets them); the store decrypts with nothing else and never reads a key file.
         self.weight_keys: dict[str, bytes] = {}
-        self.store = ModelStore(Path(config.store).expanduser(), keys=self.weight_keys)
+        self.store = ModelStore(Path(config.store).expanduser(), keys=self.weight_keys,
+                                pages=PageReserve(config.weight_reserve_s, config.weight_reserve_mb << 20))
         self.pool = SegmentPool(self.store)
         self.plans = PlanState(config.node_id, self.state_dir, self.store, self.pool, parse_dtypes(config.dtypes),
                                self.weight_keys, drain_s=config.plan_drain_s)

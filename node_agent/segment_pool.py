@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from common.model_store import ModelStore
 from common.spans import Span
@@ -32,9 +33,13 @@ class SegmentPool:
                 self._refs[key] += 1
                 return runner
         try:
+            pages = self._store.pages
+            reused, fresh, started = pages.reused, pages.fresh, time.perf_counter()
             runner = SegmentRunner(self._store.open(model_digest), span)
             runner.warm_up()
-            log.info("loaded segment %s of %s (%.1f MB)", span, model_digest[:12], runner.parameter_bytes() / 1e6)
+            log.info("loaded segment %s of %s (%.1f MB) in %.0f ms; decrypted blobs: %d into reserved memory, %d "
+                     "into new", span, model_digest[:12], runner.parameter_bytes() / 1e6,
+                     (time.perf_counter() - started) * 1e3, pages.reused - reused, pages.fresh - fresh)
             with self._lock:
                 existing = self._runners.get(key)
                 if existing is not None:
