@@ -69,7 +69,8 @@ class PageReserve:
         else:
             self.reused += 1
         array = np.frombuffer(mapping, dtype=np.uint8, count=nbytes)
-        weakref.finalize(array, self._give_back, mapping)  # torch's storage holds ``array`` until it dies
+        finalizer = weakref.finalize(array, self._give_back, mapping)  # torch's storage holds ``array``
+        finalizer.atexit = False  # at exit the mapping may still be in use: it goes with the process
         return torch.from_numpy(array)
 
     def held_bytes(self) -> int:
