@@ -38,3 +38,10 @@ def test_errors_are_readable(tmp_path: Path) -> None:
     bad.write_text("[node]\nno_such_key = 1\n")
     with pytest.raises(ConfigError, match="unknown config keys: no_such_key"):
         build(NodeConfig, _args(NodeConfig, ["--config", str(bad)]), env={}, section="node")
+
+
+def test_the_weight_reserve_is_set_from_the_environment_and_checked() -> None:
+    config = build(NodeConfig, _args(NodeConfig, []), env={"SPLITMESH_WEIGHT_RESERVE_S": "0"})
+    assert config.weight_reserve_s == 0
+    with pytest.raises(ConfigError, match="weight_reserve_s"):
+        build(NodeConfig, _args(NodeConfig, ["--weight-reserve-s", "-1"]), env={})
