@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -40,12 +41,17 @@ class SegmentRunner:
         self.vocab_size = int(self.config.vocab_size)
         # Positions (and so KV cache length) a session may reach: rotary tables are not valid beyond them.
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 2048))
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)  # type: ignore[no-untyped-call]
         self.loaded_roles: list[str] = []
         needs_table = self.is_first or (self.is_last and model.manifest.tied_embeddings)
-        files = model.load_many([*(layer_role(i) for i in span.layers()), *([EMBED_ROLE] if needs_table else []),
-                                 *([HEAD_ROLE] if self.is_last else [])])
+        roles = [*(layer_role(i) for i in span.layers()), *([EMBED_ROLE] if needs_table else []),
+                 *([HEAD_ROLE] if self.is_last else [])]
+        # The store files load (an encrypted store's decryption releases the GIL) while this thread builds
+        # the skeleton (about 20 ms of Python for the embedded model): a re-split waits for the longer of the two.
+        with ThreadPoolExecutor(1, thread_name_prefix="segment-load") as loader:
+            pending = loader.submit(model.load_many, roles)
+            with torch.device("meta"):  # thread-local: the loader's tensors stay on the CPU
+                skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)  # type: ignore[no-untyped-call]
+            files = pending.result()
         self.layers = nn.ModuleList()
         for local, index in enumerate(span.layers()):
             layer = skeleton.model.layers[index]
