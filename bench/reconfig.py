@@ -6,8 +6,8 @@ weights already in its local store and once with empty node stores (weights stre
 orchestrator during PREPARE). Every generation must finish with the tokens of a run without re-split.
 ``--encrypted`` instead compares local weights from a plaintext store with local weights from the same model
 encrypted at rest (private plaintext and encrypted copies of the store, in one run; target: at most 5%
-slower to COMMIT), and the encrypted store once more on nodes without a weight reserve
-(``weight_reserve_s = 0``: every decrypted layer in pages new from the kernel, as before the reserve).
+slower to COMMIT): once on nodes with their default settings, and once on nodes with a 60 s weight reserve
+(``SPLITMESH_WEIGHT_RESERVE_S=60``: the layers of a plan change decrypted into memory released layers left).
 
     .venv/bin/python bench/reconfig.py --switches 6
     .venv/bin/python bench/reconfig.py --switches 6 --encrypted
@@ -112,7 +112,7 @@ def main() -> int:
         encrypted = encrypted_copy(store, name, Path(tempfile.mkdtemp(prefix="splitmesh-enc-")))
         plain = plaintext_copy(store, name, Path(tempfile.mkdtemp(prefix="splitmesh-plain-")))
         runs = [("plaintext", "plain", plain, False, {}), ("encrypted", "encrypted", encrypted, False, {}),
-                ("no reserve", "unreserved", encrypted, False, {"SPLITMESH_WEIGHT_RESERVE_S": "0"})]
+                ("+ reserve", "reserved", encrypted, False, {"SPLITMESH_WEIGHT_RESERVE_S": "60"})]
     keys = {label: key for label, key, *_ in runs}
     # Plaintext and encrypted stores run side by side, taking turns; local and streamed weights one after the
     # other, as before.
@@ -149,10 +149,10 @@ def main() -> int:
     if args.encrypted:
         figures["encrypted_commit_ratio"] = round(figures["encrypted_commit_median_s"] /
                                                   figures["plain_commit_median_s"], 4)
-        figures["unreserved_commit_ratio"] = round(figures["unreserved_commit_median_s"] /
-                                                   figures["plain_commit_median_s"], 4)
+        figures["reserved_commit_ratio"] = round(figures["reserved_commit_median_s"] /
+                                                 figures["plain_commit_median_s"], 4)
         console.print(f"encrypted / plaintext request -> COMMIT median: {figures['encrypted_commit_ratio']:.3f} "
-                      f"(target <= 1.05); without the weight reserve: {figures['unreserved_commit_ratio']:.3f}")
+                      f"(target <= 1.05); with a 60 s weight reserve: {figures['reserved_commit_ratio']:.3f}")
     print(json.dumps(figures))
     return 0
 

@@ -6,12 +6,12 @@ VM the kernel hands out fresh pages at about 2.4 GB/s (faults, zeroing, the host
 of it (they are the page cache), so without a reserve an encrypted store loses most of a re-split's time to
 page faults (bench/reconfig.py --encrypted).
 
-So a node keeps the mapping of each layer it releases, wiped at once (no plaintext outlives its segment;
-about 6 ms for 226 MB), and unmaps it after ``keep_s`` seconds. A load of about the same size within that
-time decrypts into it. The reserve never holds more than the layers released since, which the node held
-until then anyway (so a plan change needs no more memory at its peak than the last one did), and never
-more than ``limit_bytes``. (``MADV_FREE`` would let the kernel take kept pages under pressure, but writing
-them again cost 14 ms per 226 MB here, two thirds of the decryption itself.)
+So a node given ``--weight-reserve-s`` (off by default) keeps the mapping of each layer it releases, wiped
+at once (no plaintext outlives its segment; about 6 ms for 226 MB), and unmaps it after ``keep_s`` seconds.
+A load of about the same size within that time decrypts into it. The reserve never holds more than the
+layers released since, which the node held until then anyway (so a plan change needs no more memory at its
+peak than the last one did), and never more than ``limit_bytes``. (``MADV_FREE`` would let the kernel take
+kept pages under pressure, but writing them again cost 14 ms per 226 MB here, two thirds of the decryption.)
 
 Each blob gets a mapping of its own, not C heap, with or without a reserve: glibc raises its mmap threshold
 after a large free (up to 32 MB), and from then on every layer (14 MB in fp32) would come from the heap,

@@ -64,9 +64,9 @@ class NodeConfig:
     plan_drain_s: float = field(10.0, "a replaced plan keeps its segments (and their weight keys) this long after "
                                       "a COMMIT, so a step already working on it (a long prefill upstream) can "
                                       "still open here and finish on its plan; later it moves to the new plan")
-    weight_reserve_s: float = field(60.0, "memory of decrypted layers this node released stays mapped (wiped) this "
-                                          "long, for the layers of its next plan change: fresh pages cost about "
-                                          "4x the decryption (common.page_reserve); 0 = unmapped at release")
+    weight_reserve_s: float = field(0.0, "memory of decrypted layers this node released stays mapped (wiped) this "
+                                         "long, for the layers of its next plan change: fresh pages cost about "
+                                         "4x the decryption (common.page_reserve); 0 = unmapped at release")
     weight_reserve_mb: int = field(1024, "most released memory the reserve keeps (MiB)")
     recovery_timeout_s: float = field(20.0, "how long a session waits for a replacement plan after a failure")
     probe_interval_s: float = field(5.0, "how often to measure RTT and bandwidth to every plan peer (0 = off)")

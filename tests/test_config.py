@@ -41,7 +41,8 @@ def test_errors_are_readable(tmp_path: Path) -> None:
 
 
 def test_the_weight_reserve_is_set_from_the_environment_and_checked() -> None:
-    config = build(NodeConfig, _args(NodeConfig, []), env={"SPLITMESH_WEIGHT_RESERVE_S": "0"})
-    assert config.weight_reserve_s == 0
+    assert build(NodeConfig, _args(NodeConfig, []), env={}).weight_reserve_s == 0  # off unless asked for
+    config = build(NodeConfig, _args(NodeConfig, []), env={"SPLITMESH_WEIGHT_RESERVE_S": "60"})
+    assert config.weight_reserve_s == 60
     with pytest.raises(ConfigError, match="weight_reserve_s"):
         build(NodeConfig, _args(NodeConfig, ["--weight-reserve-s", "-1"]), env={})
