@@ -434,17 +434,21 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
+def _data_offset(length_field: bytes) -> int:
+    """Where a safetensors file's data section starts, from its first 8 bytes: after them and the JSON header."""
+    return 8 + int.from_bytes(length_field, "little")
+
+
 def _data_start(flat: torch.Tensor) -> int:
-    """Where a safetensors file's data section starts: after its 8-byte length and the JSON header."""
-    return 8 + int.from_bytes(flat[:8].numpy().tobytes(), "little")
+    return _data_offset(flat[:8].numpy().tobytes())
 
 
 def _aligning_shift(spare: torch.Tensor, length_field: bytes) -> int:
     """Where in ``spare`` (TENSOR_ALIGN bytes longer than the blob) a safetensors blob goes so that its data
-    section, after the 8-byte header length and the header, starts on a TENSOR_ALIGN boundary."""
+    section starts on a TENSOR_ALIGN boundary."""
     if len(length_field) < 8:
         return 0
-    return -(spare.data_ptr() + 8 + int.from_bytes(length_field, "little")) % TENSOR_ALIGN
+    return -(spare.data_ptr() + _data_offset(length_field)) % TENSOR_ALIGN
 
 
 def tensors_from_buffer(flat: torch.Tensor, role: str) -> dict[str, torch.Tensor]:

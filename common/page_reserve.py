@@ -60,14 +60,11 @@ class PageReserve:
         import numpy as np  # imported here: the operator CLI opens stores without loading torch
         import torch
 
-        mapping = self._reuse(nbytes) if self.keep_s > 0 else None
+        mapping = self._reuse(nbytes)
         if mapping is None:
-            self.fresh += 1
             mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if self.keep_s <= 0:
                 return torch.frombuffer(mapping, dtype=torch.uint8)
-        else:
-            self.reused += 1
         array = np.frombuffer(mapping, dtype=np.uint8, count=nbytes)
         finalizer = weakref.finalize(array, self._give_back, mapping)  # torch's storage holds ``array``
         finalizer.atexit = False  # at exit the mapping may still be in use: it goes with the process
@@ -97,7 +94,7 @@ class PageReserve:
                 self._schedule(min(k.since for k in self._kept) + self.keep_s - now)
 
     def clear(self) -> None:
-        """Unmap everything kept (the node is stopping)."""
+        """Unmap everything kept now (a process that ends need not: its mappings go with it)."""
         with self._lock:
             kept, self._kept = self._kept, []
             if self._timer is not None:
@@ -108,10 +105,14 @@ class PageReserve:
                 k.mapping.close()
 
     def _reuse(self, nbytes: int) -> mmap.mmap | None:
+        """The smallest kept mapping that fits ``nbytes`` (None: new pages), counted either way; several
+        decryption threads take at once, so the counts change under the lock."""
         with self._lock:
             fits = [k for k in self._kept if nbytes <= len(k.mapping) <= nbytes + nbytes * SIZE_SLACK]
             if not fits:
+                self.fresh += 1
                 return None
+            self.reused += 1
             best = min(fits, key=lambda k: len(k.mapping))
             self._kept.remove(best)
             return best.mapping
@@ -125,11 +126,12 @@ class PageReserve:
             now = time.monotonic()
             self._kept.append(_Kept(mapping, now))
             excess = self.held_bytes() - self.limit_bytes
+            over = excess > 0
             for k in self._kept:
                 if excess <= 0:
                     break
                 k.since, excess = now - self.keep_s, excess - len(k.mapping)
-            if self.held_bytes() > self.limit_bytes:
+            if over:
                 if self._timer is not None:
                     self._timer.cancel()
                 self._schedule(0.0)
